@@ -1,0 +1,131 @@
+"""Start and stop a private single-node Ray cluster on loopback (for the demo and tests).
+
+Each cluster gets its own temp dir and ports and is stopped by the process it started,
+never by a broad ``ray stop``, so it cannot disturb other clusters on the same machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_env() -> dict[str, str]:
+    """Environment every local process of the project runs with: offline hubs, loopback Ray, no auth."""
+    cache = REPO_ROOT / ".cache"
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DEDUP_LOGS": "0",
+        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    }
+
+
+def apply_project_env() -> None:
+    """Set :func:`project_env` in this process (keeping values the user already set, except PYTHONPATH)."""
+    for k, v in project_env().items():
+        if k == "PYTHONPATH" or k not in os.environ:
+            os.environ[k] = v
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalRayCluster:
+    """A ``ray start --head --block`` process we own; ``address`` for drivers, ``dashboard_url`` for jobs."""
+
+    num_cpus: int = 2
+    object_store_mb: int = 512
+    resources: dict[str, float] = field(default_factory=dict)
+    temp_dir: Path | None = None
+    proc: subprocess.Popen | None = None
+    gcs_port: int = 0
+    dashboard_port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self, timeout_s: float = 120.0) -> LocalRayCluster:
+        import json
+
+        self.temp_dir = Path(self.temp_dir or tempfile.mkdtemp(prefix="sar-ray-", dir="/tmp"))
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        ray_bin = Path(sys.executable).with_name("ray")
+        cmd = [
+            str(ray_bin), "start", "--head", "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}",
+            f"--dashboard-port={self.dashboard_port}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            f"--num-cpus={self.num_cpus}",
+            f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
+            f"--temp-dir={self.temp_dir}",
+            f"--ray-client-server-port={free_port()}",
+            f"--min-worker-port={20000 + self.gcs_port % 20000}",
+            f"--max-worker-port={20000 + self.gcs_port % 20000 + 400}",
+        ]  # fmt: skip
+        if self.resources:
+            cmd.append(f"--resources={json.dumps(self.resources)}")
+        env = {**os.environ, **project_env()}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        log = open(self.temp_dir / "head.log", "wb")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"ray start exited with {self.proc.returncode}; see {self.temp_dir / 'head.log'}"
+                )
+            try:
+                import urllib.request
+
+                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2).read()
+                return self
+            except OSError:
+                time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"Ray head did not come up in {timeout_s:.0f}s; see {self.temp_dir / 'head.log'}")
+
+    def stop(self) -> None:
+        """Stop the head and everything it started (its own process group)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> LocalRayCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
