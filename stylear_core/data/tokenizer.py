@@ -1,0 +1,276 @@
+"""Prompt tokenizers and the prompt layouts of Lumina-mGPT and StyleAR.
+
+Two tokenizers share one interface (:class:`PromptTokenizer`): ``encode(text)`` gives ids with BOS
+first, ``decode(ids)`` gives text, and the special tokens are written by their real Chameleon
+names (``<racm3:break>``, ``<reserved08706>``, ...):
+
+* :class:`ChameleonPromptTokenizer` wraps ``transformers.AutoTokenizer`` loaded from a local
+  Chameleon / Lumina-mGPT tokenizer dir (no download);
+* :class:`ByteTokenizer` is a deterministic byte-level tokenizer over a tiny :class:`TokenVocab`.
+
+Lumina-mGPT's conversation template is ``<s> {human turn} <reserved08706>`` and the model then writes
+the image (``<racm3:break> ...``). For StyleAR the human turn holds ``num_style_tokens`` style
+placeholders whose embeddings are replaced by the resampler's style tokens. The unconditional
+branch of classifier-free guidance has no prompt at all: it restarts at the image-start token.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from stylear_core.data.layout import TokenVocab, image_token_name, prompt_text
+
+STYLE_PHRASE = "Given image style is"
+
+# Vocabulary names of the special tokens in the Chameleon / Lumina-mGPT tokenizer.
+BOS_NAME = "<s>"
+PAD_NAME = "<pad>"
+IMAGE_START_NAME = "<racm3:break>"
+IMAGE_END_NAME = "<eoss>"
+IMAGE_PLACEHOLDER_NAME = "<image>"
+
+
+def reserved_token_name(token_id: int) -> str:
+    """Chameleon's name of a reserved token id: ``<reserved{id-4:05d}>`` (e.g. 8710 -> ``<reserved08706>``)."""
+    return f"<reserved{token_id - 4:05d}>"
+
+
+def reserved_token_id(name: str) -> int:
+    """Inverse of :func:`reserved_token_name` for the real Chameleon vocabulary."""
+    if not (name.startswith("<reserved") and name.endswith(">")):
+        raise ValueError(f"{name!r} is not a reserved-token name")
+    return int(name[len("<reserved") : -1]) + 4
+
+
+def special_token_names(vocab: TokenVocab) -> dict[str, int]:
+    """Name -> id of every special token the Lumina layout uses, under the real Chameleon names.
+
+    The names are those of the real vocabulary (e.g. the end-of-turn token is ``<reserved08706>``,
+    grid tokens ``<reserved08800+g>``) whatever ids ``vocab`` gives them, so the same prompt text
+    tokenizes the same way with the real tokenizer and with a tiny one.
+    """
+    real = TokenVocab()
+    names = {
+        BOS_NAME: vocab.bos,
+        PAD_NAME: vocab.pad,
+        IMAGE_START_NAME: vocab.image_start,
+        IMAGE_END_NAME: vocab.image_end,
+        IMAGE_PLACEHOLDER_NAME: vocab.image_placeholder,
+        reserved_token_name(real.eos): vocab.eos,
+        reserved_token_name(real.new_line): vocab.new_line,
+        reserved_token_name(real.style_placeholder): vocab.style_placeholder,
+    }
+    for g in range(vocab.max_grids + 1):
+        names[reserved_token_name(real.grid_base + g)] = vocab.grid_base + g
+    return names
+
+
+class TokenizerMismatchError(ValueError):
+    """A tokenizer's special-token ids disagree with the :class:`TokenVocab` the model uses."""
+
+
+@runtime_checkable
+class PromptTokenizer(Protocol):
+    """Text <-> ids for prompts. ``encode`` puts BOS first; special tokens are written by name."""
+
+    vocab: TokenVocab
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def token_to_id(self, token: str) -> int: ...
+
+    def id_to_token(self, token_id: int) -> str: ...
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer over a tiny vocab: UTF-8 bytes at ``byte_offset .. byte_offset+255``.
+
+    The Chameleon special-token names (see :func:`special_token_names`) are recognised in the text
+    and map to ``vocab``'s ids, so prompt text written for the real tokenizer works here unchanged.
+    """
+
+    def __init__(self, vocab: TokenVocab, byte_offset: int | None = None):
+        self.vocab = vocab
+        self.specials = special_token_names(vocab)
+        top = max(max(self.specials.values()), max(vocab.image_code_ids))
+        self.byte_offset = top + 1 if byte_offset is None else byte_offset
+        if self.byte_offset <= top or self.byte_offset + 256 > vocab.vocab_size:
+            raise ValueError(
+                f"bytes at {self.byte_offset}..{self.byte_offset + 255} collide with special ids (max {top}) "
+                f"or exceed vocab_size {vocab.vocab_size}"
+            )
+        self._names = {i: n for n, i in self.specials.items()}
+        self._code_of_id = {i: c for c, i in enumerate(vocab.image_code_ids)}
+        self._pattern = re.compile(
+            "(" + "|".join(re.escape(n) for n in sorted(self.specials, key=len)[::-1]) + ")"
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """``text`` -> ``[bos, ...]``: special-token names become their ids, the rest UTF-8 bytes."""
+        ids = [self.vocab.bos]
+        for piece in self._pattern.split(text):
+            if not piece:
+                continue
+            if piece in self.specials:
+                ids.append(self.specials[piece])
+            else:
+                ids.extend(self.byte_offset + b for b in piece.encode("utf-8"))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Ids -> text; BOS is dropped, specials and image codes are written by name."""
+        out: list[str] = []
+        pending = bytearray()
+        for i in map(int, ids):
+            if self.byte_offset <= i < self.byte_offset + 256:
+                pending.append(i - self.byte_offset)
+                continue
+            if pending:
+                out.append(pending.decode("utf-8", errors="replace"))
+                pending = bytearray()
+            if i != self.vocab.bos:
+                out.append(self.id_to_token(i))
+        if pending:
+            out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def token_to_id(self, token: str) -> int:
+        """The id of a special-token name or of a single byte character."""
+        if token in self.specials:
+            return self.specials[token]
+        data = token.encode("utf-8")
+        if len(data) == 1:
+            return self.byte_offset + data[0]
+        raise KeyError(f"{token!r} is not a single token of the byte tokenizer")
+
+    def id_to_token(self, token_id: int) -> str:
+        """The name of a special id or image code, the character of a byte id, ``<unused{id}>`` otherwise."""
+        if token_id in self._names:
+            return self._names[token_id]
+        if token_id in self._code_of_id:
+            return image_token_name(self._code_of_id[token_id])
+        if self.byte_offset <= token_id < self.byte_offset + 256:
+            return bytes([token_id - self.byte_offset]).decode("latin-1")
+        return f"<unused{token_id}>"
+
+
+class ChameleonPromptTokenizer:
+    """The real Chameleon / Lumina-mGPT text tokenizer (``AutoTokenizer`` from a local dir).
+
+    ``encode`` follows Lumina-mGPT: BOS, then the text tokenized without added special tokens.
+    On construction the tokenizer's ids for the layout's special names are checked against
+    ``vocab``; a mismatch raises :class:`TokenizerMismatchError` naming the token.
+    """
+
+    def __init__(self, tokenizer, vocab: TokenVocab | None = None):
+        self.tokenizer = tokenizer
+        self.vocab = vocab or TokenVocab()
+        self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.vocab.bos
+        if self.bos_id != self.vocab.bos:
+            raise TokenizerMismatchError(f"tokenizer BOS id {self.bos_id}, vocab says {self.vocab.bos}")
+        token_vocab = tokenizer.get_vocab()
+        for name, want in special_token_names(self.vocab).items():
+            got = token_vocab.get(name)
+            if got is not None and got != want:
+                raise TokenizerMismatchError(f"tokenizer maps {name} to {got}, the model's vocab uses {want}")
+        for name in (
+            reserved_token_name(TokenVocab().style_placeholder),
+            reserved_token_name(TokenVocab().eos),
+        ):
+            if name not in token_vocab:
+                raise TokenizerMismatchError(f"tokenizer has no {name} token")
+        if len(tokenizer) > self.vocab.vocab_size:
+            raise TokenizerMismatchError(
+                f"tokenizer has {len(tokenizer)} ids, model vocab {self.vocab.vocab_size}"
+            )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, vocab: TokenVocab | None = None) -> ChameleonPromptTokenizer:
+        """Load with ``AutoTokenizer.from_pretrained(path)``; ``path`` must be a local directory."""
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{path}: tokenizer dir not found (tokenizers are loaded from local dirs only)"
+            )
+        return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True), vocab)
+
+    def encode(self, text: str) -> list[int]:
+        """``text`` -> ``[bos, ...]`` (Lumina-mGPT's ``encode(..., add_special_tokens=False)`` after BOS)."""
+        return [self.bos_id, *self.tokenizer.encode(text, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        """Ids -> text, with BOS dropped."""
+        return self.tokenizer.decode([int(i) for i in ids if int(i) != self.bos_id])
+
+    def token_to_id(self, token: str) -> int:
+        """The id of one vocabulary entry."""
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or (
+            token_id == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token
+        ):
+            raise KeyError(f"{token!r} is not in the tokenizer's vocabulary")
+        return int(token_id)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary entry of one id."""
+        return self.tokenizer.convert_ids_to_tokens(int(token_id))
+
+
+def load_prompt_tokenizer(path: str | Path | None, vocab: TokenVocab) -> PromptTokenizer:
+    """The real tokenizer from a local dir when ``path`` is given, else the byte tokenizer over ``vocab``."""
+    if path:
+        return ChameleonPromptTokenizer.from_pretrained(path, vocab)
+    return ByteTokenizer(vocab)
+
+
+def style_placeholder_text(tokenizer: PromptTokenizer, num_style_tokens: int) -> str:
+    """``num_style_tokens`` copies of the style placeholder's name (one id each)."""
+    return tokenizer.id_to_token(tokenizer.vocab.style_placeholder) * num_style_tokens
+
+
+def style_prompt_text(prompt: str, placeholders: str, height: int, width: int) -> str:
+    """The human turn of a StyleAR prompt: Lumina's template around ``<prompt> Given image style is S*...``."""
+    return prompt_text(f"{prompt} {STYLE_PHRASE} {placeholders}", height, width)
+
+
+def _turn_ids(tokenizer: PromptTokenizer, text: str) -> list[int]:
+    # Lumina's conversation template ends the human turn with <reserved08706> (the vocab's eos id).
+    return [*tokenizer.encode(text), tokenizer.vocab.eos]
+
+
+def text_prompt_ids(tokenizer: PromptTokenizer, prompt: str, height: int, width: int) -> list[int]:
+    """Lumina-mGPT's text-to-image prompt: ``<s> Generate an image of WxH ...\\n<prompt> <reserved08706>``."""
+    return _turn_ids(tokenizer, prompt_text(prompt, height, width))
+
+
+def style_prompt_ids(
+    tokenizer: PromptTokenizer, prompt: str, num_style_tokens: int, height: int, width: int
+) -> list[int]:
+    """A StyleAR prompt with exactly ``num_style_tokens`` style-placeholder ids, ending the human turn.
+
+    Raises ``ValueError`` if the tokenizer does not turn the placeholders into that many ids
+    (or the prompt text itself contains the placeholder).
+    """
+    if num_style_tokens <= 0:
+        raise ValueError(f"num_style_tokens must be positive, got {num_style_tokens}")
+    text = style_prompt_text(prompt, style_placeholder_text(tokenizer, num_style_tokens), height, width)
+    ids = _turn_ids(tokenizer, text)
+    found = sum(1 for i in ids if i == tokenizer.vocab.style_placeholder)
+    if found != num_style_tokens:
+        raise ValueError(f"prompt has {found} style-placeholder ids, expected {num_style_tokens}: {prompt!r}")
+    return ids
+
+
+def unconditional_prompt_ids(tokenizer: PromptTokenizer) -> list[int]:
+    """The unconditional CFG branch's prompt: empty.
+
+    Lumina-mGPT's guidance processor feeds the unconditional branch only the tokens from the
+    image-start token on (no BOS, no text, no style), so the caller starts it with the image header.
+    """
+    return []

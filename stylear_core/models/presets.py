@@ -1,0 +1,212 @@
+"""The model block of every StyleAR job config, and the builders that turn it into models.
+
+``preset: tiny`` builds seeded random tiny instances of every real architecture (CPU tests, the
+demo); ``preset: lumina7b`` builds the real sizes and loads every local checkpoint path that is set
+(a path left empty means random weights of the real size, e.g. for GPU benchmarks). Nothing is
+ever downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from stylear_core.config import ConfigError, option
+from stylear_core.data.layout import TokenVocab
+from stylear_core.data.tokenizer import PromptTokenizer, load_prompt_tokenizer
+from stylear_core.models.backbone import (
+    LuminaChameleonForCausalLM,
+    load_lumina_backbone,
+    lumina_mgpt_7b_768,
+    tiny_backbone,
+    tiny_vocab,
+    vocab_from_vocabulary_map,
+)
+from stylear_core.models.clip import StyleEncoder
+from stylear_core.models.lora import add_lora, load_stylear_release
+from stylear_core.models.resampler import StyleResampler, tiny_resampler
+from stylear_core.models.stylear import StyleARModel
+from stylear_core.models.vqgan import (
+    ChameleonVQGAN,
+    chameleon_vqgan,
+    load_chameleon_vqgan,
+    tiny_vqgan,
+    tiny_vqgan_config,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Which StyleAR model to build: preset, local checkpoint paths, adapter and style-token settings."""
+
+    preset: Literal["tiny", "lumina7b"] = option(
+        "tiny", "tiny random models (CPU) or the real Lumina-mGPT-7B sizes"
+    )
+    backbone_path: str | None = option(
+        None, "local Hugging Face-format Lumina-mGPT dir (config.json + safetensors)"
+    )
+    tokenizer_path: str | None = option(
+        None, "local Chameleon/Lumina tokenizer dir (default: backbone_path; tiny: byte-level tokenizer)"
+    )
+    vqgan_ckpt: str | None = option(None, "Chameleon vqgan.ckpt (taming layout)")
+    vqgan_yaml: str | None = option(None, "Chameleon vqgan.yaml (default: Chameleon's sizes)")
+    clip_checkpoint: str | None = option(None, "local open_clip ViT-H-14 weights file or dir")
+    stylear_release: str | None = option(
+        None, "dir with StyleAR's released model.safetensors (LoRA) + image_proj.pth"
+    )
+    lora_rank: int = option(4, "LoRA rank on q/k/v/o, MLP down_proj and lm_head")
+    lora_alpha: float = option(4.0, "LoRA alpha (scaling = alpha / rank)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input")
+    num_style_tokens: int = option(
+        16, "style tokens per image = placeholder ids per prompt (resampler queries)"
+    )
+    noise_strength_train: float = option(0.1, "std of the Gaussian noise added to style tokens in training")
+    noise_strength_infer: float = option(0.3, "std of the Gaussian noise added to style tokens at inference")
+    image_size: int = option(768, "generated / trained image side in pixels (multiple of 32)")
+    trainable: Literal["lora", "full"] = option("lora", "train LoRA factors only, or the whole backbone")
+    gradient_checkpointing: bool = option(False, "recompute decoder layers in the backward pass")
+    dtype: Literal["float32", "bfloat16", "float16"] = option(
+        "float32", "parameter dtype of the built models"
+    )
+    seed: int = option(0, "seed of the random initialisation (tiny preset, missing checkpoints)")
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first field that cannot build a model."""
+        if self.num_style_tokens <= 0:
+            raise ConfigError(f"num_style_tokens: must be positive, got {self.num_style_tokens}")
+        if self.image_size <= 0 or self.image_size % 32:
+            raise ConfigError(f"image_size: {self.image_size} is not a positive multiple of 32")
+        if self.lora_rank <= 0:
+            raise ConfigError(f"lora_rank: must be positive, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        for name in ("noise_strength_train", "noise_strength_infer"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.stylear_release and self.trainable != "lora":
+            raise ConfigError("stylear_release: the release is a LoRA adapter; it needs trainable: lora")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def build_backbone(
+    cfg: ModelConfig, device: str | torch.device = "cpu"
+) -> tuple[LuminaChameleonForCausalLM, TokenVocab]:
+    """The bare backbone (no LoRA) and its vocab: tiny random, a loaded Lumina dir, or random 7B."""
+    if cfg.preset == "tiny":
+        vocab = tiny_vocab(codebook_size=tiny_vqgan_codebook_size())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            backbone = tiny_backbone(vocab)
+        return backbone.to(device=device, dtype=cfg.torch_dtype), vocab
+    if cfg.backbone_path:
+        backbone = load_lumina_backbone(cfg.backbone_path, dtype=cfg.torch_dtype, device=device)
+        return backbone, vocab_from_vocabulary_map(
+            backbone.config.vocabulary_map or {}, backbone.config.vocab_size
+        )
+    vocab = TokenVocab()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(cfg.seed)
+        backbone = lumina_mgpt_7b_768(vocab)
+    return backbone.to(dtype=cfg.torch_dtype), vocab
+
+
+def tiny_vqgan_codebook_size() -> int:
+    """Codebook size of the tiny VQGAN (the tiny vocab reserves exactly that many image-code ids)."""
+    return tiny_vqgan_config().n_embed
+
+
+def build_style_encoder(cfg: ModelConfig, device: str | torch.device = "cpu") -> StyleEncoder:
+    """The frozen CLIP vision tower: random tiny ViT, or ViT-H/14 from ``clip_checkpoint`` (random if unset)."""
+    if cfg.preset == "tiny":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            return StyleEncoder.from_preset("tiny", device=device, dtype=cfg.torch_dtype)
+    return StyleEncoder.from_preset(
+        "ViT-H-14", checkpoint=cfg.clip_checkpoint, device=device, dtype=cfg.torch_dtype
+    )
+
+
+def build_resampler(
+    cfg: ModelConfig, embedding_dim: int, output_dim: int, device: str | torch.device = "cpu"
+) -> StyleResampler:
+    """The perceiver resampler: tiny, or StyleAR's sizes (dim 4096, depth 4, 12 heads of 64, ff x4)."""
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(cfg.seed + 2)
+        if cfg.preset == "tiny":
+            resampler = tiny_resampler(embedding_dim, output_dim, num_queries=cfg.num_style_tokens)
+        else:
+            resampler = StyleResampler(
+                dim=4096,
+                depth=4,
+                dim_head=64,
+                heads=12,
+                num_queries=cfg.num_style_tokens,
+                embedding_dim=embedding_dim,
+                output_dim=output_dim,
+                ff_mult=4,
+            )
+    return resampler.to(dtype=cfg.torch_dtype)
+
+
+def build_stylear_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> StyleARModel:
+    """Compose backbone (+LoRA or full training), frozen style encoder and resampler into a :class:`StyleARModel`.
+
+    With ``stylear_release`` set, the released LoRA and ``image_proj.pth`` are loaded (rank and alpha
+    from the release); otherwise a fresh LoRA of ``lora_rank`` / ``lora_alpha`` is added when
+    ``trainable`` is ``lora``, or every backbone weight trains when it is ``full``.
+    """
+    cfg.validate()
+    backbone, vocab = build_backbone(cfg, device)
+    encoder = build_style_encoder(cfg, device)
+    resampler = build_resampler(cfg, encoder.width, backbone.config.hidden_size, device)
+    if cfg.trainable == "lora":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 3)
+            if cfg.stylear_release:
+                load_stylear_release(cfg.stylear_release, backbone, resampler)
+            else:
+                add_lora(backbone, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        backbone.to(device=device, dtype=cfg.torch_dtype)
+    else:
+        backbone.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return StyleARModel(
+        backbone,
+        encoder,
+        resampler,
+        vocab,
+        noise_strength_train=cfg.noise_strength_train,
+        noise_strength_infer=cfg.noise_strength_infer,
+    )
+
+
+def build_prompt_tokenizer(cfg: ModelConfig, vocab: TokenVocab) -> PromptTokenizer:
+    """The prompt tokenizer: ``tokenizer_path`` (or ``backbone_path``) for lumina7b, else the byte tokenizer."""
+    path = cfg.tokenizer_path or (cfg.backbone_path if cfg.preset == "lumina7b" else None)
+    return load_prompt_tokenizer(path, vocab)
+
+
+def build_vqgan(cfg: ModelConfig, vocab: TokenVocab, device: str | torch.device = "cpu") -> ChameleonVQGAN:
+    """The image tokenizer: tiny random VQGAN, Chameleon's from ``vqgan_ckpt`` (+yaml), or random Chameleon-size.
+
+    Raises :class:`ConfigError` if its codebook size differs from ``vocab``'s image-code count.
+    """
+    if cfg.preset == "tiny":
+        vq = tiny_vqgan(seed=cfg.seed)
+    elif cfg.vqgan_ckpt:
+        vq = load_chameleon_vqgan(cfg.vqgan_ckpt, cfg.vqgan_yaml)
+    else:
+        vq = chameleon_vqgan(seed=cfg.seed)
+    if vq.codebook_size != vocab.codebook_size:
+        raise ConfigError(
+            f"VQGAN codebook has {vq.codebook_size} codes, the vocab maps {vocab.codebook_size}"
+        )
+    return vq.to(device).eval()
