@@ -1,0 +1,226 @@
+"""Versioned on-disk record formats (pyarrow schemas) of the data stages, and their checks.
+
+Every parquet file a stage writes carries its schema's version in the schema metadata under
+``schema_version`` (``b"stylear.<name>/<major>"``), so a reader can tell what it holds with
+nothing but pyarrow. The formats, in the order data flows:
+
+* ``RAW_PAIRS_SCHEMA`` (``stylear.raw/1``): text-image pairs as found, image bytes undecoded.
+* ``CURATED_SCHEMA`` (``stylear.curated/1``): training records, raw or stylized.
+* ``SAM_MASKS_SCHEMA`` (``stylear.sam_masks/1``): per reference image, the kept-region mask and the
+  image with its salient content removed.
+* ``TOKEN_SHARDS_SCHEMA`` (``stylear.token_shards/1``): tokenised prompts and VQ image tokens.
+* ``ERRORS_SCHEMA`` (``stylear.errors/1``): one row per record a stage skipped, and why.
+
+A column may restrict its values with the field metadata key ``choices`` (comma separated),
+checked by :func:`validate_table`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION_KEY = b"schema_version"
+CHOICES_KEY = b"choices"
+
+
+class SchemaError(ValueError):
+    """A table does not match the expected record format; the message names the column."""
+
+
+def _versioned(version: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={SCHEMA_VERSION_KEY: version.encode()})
+
+
+def _choices(*values: str) -> dict[bytes, bytes]:
+    return {CHOICES_KEY: ",".join(values).encode()}
+
+
+RAW_PAIRS_SCHEMA = _versioned(
+    "stylear.raw/1",
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),  # encoded image file, not decoded yet
+    ],
+)
+
+CURATED_SCHEMA = _versioned(
+    "stylear.curated/1",
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),  # PNG
+        pa.field("source", pa.string(), nullable=False, metadata=_choices("raw", "stylized")),
+        pa.field("style_ref", pa.string(), nullable=True),  # id of the style reference (stylized rows)
+        pa.field("clip_text_score", pa.float32(), nullable=True),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=True),  # diffusion seed (stylized rows)
+    ],
+)
+
+SAM_MASKS_SCHEMA = _versioned(
+    "stylear.sam_masks/1",
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("mask", pa.binary(), nullable=False),  # PNG, mode L: 255 = kept (style) pixel, 0 = removed
+        pa.field("kept_fraction", pa.float32(), nullable=False),
+        pa.field("cleaned_image", pa.binary(), nullable=False),  # PNG
+    ],
+)
+
+TOKEN_SHARDS_SCHEMA = _versioned(
+    "stylear.token_shards/1",
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("image_tokens", pa.list_(pa.int32()), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("source", pa.string(), nullable=False, metadata=_choices("raw", "stylized", "proxy")),
+    ],
+)
+
+ERRORS_SCHEMA = _versioned(
+    "stylear.errors/1",
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("input_ref", pa.string(), nullable=True),  # where the input came from (file, row)
+    ],
+)
+
+ALL_SCHEMAS: dict[str, pa.Schema] = {
+    "raw": RAW_PAIRS_SCHEMA,
+    "curated": CURATED_SCHEMA,
+    "sam_masks": SAM_MASKS_SCHEMA,
+    "token_shards": TOKEN_SHARDS_SCHEMA,
+    "errors": ERRORS_SCHEMA,
+}
+
+
+def schema_version(schema: pa.Schema) -> str | None:
+    """The ``schema_version`` metadata of ``schema`` (e.g. ``"stylear.raw/1"``), or None if it has none."""
+    meta = schema.metadata or {}
+    value = meta.get(SCHEMA_VERSION_KEY)
+    return value.decode() if value is not None else None
+
+
+def _family(tp: pa.DataType) -> str:
+    """Types that hold the same values and cast losslessly into each other share a family."""
+    if pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_string_view(tp):
+        return "string"
+    if pa.types.is_binary(tp) or pa.types.is_large_binary(tp) or pa.types.is_binary_view(tp):
+        return "binary"
+    if pa.types.is_integer(tp):
+        return "integer"
+    if pa.types.is_floating(tp):
+        return "float"
+    if pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp):
+        return "list"
+    return str(tp)
+
+
+def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
+    if actual == expected:
+        return True
+    if pa.types.is_null(actual):  # an all-null column (e.g. a batch with no stylized rows)
+        return True
+    if _family(actual) != _family(expected):
+        return False
+    if _family(expected) == "list":
+        return _compatible(actual.value_type, expected.value_type)
+    return True
+
+
+def validate_table(table: pa.Table, schema: pa.Schema, allow_extra_columns: bool = True) -> None:
+    """Check that ``table`` holds records of ``schema``; raise :class:`SchemaError` naming the bad column.
+
+    Checked: every schema column is present with a compatible type (same family: string / large_string,
+    any int width, list / large_list of a compatible item type; casting to the exact type is
+    :func:`conform_table`'s job), no nulls in non-nullable columns, values of ``choices`` columns
+    in their set, and a ``schema_version`` in the table's metadata, if it has one, equal to the schema's.
+    Extra columns are allowed unless ``allow_extra_columns`` is False.
+    """
+    expected_version = schema_version(schema)
+    actual_version = schema_version(table.schema)
+    if expected_version and actual_version and actual_version != expected_version:
+        raise SchemaError(f"table has schema_version {actual_version!r}, expected {expected_version!r}")
+    names = set(table.column_names)
+    for field in schema:
+        if field.name not in names:
+            raise SchemaError(
+                f"missing column {field.name!r} ({field.type}) for {expected_version or 'schema'}; "
+                f"table has {table.column_names}"
+            )
+        column = table.column(field.name)
+        if not _compatible(column.type, field.type):
+            raise SchemaError(f"column {field.name!r} has type {column.type}, expected {field.type}")
+        if not field.nullable and column.null_count:
+            raise SchemaError(f"column {field.name!r} has {column.null_count} null(s) but is not nullable")
+        choices = (field.metadata or {}).get(CHOICES_KEY)
+        if choices is not None and len(column):
+            allowed = set(choices.decode().split(","))
+            present = {v for v in column.unique().to_pylist() if v is not None}
+            bad = sorted(present - allowed)
+            if bad:
+                raise SchemaError(
+                    f"column {field.name!r} has value(s) {bad}, expected one of {sorted(allowed)}"
+                )
+    if not allow_extra_columns:
+        extra = [n for n in table.column_names if n not in set(schema.names)]
+        if extra:
+            raise SchemaError(f"unexpected column(s) {extra} for {expected_version or 'schema'}")
+
+
+def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Validate ``table``, then return exactly ``schema``'s columns, in order, cast, with its metadata.
+
+    Integer narrowing is a checked cast: a value that does not fit raises instead of wrapping.
+    """
+    validate_table(table, schema)
+    columns = []
+    for field in schema:
+        column = table.column(field.name)
+        try:
+            columns.append(column.cast(field.type, safe=True))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise SchemaError(f"column {field.name!r} cannot be cast to {field.type}: {e}") from None
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def rows_to_table(
+    rows: Iterable[Mapping[str, Any]], schema: pa.Schema, allow_extra_keys: bool = False
+) -> pa.Table:
+    """Python dict rows -> a table of ``schema`` (with its version metadata), validated.
+
+    A nullable column missing from a row is null; a missing non-nullable column or, unless
+    ``allow_extra_keys``, a key the schema does not know, raises :class:`SchemaError` naming it.
+    """
+    rows = list(rows)
+    known = set(schema.names)
+    required = [f.name for f in schema if not f.nullable]
+    for i, row in enumerate(rows):
+        for name in required:
+            if row.get(name) is None:
+                raise SchemaError(f"row {i}: missing value for non-nullable column {name!r}")
+        if not allow_extra_keys:
+            extra = sorted(set(row) - known)
+            if extra:
+                raise SchemaError(
+                    f"row {i}: unknown column(s) {extra} for {schema_version(schema) or 'schema'}"
+                )
+    arrays = []
+    for field in schema:
+        try:
+            arrays.append(pa.array([row.get(field.name) for row in rows], type=field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+            raise SchemaError(f"column {field.name!r} does not fit {field.type}: {e}") from None
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    validate_table(table, schema)
+    return table
