@@ -1,0 +1,1 @@
+"""Proxy-Tuning: subject sets and the DreamBooth-tuned diffusion supervisor (stage 1)."""
