@@ -1,0 +1,165 @@
+"""Token shards: curated (prompt, image) records -> prompt ids and Lumina-layout image token ids.
+
+:class:`TokenizeActor` decodes each image, centre-crops and resizes it to the model's square
+resolution (``model.image_size``), VQGAN-encodes the batch in chunks and writes the codes in the
+Lumina-mGPT layout (:meth:`ImageTokenLayout.encode`: image start, grid tokens, rows closed by the
+new-line token, image end). The prompt is tokenized with the model's prompt tokenizer in the
+format the trainer consumes: StyleAR's (``"... Given image style is S*..."`` with
+``model.num_style_tokens`` placeholder ids, the default) or plain Lumina-mGPT text-to-image.
+
+Models come from the ``model`` block of the job config (:class:`~stylear_core.models.presets.ModelConfig`):
+``preset: tiny`` builds the seeded random tiny VQGAN and the byte tokenizer over the tiny vocab;
+``preset: lumina7b`` loads ``vqgan_ckpt`` (random Chameleon-size weights when unset) and the
+Chameleon tokenizer of ``tokenizer_path`` / ``backbone_path``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from stylear_core.config import option
+from stylear_core.data.images import ImageDecodeError, center_crop_resize, decode_image, to_tensor
+from stylear_core.data.layout import ImageTokenLayout, TokenVocab
+from stylear_core.data.tokenizer import style_prompt_ids, text_prompt_ids
+from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_vqgan
+
+STAGE = "tokenize"
+
+
+@dataclass
+class TokenizeConfig:
+    """How records are tokenized (the resolution and vocabulary come from the ``model`` block)."""
+
+    prompt_format: Literal["style", "text"] = option(
+        "style", "style: StyleAR prompt with the style placeholders; text: plain Lumina-mGPT prompt"
+    )
+    encode_batch_size: int = option(16, "images per VQGAN forward pass")
+    device: str = option("auto", "torch device; auto = cuda if available else cpu")
+    max_pixels: int = option(64_000_000, "refuse to decode images with more pixels (decompression bombs)")
+
+
+def token_vocab(model: ModelConfig) -> TokenVocab:
+    """The vocabulary the backbone of ``model`` uses, without building the backbone.
+
+    tiny: the tiny vocab sized to the tiny VQGAN; lumina7b: the ``vocabulary_map`` of
+    ``backbone_path/config.json`` when set, else the real Lumina-mGPT ids.
+    """
+    from stylear_core.models.backbone import tiny_vocab, vocab_from_vocabulary_map
+    from stylear_core.models.presets import tiny_vqgan_codebook_size
+
+    if model.preset == "tiny":
+        return tiny_vocab(codebook_size=tiny_vqgan_codebook_size())
+    if model.backbone_path:
+        config = json.loads((Path(model.backbone_path) / "config.json").read_text())
+        vocabulary_map = config.get("vocabulary_map") or {}
+        if vocabulary_map:
+            return vocab_from_vocabulary_map(vocabulary_map, int(config["vocab_size"]))
+    return TokenVocab()
+
+
+def _resolve_device(device: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+# Ray Data batches: pyarrow tables or dicts of numpy arrays. Kept here (not shared with the Ray-side
+# module) so the tokenizer imports without Ray, e.g. on a GPU box that has only the model libraries.
+Batch = pa.Table | Mapping[str, Any]
+
+
+def _values(batch: Batch, name: str, n: int) -> list[Any]:
+    if name not in (batch.column_names if isinstance(batch, pa.Table) else batch):
+        return [None] * n
+    values = batch[name]
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values.to_pylist()
+    return values.tolist() if isinstance(values, np.ndarray) else list(values)
+
+
+class TokenizeActor:
+    """Batch callable (a Ray Data actor class): curated records -> token-shard rows.
+
+    Takes the ``model`` block (preset, checkpoint paths, ``image_size``, ``num_style_tokens``) and a
+    :class:`TokenizeConfig`; builds the VQGAN, the vocab and the prompt tokenizer once.
+    ``__call__`` takes a batch (a pyarrow table or a dict of columns) with ``id``, ``prompt``, ``image`` (encoded bytes) and optionally
+    ``source`` and returns a ``pyarrow.Table`` with the ``stylear.token_shards/1`` columns
+    (``id, prompt, prompt_ids, image_tokens, height, width, source``) plus ``error`` /
+    ``error_stage``; a row whose image does not decode or whose prompt does not tokenize carries
+    its reason in ``error`` (and empty id lists) instead of failing the batch.
+    """
+
+    def __init__(self, model: ModelConfig, cfg: TokenizeConfig | None = None) -> None:
+        self.model = model
+        self.cfg = cfg or TokenizeConfig()
+        self.device = _resolve_device(self.cfg.device)
+        self.vocab = token_vocab(model)
+        self.vq = build_vqgan(model, self.vocab, self.device)
+        self.tokenizer = build_prompt_tokenizer(model, self.vocab)
+        self.size = model.image_size
+        self.layout = ImageTokenLayout.for_resolution(self.size, self.size, self.vocab)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's ids in the configured format, for an image of the configured resolution."""
+        if self.cfg.prompt_format == "style":
+            return style_prompt_ids(self.tokenizer, prompt, self.model.num_style_tokens, self.size, self.size)
+        return text_prompt_ids(self.tokenizer, prompt, self.size, self.size)
+
+    @torch.inference_mode()
+    def image_tokens(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> token ids ``(B, layout.num_tokens)``: crop/resize, VQGAN-encode in chunks, lay out."""
+        chunks = []
+        for start in range(0, len(images), self.cfg.encode_batch_size):
+            part = images[start : start + self.cfg.encode_batch_size]
+            pixels = to_tensor([center_crop_resize(im, self.size, self.size) for im in part])
+            chunks.append(self.vq.encode(pixels.to(self.device)).cpu())
+        return self.layout.encode(torch.cat(chunks))
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        """Tokenize a batch; see the class docstring for the columns."""
+        ids = [str(i) for i in _values(batch, "id", len(batch["id"]))]
+        n = len(ids)
+        prompts = _values(batch, "prompt", n)
+        images = _values(batch, "image", n)
+        sources = [s or "raw" for s in _values(batch, "source", n)]
+        prompt_ids: list[list[int]] = [[] for _ in range(n)]
+        image_ids: list[list[int]] = [[] for _ in range(n)]
+        errors: list[str | None] = [None] * n
+
+        rows, decoded = [], []
+        for k in range(n):
+            try:
+                if not isinstance(prompts[k], str) or not prompts[k].strip():
+                    raise ValueError("empty prompt")
+                prompt_ids[k] = self.prompt_ids(prompts[k])
+                decoded.append(decode_image(bytes(images[k] or b""), max_pixels=self.cfg.max_pixels))
+            except (ImageDecodeError, ValueError, KeyError) as e:
+                errors[k] = f"{type(e).__name__}: {e}"
+                continue
+            rows.append(k)
+        if rows:
+            tokens = self.image_tokens(decoded).tolist()
+            for k, seq in zip(rows, tokens):
+                image_ids[k] = seq
+
+        ok = [e is None for e in errors]
+        return pa.table(
+            {
+                "id": pa.array(ids, pa.string()),
+                "prompt": pa.array([p if isinstance(p, str) else "" for p in prompts], pa.string()),
+                "prompt_ids": pa.array(prompt_ids, pa.list_(pa.int32())),
+                "image_tokens": pa.array(image_ids, pa.list_(pa.int32())),
+                "height": pa.array([self.size if good else 0 for good in ok], pa.int32()),
+                "width": pa.array([self.size if good else 0 for good in ok], pa.int32()),
+                "source": pa.array(sources, pa.string()),
+                "error": pa.array(errors, pa.string()),
+                "error_stage": pa.array([None if good else STAGE for good in ok], pa.string()),
+            }
+        )
