@@ -1,0 +1,315 @@
+"""Training-throughput benchmark: Ray Train + DeepSpeed ZeRO vs a plain training step, same model, same run.
+
+    python benchmarks/train.py --preset tiny                                   # CPU, tiny, ~a minute
+    python benchmarks/train.py --preset lumina7b --image-size 768 --zero-stage 2 --micro-batch 2
+                                                                               # one GPU, random 7B, seq ~2.4k
+
+Every runner trains the same StyleAR SFT step (VQ-decode of the target, frozen CLIP, resampler, LoRA
+backbone with activation checkpointing; loss on image tokens) on the same synthetic rows:
+
+* ``plain``: one process, torch AdamW, ``loss.backward(); opt.step()`` -- the baseline;
+* ``deepspeed``: one process, ``deepspeed.initialize`` with the chosen ZeRO stage (works without Ray);
+* ``ray``: ``TorchTrainer`` workers running the project's training loop
+  (:func:`stylear_core.training.loop.train_loop_per_worker`) with its data path, reports and checkpoints.
+
+It prints tokens/s (every sequence position of every row, prompt and image), MFU by the 6N rule (N =
+backbone parameters; peak = the GPU's dense bf16 FLOP/s, or on CPU a measured fp32 matmul rate), and
+each runner's ratio to ``plain``. The median step after ``--warmup`` steps is used; the Ray runner's
+last step (which checkpoints and exports) is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster.local import apply_project_env  # noqa: E402
+from stylear_core.data.layout import ImageTokenLayout  # noqa: E402
+from stylear_core.data.tokenizer import style_prompt_ids  # noqa: E402
+from stylear_core.models.presets import ModelConfig, build_backbone, build_prompt_tokenizer  # noqa: E402
+from stylear_core.training.deepspeed_config import build_deepspeed_config  # noqa: E402
+from stylear_core.training.objectives import StyleSFTObjective  # noqa: E402
+
+# Dense bf16 tensor-core peak per GPU (FLOP/s), by a substring of the device name.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work (timings must not stop while kernels still run)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    """The FLOP/s MFU is measured against, and where the number comes from."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops, f"{name} dense bf16 peak"
+        return float("nan"), f"{name}: peak unknown"
+    a = torch.randn(1024, 1024)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    seconds = time.perf_counter() - start
+    return 10 * 2 * 1024**3 / seconds, "measured CPU fp32 matmul rate"
+
+
+def synthetic_rows(model_cfg: ModelConfig, count: int, seed: int = 0) -> list[dict]:
+    """Token-shard rows of random VQ codes at ``model_cfg.image_size`` with StyleAR prompts."""
+    vocab = build_backbone(model_cfg, "meta")[1]
+    tokenizer = build_prompt_tokenizer(model_cfg, vocab)
+    size = model_cfg.image_size
+    layout = ImageTokenLayout.for_resolution(size, size, vocab)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(count):
+        codes = torch.randint(0, vocab.codebook_size, (layout.h_latent, layout.w_latent), generator=gen)
+        prompt = f"a red circle at the center number {i}"
+        rows.append(
+            {
+                "id": f"bench-{i}",
+                "prompt": prompt,
+                "prompt_ids": style_prompt_ids(tokenizer, prompt, model_cfg.num_style_tokens, size, size),
+                "image_tokens": layout.encode(codes).tolist(),
+                "height": size,
+                "width": size,
+            }
+        )
+    return rows
+
+
+def numpy_batches(rows: list[dict], micro_batch: int) -> list[dict]:
+    """Rows -> the numpy batches Ray Data would hand the collate function."""
+    import numpy as np
+
+    batches = []
+    for start in range(0, len(rows) - micro_batch + 1, micro_batch):
+        chunk = rows[start : start + micro_batch]
+        batch = {}
+        for key in chunk[0]:
+            arr = np.empty(len(chunk), dtype=object)
+            arr[:] = [np.asarray(r[key]) if isinstance(r[key], list) else r[key] for r in chunk]
+            batch[key] = arr
+        batches.append(batch)
+    return batches
+
+
+def time_steps(step, batches: list[dict], steps: int, device: torch.device) -> tuple[list[float], int]:
+    """Wall seconds of each of ``steps`` calls of ``step(batch)`` (cycling over batches) and tokens per step."""
+    times, tokens = [], 0
+    for i in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        tokens = step(batches[i % len(batches)])
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times, tokens
+
+
+def run_plain(model_cfg: ModelConfig, rows: list[dict], args, device: torch.device) -> dict:
+    """The baseline: one process, torch AdamW on the trainable parameters."""
+    objective = StyleSFTObjective(model_cfg)
+    module = objective.setup(device, args.precision).train()
+    collate = objective.collate_fn()
+    batches = [
+        {k: v.to(device) for k, v in collate(b).items()} for b in numpy_batches(rows, args.micro_batch)
+    ]
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(batch: dict) -> int:
+        result = objective.compute(module, batch)
+        result.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return result.tokens
+
+    times, tokens = time_steps(step, batches, args.warmup + args.steps, device)
+    backbone_params = sum(p.numel() for p in objective.model.backbone.parameters())
+    return {"step_s": statistics.median(times[args.warmup :]), "tokens": tokens, "params": backbone_params}
+
+
+def run_deepspeed(model_cfg: ModelConfig, rows: list[dict], args, device: torch.device) -> dict:
+    """One process under ``deepspeed.initialize`` (world size 1): the engine's own cost, without Ray."""
+    if device.type == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rendezvous = dict(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    previous = {k: os.environ.get(k) for k in rendezvous}
+    os.environ.update(rendezvous)
+    try:
+        return _time_deepspeed_engine(model_cfg, rows, args, device)
+    finally:  # a one-process group must not leak into what runs next in this process (Ray workers)
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _time_deepspeed_engine(model_cfg: ModelConfig, rows: list[dict], args, device: torch.device) -> dict:
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    objective = StyleSFTObjective(model_cfg)
+    module = objective.setup(device, args.precision)
+    collate = objective.collate_fn()
+    batches = [
+        {k: v.to(device) for k, v in collate(b).items()} for b in numpy_batches(rows, args.micro_batch)
+    ]
+    params = [p for p in module.parameters() if p.requires_grad]
+    config = build_deepspeed_config(args.zero_stage, args.micro_batch, 1, 1, args.precision)
+    engine, *_ = deepspeed.initialize(
+        model=module, optimizer=torch.optim.AdamW(params, lr=1e-4), config=config
+    )
+    engine.train()
+
+    def step(batch: dict) -> int:
+        result = objective.compute(engine, batch)
+        engine.backward(result.loss)
+        engine.step()
+        return result.tokens
+
+    times, tokens = time_steps(step, batches, args.warmup + args.steps, device)
+    dist.destroy_process_group()  # the engine and its memory go with this frame
+    return {"step_s": statistics.median(times[args.warmup :]), "tokens": tokens}
+
+
+def run_ray(model_cfg: ModelConfig, rows: list[dict], args) -> dict:
+    """The project's Ray Train loop on ``--workers`` workers; step time from its per-step reports."""
+    import ray
+
+    from stylear_core.training.loop import RayTrainConfig, TrainLoopConfig, run_training
+    from stylear_core.training.metrics import read_metrics_log
+
+    if not ray.is_initialized():
+        ray.init(address=args.ray_address, include_dashboard=False)
+    steps = args.warmup + args.steps + 1
+    # One report at the end: a report waits for the controller's poll, which would be timed as training.
+    train = TrainLoopConfig(
+        max_steps=steps,
+        micro_batch_size=args.micro_batch,
+        zero_stage=args.zero_stage,
+        precision=args.precision,
+        log_every=steps,
+        checkpoint_every=steps,
+        verify_frozen=False,
+    )
+    cluster = RayTrainConfig(
+        num_workers=args.workers,
+        use_gpu=torch.cuda.is_available(),
+        cpus_per_worker=1,
+        name="bench",
+        max_failures=0,
+    )
+    # Few large blocks, as parquet shards give: a worker then fetches a block per many batches.
+    dataset = ray.data.from_items(rows * max(1, args.workers)).repartition(args.workers).materialize()
+    with tempfile.TemporaryDirectory(prefix="sar-bench-") as out:
+        run_training(StyleSFTObjective(model_cfg), train, cluster, {"train": dataset}, out)
+        log = read_metrics_log(Path(out) / "metrics.jsonl")
+    timed = log[args.warmup : -1]  # the last step also checkpoints and exports
+    per_worker_tokens = [r["tokens_per_s"] * r["seconds"] / args.workers for r in timed]
+    return {
+        "step_s": statistics.median(r["seconds"] for r in timed),
+        "tokens": int(statistics.median(per_worker_tokens)),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the runners, print the table, return (and optionally write) the results."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    on_gpu = torch.cuda.is_available()
+    parser.add_argument("--preset", choices=("tiny", "lumina7b"), default="lumina7b" if on_gpu else "tiny")
+    parser.add_argument("--image-size", type=int, default=None, help="px; 768 gives ~2.4k tokens per row")
+    parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=2)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (1 per GPU)")
+    parser.add_argument("--runners", default="plain,deepspeed,ray")
+    parser.add_argument("--ray-address", default="local")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads of the in-process runners (Ray workers get 1)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    apply_project_env()  # offline hubs, loopback Ray, DeepSpeed's op cache inside the project
+
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if not on_gpu:
+        torch.set_num_threads(args.threads)  # as many threads as a 1-CPU Ray worker, for a fair ratio
+    args.precision = "bf16" if on_gpu else "fp32"
+    size = args.image_size or (768 if args.preset == "lumina7b" else 64)
+    model_cfg = ModelConfig(
+        preset=args.preset,
+        image_size=size,
+        num_style_tokens=16 if args.preset == "lumina7b" else 4,
+        gradient_checkpointing=True,
+        dtype="bfloat16" if on_gpu else "float32",
+    )
+    rows = synthetic_rows(model_cfg, args.micro_batch * 4)
+    peak, peak_source = peak_flops(device)
+    runners = [r for r in args.runners.split(",") if r]
+    results: dict[str, dict] = {}
+    params = 0
+    for runner in runners:
+        if runner == "plain":
+            results[runner] = run_plain(model_cfg, rows, args, device)
+            params = results[runner]["params"]
+        elif runner == "deepspeed":
+            results[runner] = run_deepspeed(model_cfg, rows, args, device)
+        elif runner == "ray":
+            results[runner] = run_ray(model_cfg, rows, args)
+        else:
+            raise SystemExit(f"unknown runner {runner!r}")
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+    if not params:
+        params = sum(p.numel() for p in build_backbone(model_cfg, "meta")[0].parameters())
+    seq = len(rows[0]["prompt_ids"]) + len(rows[0]["image_tokens"])
+    print(
+        f"preset {args.preset}, image {size}px, seq {seq} tokens, micro-batch {args.micro_batch}, "
+        f"ZeRO-{args.zero_stage}, {args.precision}, backbone {params / 1e6:.1f}M params; peak = {peak_source}"
+    )
+    for r in results.values():
+        r["tokens_per_s"] = r["tokens"] / r["step_s"]
+        r["mfu"] = 6 * params * r["tokens_per_s"] / peak
+    plain = results.get("plain", {}).get("tokens_per_s", float("nan"))
+    for runner, r in results.items():
+        r["vs_plain"] = r["tokens_per_s"] / plain
+        print(
+            f"  {runner:10s} {r['step_s'] * 1e3:9.1f} ms/step  {r['tokens_per_s']:10.1f} tok/s  "
+            f"MFU {100 * r['mfu']:5.1f}%  x{r['vs_plain']:.3f} of plain"
+        )
+    summary = {"preset": args.preset, "seq": seq, "zero_stage": args.zero_stage, "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The Ray Serve application: ``StyleARIngress`` (HTTP) -> ``StyleARModel`` (through a DeploymentHandle).
+
+``serve deploy serving/serve_config.yaml`` and ``serve run serving.app:build_app`` call
+:func:`build_app` with the application's ``args``: either the :class:`ServingConfig` fields
+themselves, or ``config_file`` (a YAML such as ``serving/configs/lumina7b.yaml``, relative paths
+resolved against the working directory, then the repository) plus optional ``overrides``
+(``key=value`` strings, as on the command line).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+
+from serving.config import ServingConfig
+from serving.ingress import StyleARIngress
+from serving.model import StyleARModelDeployment
+from stylear_core.config import ConfigError, from_dict, load_config, to_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def serving_config(args: dict[str, Any] | None = None) -> ServingConfig:
+    """The validated :class:`ServingConfig` an application's ``args`` describe."""
+    args = dict(args or {})
+    config_file = args.pop("config_file", None)
+    overrides = args.pop("overrides", [])
+    if config_file is None:
+        if overrides:
+            raise ConfigError("overrides: only allowed together with config_file")
+        return from_dict(ServingConfig, args)
+    if args:
+        raise ConfigError(f"{sorted(args)[0]}: give settings in config_file or as overrides, not beside them")
+    path = Path(config_file)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    return load_config(ServingConfig, path, list(overrides))
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Bind the model deployment and the ingress (which gets the model's handle) into one application."""
+    config = to_dict(serving_config(args))
+    model = StyleARModelDeployment.bind(config)
+    return StyleARIngress.bind(model, config)

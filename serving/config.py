@@ -1,0 +1,64 @@
+"""The serving application's settings: which model to serve, adapters, batching, request limits.
+
+The same dataclass is the ``args:`` block of an application in ``serving/serve_config.yaml`` (what
+``serve deploy`` reads) and the file ``python -m serving --config`` loads; presets live in
+``serving/configs/{tiny,lumina7b}.yaml``. Replica counts, autoscaling and ``max_ongoing_requests``
+are Ray Serve deployment options and live in the serve config's ``deployments:`` list instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from stylear_core.config import ConfigError, option
+from stylear_core.curation.sam import MaskerConfig
+from stylear_core.models.presets import ModelConfig
+
+
+@dataclass
+class ServingConfig:
+    """Settings shared by the ingress and the model deployment."""
+
+    model: ModelConfig = option(ModelConfig, "the StyleAR model to serve (preset and local checkpoints)")
+    sam: MaskerConfig = option(MaskerConfig, "the SAM masker that strips a style reference's content")
+    sam_enabled: bool = option(True, "build SAM so requests can ask for reference cleaning")
+    sam_default: bool = option(True, "clean style references with SAM when a request does not say")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "model replica device (auto: cuda if present)")
+    cuda_graphs: bool = option(True, "capture the decode step in a CUDA graph (CUDA only)")
+    torch_threads: int = option(0, "torch CPU threads in the model replica (0: torch's default)")
+    adapters_root: str = option("", "directory with one subdirectory per LoRA adapter (empty: none)")
+    adapter_slot_rank: int = option(16, "largest LoRA rank a served adapter may have")
+    max_adapters_per_replica: int = option(4, "adapters kept loaded per model replica (LRU beyond)")
+    max_batch_size: int = option(16, "requests merged into one decode batch")
+    batch_wait_timeout_s: float = option(0.05, "how long a batch waits for more requests")
+    request_timeout_s: float = option(600.0, "the ingress answers 504 when the model takes longer")
+    max_upload_bytes: int = option(8 * 2**20, "largest style reference upload, in bytes")
+    max_reference_pixels: int = option(4096 * 4096, "largest style reference, in pixels")
+    max_prompt_chars: int = option(2000, "longest prompt, in characters")
+    max_side: int = option(1024, "largest height or width a request may ask for, in pixels")
+    stats_window: int = option(1000, "how many recent batch sizes the model deployment remembers")
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first unusable setting."""
+        positive = (
+            "adapter_slot_rank",
+            "max_adapters_per_replica",
+            "max_batch_size",
+            "max_upload_bytes",
+            "max_reference_pixels",
+            "max_prompt_chars",
+            "max_side",
+            "stats_window",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.request_timeout_s <= 0 or self.batch_wait_timeout_s < 0:
+            raise ConfigError("request_timeout_s must be > 0 and batch_wait_timeout_s >= 0")
+        if self.max_side % 32:
+            raise ConfigError(f"max_side: {self.max_side} is not a multiple of 32")
+        if self.sam_enabled and self.sam.model_type != "tiny" and not self.sam.checkpoint:
+            raise ConfigError("sam.checkpoint: a local SAM checkpoint is needed (or set sam_enabled: false)")
+        if self.sam_default and not self.sam_enabled:
+            raise ConfigError("sam_default: cannot default to SAM cleaning with sam_enabled: false")

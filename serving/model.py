@@ -1,0 +1,311 @@
+"""The model deployment: one base model per replica, batched decoding, LoRA adapters on demand.
+
+A replica builds the backbone (with one empty LoRA slot), VQGAN, prompt tokenizer, CLIP style
+encoder, resampler and optionally SAM once. Requests arrive through :meth:`StyleARModelDeployment.generate`;
+``@serve.batch`` merges concurrent ones (Ray Serve splits batches by multiplexed model id, i.e. by
+adapter) and the engine decodes each resolution group as one CFG-batched decode. Adapters are
+loaded by ``serve.multiplexed`` (an LRU of ``max_adapters_per_replica``) as small weight sets and
+copied into the slot before their batch, so switching adapters never reloads the base.
+
+Torch work runs on one worker thread so the replica's event loop keeps answering (stats, health,
+queueing the next batch) while a batch decodes. Per-request problems come back as
+:class:`JobOutcome` errors, never as exceptions, so one bad request cannot fail its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from ray import serve
+from torch import nn
+
+from serving.config import ServingConfig
+from serving.schemas import GenerationJob, JobOutcome
+from stylear_core.config import from_dict
+from stylear_core.data.images import ImageDecodeError, encode_png
+from stylear_core.data.tokenizer import style_prompt_ids, text_prompt_ids, unconditional_prompt_ids
+from stylear_core.inference.adapters import (
+    AdapterError,
+    AdapterNotFoundError,
+    AdapterSlot,
+    AdapterWeights,
+    adapter_path,
+    list_adapters,
+    read_adapter_dir,
+)
+from stylear_core.inference.engine import (
+    GenerationRequest,
+    GenerationRequestError,
+    ImageGenerationEngine,
+    decode_images,
+)
+from stylear_core.inference.style_request import ReferenceStyleEncoder, StyleRequestError
+from stylear_core.models.presets import (
+    build_backbone,
+    build_prompt_tokenizer,
+    build_resampler,
+    build_style_encoder,
+    build_vqgan,
+)
+from stylear_core.models.resampler import load_image_proj
+from stylear_core.training.export import base_model_id
+
+log = logging.getLogger("ray.serve")
+
+# Engine field names -> the HTTP API's.
+API_FIELDS = {"cfg_scale": "cfg", "style": "image"}
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """An adapter resident on a replica: its LoRA factors (on the model's device) and its own resampler, if any.
+
+    ``serve.multiplexed`` calls ``__del__`` when it evicts the adapter; ``on_unload`` is then told once.
+    """
+
+    weights: AdapterWeights
+    resampler: nn.Module | None
+    on_unload: Callable[[str], None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.weights.name
+
+    def __del__(self) -> None:
+        callback, self.on_unload = self.on_unload, None
+        if callback is not None:
+            callback(self.name)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+@serve.deployment(name="StyleARModel", max_ongoing_requests=32, health_check_period_s=10)
+class StyleARModelDeployment:
+    """Ray Serve deployment wrapping :class:`ImageGenerationEngine` and the style path.
+
+    Takes the :class:`ServingConfig` as a plain dict. Methods called through the handle:
+    ``generate(job) -> JobOutcome``, ``list_adapters()``, ``stats()``, ``ping()``.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.cfg = from_dict(ServingConfig, config)
+        if self.cfg.torch_threads:
+            torch.set_num_threads(self.cfg.torch_threads)
+        self.device = resolve_device(self.cfg.device)
+        model_cfg = self.cfg.model
+        started = time.perf_counter()
+        backbone, vocab = build_backbone(model_cfg, self.device)
+        self.slot = AdapterSlot(backbone, rank=self.cfg.adapter_slot_rank)
+        self.tokenizer = build_prompt_tokenizer(model_cfg, vocab)
+        self.engine = ImageGenerationEngine(
+            backbone,
+            vocab,
+            device=self.device,
+            cuda_graphs=self.cfg.cuda_graphs,
+            max_batch=self.cfg.max_batch_size,
+            uncond_prefix=unconditional_prompt_ids(self.tokenizer),
+        )
+        self.vq = build_vqgan(model_cfg, vocab, self.device)
+        encoder = build_style_encoder(model_cfg, self.device)
+        resampler = build_resampler(model_cfg, encoder.width, backbone.config.hidden_size, self.device).eval()
+        masker = None
+        if self.cfg.sam_enabled:
+            from stylear_core.curation.sam import StyleRegionMasker
+
+            masker = StyleRegionMasker.from_config(self.cfg.sam)
+        self.style = ReferenceStyleEncoder(encoder, resampler, masker, self.cfg.max_reference_pixels)
+        self.num_style_tokens = resampler.num_queries
+        self.base_builds = 1  # the base model is built here and only here
+        self.base_model = base_model_id(model_cfg)  # what adapter manifests must name as their base
+        self.build_seconds = time.perf_counter() - started
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stylear-decode")
+        self._batch_sizes: deque[int] = deque(maxlen=self.cfg.stats_window)
+        self._adapter_loads: Counter[str] = Counter()
+        self._requests = 0
+        self._failures: Counter[int] = Counter()
+        self._resident: set[str] = set()
+
+        async def load_adapter(name: str) -> LoadedAdapter:
+            # Reading files is IO: keep it off the event loop and off the decode thread.
+            return await asyncio.get_running_loop().run_in_executor(None, self._read_adapter, name)
+
+        # Multiplexing is wired per instance (Ray Serve supports this) so the LRU bound comes from the config.
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.max_adapters_per_replica)(
+            load_adapter
+        )
+        self.generate_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    # --- adapters -----------------------------------------------------------------------------
+
+    def _read_adapter(self, name: str) -> LoadedAdapter:
+        weights = read_adapter_dir(adapter_path(self.cfg.adapters_root, name), name).to(self.device)
+        trained_on = weights.manifest.get("base_model")
+        if trained_on and trained_on != self.base_model:
+            raise AdapterError(f"it was trained on {trained_on!r}; this replica serves {self.base_model!r}")
+        resampler = None
+        if weights.resampler_state is not None:
+            resampler = copy.deepcopy(self.style.resampler)
+            load_image_proj(weights.resampler_state, resampler)
+            resampler.eval()
+        self._adapter_loads[name] += 1
+        self._resident.add(name)
+        return LoadedAdapter(weights=weights, resampler=resampler, on_unload=self._resident.discard)
+
+    def list_adapters(self) -> list[dict[str, Any]]:
+        """Adapters on disk, each with whether this replica has it loaded."""
+        return [{**a, "loaded": a["name"] in self._resident} for a in list_adapters(self.cfg.adapters_root)]
+
+    # --- requests -----------------------------------------------------------------------------
+
+    async def generate(self, job: GenerationJob) -> JobOutcome:
+        """Generate one image (merged with concurrent requests into one decode batch)."""
+        self._requests += 1
+        adapter = None
+        if job.adapter:
+            try:
+                adapter = await self.get_adapter(job.adapter)
+            except AdapterNotFoundError as e:
+                return self._fail(404, str(e), "adapter")
+            except (AdapterError, ValueError, OSError) as e:
+                log.warning("adapter %s failed to load: %s", job.adapter, e)
+                return self._fail(422, f"adapter {job.adapter!r} cannot be used: {e}", "adapter")
+        return await self.generate_batch((job, adapter))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+    async def generate_batch(
+        self, items: list[tuple[GenerationJob, LoadedAdapter | None]]
+    ) -> list[JobOutcome]:
+        """The batched half of :meth:`generate`: runs the whole batch on the decode thread."""
+        self._batch_sizes.append(len(items))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run_batch, items)
+
+    def _fail(self, status: int, message: str, field: str | None) -> JobOutcome:
+        self._failures[status] += 1
+        return JobOutcome.failure(status, message, field)
+
+    def _prepare(self, job: GenerationJob, adapter: LoadedAdapter | None) -> GenerationRequest:
+        seed = job.seed if job.seed is not None else random.SystemRandom().randrange(2**63)
+        style = None
+        if job.kind == "style":
+            try:
+                ids = style_prompt_ids(
+                    self.tokenizer, job.prompt, self.num_style_tokens, job.height, job.width
+                )
+            except ValueError as e:
+                raise GenerationRequestError("prompt", str(e)) from None
+            if job.reference is None:
+                raise StyleRequestError("image", "a style reference image is required")
+            strength = (
+                job.noise_strength if job.noise_strength is not None else self.cfg.model.noise_strength_infer
+            )
+            resampler = adapter.resampler if adapter is not None else None
+            style = self.style(job.reference, job.sam, strength, seed, resampler)
+        else:
+            self._check_subject_prompt(job, adapter)
+            ids = text_prompt_ids(self.tokenizer, job.prompt, job.height, job.width)
+        request = GenerationRequest(
+            prompt_ids=ids,
+            height=job.height,
+            width=job.width,
+            style_embeds=style,
+            cfg_scale=job.cfg,
+            top_k=job.top_k,
+            temperature=job.temperature,
+            seed=seed,
+        )
+        self.engine.validate(request)
+        return request
+
+    @staticmethod
+    def _check_subject_prompt(job: GenerationJob, adapter: LoadedAdapter | None) -> None:
+        subjects = adapter.weights.manifest.get("subjects", []) if adapter is not None else []
+        identifiers = [s["identifier"] for s in subjects if isinstance(s, dict) and s.get("identifier")]
+        if identifiers and not any(i in job.prompt for i in identifiers):
+            raise GenerationRequestError(
+                "prompt",
+                f"the prompt names none of adapter {job.adapter!r}'s subjects ({', '.join(identifiers)})",
+            )
+
+    def _run_batch(self, items: list[tuple[GenerationJob, LoadedAdapter | None]]) -> list[JobOutcome]:
+        outcomes: list[JobOutcome | None] = [None] * len(items)
+        groups: dict[str | None, list[int]] = {}
+        for i, (_, adapter) in enumerate(items):
+            groups.setdefault(adapter.name if adapter else None, []).append(i)
+        for members in groups.values():
+            adapter = items[members[0]][1]
+            try:
+                self._run_group(items, members, adapter, outcomes)
+            except Exception:  # a bug must not take the replica down: answer 500 and keep serving
+                log.exception("decode batch failed")
+                for i in members:
+                    if outcomes[i] is None:
+                        outcomes[i] = self._fail(500, "internal error while generating", None)
+        return outcomes  # type: ignore[return-value]
+
+    def _run_group(
+        self,
+        items: list[tuple[GenerationJob, LoadedAdapter | None]],
+        members: list[int],
+        adapter: LoadedAdapter | None,
+        outcomes: list[JobOutcome | None],
+    ) -> None:
+        if self.slot.active != (adapter.name if adapter else None):
+            self.slot.activate(adapter.weights if adapter else None)
+        ready: list[tuple[int, GenerationRequest]] = []
+        for i in members:
+            job = items[i][0]
+            try:
+                ready.append((i, self._prepare(job, adapter)))
+            except ImageDecodeError as e:
+                outcomes[i] = self._fail(400, str(e), "image")
+            except (GenerationRequestError, StyleRequestError) as e:
+                outcomes[i] = self._fail(422, e.message, API_FIELDS.get(e.field, e.field))
+            except Exception:  # a bug in one request's preparation fails that request only
+                log.exception("preparing a request failed")
+                outcomes[i] = self._fail(500, "internal error while preparing the request", None)
+        if not ready:
+            return
+        results = self.engine.generate([request for _, request in ready])
+        for (i, _), result in zip(ready, results):
+            (image,) = decode_images(self.vq, result.layout, result.tokens.unsqueeze(0))
+            outcomes[i] = JobOutcome(png=encode_png(image), seed=result.seed)
+
+    # --- observability --------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this replica: recent batch sizes, requests, failures by status, adapter loads."""
+        sizes = list(self._batch_sizes)
+        return {
+            "batch_sizes": sizes,
+            "max_batch_size_seen": max(sizes, default=0),
+            "batches": len(sizes),
+            "requests": self._requests,
+            "failures": {str(k): v for k, v in self._failures.items()},
+            "adapter_loads": dict(self._adapter_loads),
+            "resident_adapters": sorted(self._resident),
+            "active_adapter": self.slot.active,
+            "base_builds": self.base_builds,
+            "build_seconds": round(self.build_seconds, 3),
+            "device": str(self.device),
+        }
+
+    def ping(self) -> str:
+        """Cheap liveness probe for the ingress's ``/healthz``."""
+        return "ok"

@@ -1,0 +1,6 @@
+"""Inference: token ids in, token ids out (no HTTP here).
+
+``engine`` (static-KV-cache, batched-CFG decoding and VQ decode), ``sampling`` (guidance, top-k,
+temperature, per-request seeds), ``reference`` (the slow no-cache decode tests compare against),
+``style_request`` (reference image -> style tokens), ``adapters`` (LoRA adapters on one base model).
+"""

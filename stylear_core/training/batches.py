@@ -1,0 +1,209 @@
+"""From parquet rows to padded training tensors: the collate functions of the SFT and DPO loops.
+
+Ray Data hands each worker numpy batches whose list columns (``prompt_ids``, ``image_tokens``) are
+object arrays of variable-length int arrays. The collate functions here (``NumpyBatchCollateFn``
+subclasses, run on Ray Data's prefetch threads) pad them into one batch:
+
+* prompts are **left**-padded with ``vocab.pad`` (``prompt_mask`` marks real tokens), so every row's
+  prompt ends right before its image;
+* image-token sequences are **right**-padded (``image_mask``), so every row's image starts at the
+  same column.
+
+StyleAR prompts carry exactly ``num_style_tokens`` style-placeholder ids. A row whose stored
+``prompt_ids`` do not (a token shard written for plain text-to-image, or for another style-token
+count) is re-tokenised from its ``prompt`` text with :func:`style_prompt_ids`, so the same shards
+serve StyleAR (style tokens) and subject tuning (``num_style_tokens=0``, plain text prompts).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+try:
+    from ray.data.collate_fn import NumpyBatchCollateFn
+except ImportError:  # a GPU box without Ray still runs the in-process benchmark paths
+    NumpyBatchCollateFn = object  # type: ignore[assignment,misc]
+
+from stylear_core.data.images import decode_image
+from stylear_core.data.layout import TokenVocab
+from stylear_core.data.tokenizer import PromptTokenizer, style_prompt_ids, text_prompt_ids
+
+TOKEN_SHARD_COLUMNS = ("id", "prompt", "prompt_ids", "image_tokens", "height", "width")
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad int sequences to one length: ``(ids (B, L) int64, mask (B, L) bool)``."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, length - len(row) :] = torch.as_tensor(np.asarray(row), dtype=torch.long)
+            mask[i, length - len(row) :] = True
+    return ids, mask
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad int sequences to one length: ``(ids (B, T) int64, mask (B, T) bool)``."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(np.asarray(row), dtype=torch.long)
+        mask[i, : len(row)] = True
+    return ids, mask
+
+
+def id_hash(row_id: str) -> int:
+    """A stable 32-bit hash of a record id (CRC32), to carry record identity through tensor batches."""
+    return zlib.crc32(str(row_id).encode())
+
+
+def conditioned_prompt_ids(
+    stored: Sequence[int] | None,
+    prompt: str,
+    height: int,
+    width: int,
+    tokenizer: PromptTokenizer,
+    num_style_tokens: int,
+) -> list[int]:
+    """The prompt ids to train on: ``stored`` when they hold exactly ``num_style_tokens`` style
+    placeholders (0 = a plain text prompt), else the prompt re-tokenised in the right template."""
+    placeholder = tokenizer.vocab.style_placeholder
+    if (
+        stored is not None
+        and len(stored)
+        and int(np.sum(np.asarray(stored) == placeholder)) == num_style_tokens
+    ):
+        return [int(i) for i in stored]
+    if num_style_tokens > 0:
+        return style_prompt_ids(tokenizer, prompt, num_style_tokens, height, width)
+    return text_prompt_ids(tokenizer, prompt, height, width)
+
+
+def style_pixels_from_png(
+    images: Sequence[bytes], preprocess: Callable[[Sequence[Image.Image]], torch.Tensor]
+):
+    """PNG/JPEG bytes -> CLIP-normalised pixels ``(B, 3, S, S)`` through the style encoder's preprocessing."""
+    return preprocess([decode_image(bytes(b)) for b in images])
+
+
+class TokenBatchCollate(NumpyBatchCollateFn):
+    """Token-shard rows -> ``{prompt_ids, prompt_mask, image_tokens, image_mask, height, width, id_hash}``
+    (plus ``style_pixels`` when the rows carry an ``image`` column and ``preprocess`` is given).
+
+    Takes the model's ``vocab``, the prompt ``tokenizer``, ``num_style_tokens`` (0 for prompts without
+    style tokens) and optionally the style encoder's PIL preprocessing.
+    """
+
+    def __init__(
+        self,
+        vocab: TokenVocab,
+        tokenizer: PromptTokenizer,
+        num_style_tokens: int,
+        preprocess: Callable[[Sequence[Image.Image]], torch.Tensor] | None = None,
+    ):
+        self.vocab = vocab
+        self.tokenizer = tokenizer
+        self.num_style_tokens = num_style_tokens
+        self.preprocess = preprocess
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        heights = [int(h) for h in batch["height"]]
+        widths = [int(w) for w in batch["width"]]
+        stored = batch.get("prompt_ids")
+        prompts = [
+            conditioned_prompt_ids(
+                stored[i] if stored is not None else None,
+                str(batch["prompt"][i]),
+                heights[i],
+                widths[i],
+                self.tokenizer,
+                self.num_style_tokens,
+            )
+            for i in range(len(heights))
+        ]
+        prompt_ids, prompt_mask = left_pad(prompts, self.vocab.pad)
+        image_tokens, image_mask = right_pad(list(batch["image_tokens"]), self.vocab.pad)
+        out = {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "image_tokens": image_tokens,
+            "image_mask": image_mask,
+            "height": torch.tensor(heights, dtype=torch.long),
+            "width": torch.tensor(widths, dtype=torch.long),
+            "id_hash": torch.tensor([id_hash(i) for i in batch["id"]], dtype=torch.long),
+        }
+        if self.preprocess is not None and "image" in batch:
+            out["style_pixels"] = style_pixels_from_png(list(batch["image"]), self.preprocess)
+        return out
+
+
+class PreferenceBatchCollate(NumpyBatchCollateFn):
+    """Preference-pair rows (``stylear.preference_pairs/1``) -> ``{prompt_ids, prompt_mask, chosen_tokens,
+    chosen_mask, rejected_tokens, rejected_mask, style_pixels, id_hash}``.
+
+    Chosen and rejected sequences are padded to one common length, so they stack into one forward
+    batch. ``style_pixels`` are the style references through the style encoder's ``preprocess``.
+    """
+
+    def __init__(
+        self,
+        vocab: TokenVocab,
+        tokenizer: PromptTokenizer,
+        num_style_tokens: int,
+        preprocess: Callable[[Sequence[Image.Image]], torch.Tensor],
+    ):
+        self.vocab = vocab
+        self.tokenizer = tokenizer
+        self.num_style_tokens = num_style_tokens
+        self.preprocess = preprocess
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        n = len(batch["id"])
+        prompts = [
+            conditioned_prompt_ids(
+                batch["prompt_ids"][i],
+                str(batch["prompt"][i]),
+                int(batch["height"][i]),
+                int(batch["width"][i]),
+                self.tokenizer,
+                self.num_style_tokens,
+            )
+            for i in range(n)
+        ]
+        prompt_ids, prompt_mask = left_pad(prompts, self.vocab.pad)
+        both, both_mask = right_pad([*batch["chosen_tokens"], *batch["rejected_tokens"]], self.vocab.pad)
+        return {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "chosen_tokens": both[:n],
+            "chosen_mask": both_mask[:n],
+            "rejected_tokens": both[n:],
+            "rejected_mask": both_mask[n:],
+            "style_pixels": style_pixels_from_png(list(batch["style_image"]), self.preprocess),
+            "id_hash": torch.tensor([id_hash(i) for i in batch["id"]], dtype=torch.long),
+        }
+
+
+def read_parquet_dataset(
+    path: str | list[str], columns: Sequence[str] | None = None, limit: int | None = None, cache: bool = False
+) -> Any:
+    """A parquet file or directory (or a list of files) as a Ray Dataset (optionally only ``columns``, the first ``limit`` rows;
+    ``cache`` materialises it in the object store, so later epochs do not read and list files again).
+
+    Files are read in path order, and the training loops read with ``preserve_order``, so a resumed
+    run sees the same rows in the same order as the run it continues.
+    """
+    import ray.data
+
+    ds = ray.data.read_parquet(path, columns=list(columns) if columns else None, file_extensions=["parquet"])
+    if limit:
+        ds = ds.limit(limit)
+    return ds.materialize() if cache else ds

@@ -1,0 +1,220 @@
+"""Preference pairs for DPO: sample K images per (prompt, style reference) with the SFT model, score, pick.
+
+For each held (prompt, style reference) row, :class:`PreferencePairSampler` (a Ray Data actor UDF)
+generates ``num_samples`` images with the SFT-tuned StyleAR model through the inference engine
+(batched CFG, each sample its own seed and its own style-noise draw), decodes them with the VQGAN and
+scores each one with CLIP:
+
+* ``style_score``: CLIP image similarity to the style reference (style adherence),
+* ``text_score``: CLIP text score against the prompt (prompt adherence),
+* ``score = style_weight * style_score + text_weight * text_score``.
+
+The best sample is ``chosen``, the worst ``rejected``; rows whose two scores are within ``min_margin``
+are dropped (no preference). Output rows follow :data:`PREFERENCE_PAIRS_SCHEMA`
+(``stylear.preference_pairs/1``), which :class:`~stylear_core.training.batches.PreferenceBatchCollate`
+reads.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from stylear_core.config import option
+from stylear_core.data.images import decode_image
+from stylear_core.data.layout import ImageTokenLayout
+from stylear_core.data.schemas import SCHEMA_VERSION_KEY, rows_to_table
+from stylear_core.data.synthetic import SyntheticStyleSet
+from stylear_core.data.tokenizer import style_prompt_ids
+from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine, decode_images
+from stylear_core.inference.style_request import ReferenceStyleEncoder
+from stylear_core.models.clip import ClipScorer
+from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_stylear_model, build_vqgan
+from stylear_core.training.export import load_adapter
+
+PREFERENCE_PAIRS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),  # with the style placeholders
+        pa.field("style_ref", pa.string(), nullable=True),
+        pa.field("style_image", pa.binary(), nullable=False),  # the reference, PNG
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("chosen_tokens", pa.list_(pa.int32()), nullable=False),  # Lumina layout, start to end
+        pa.field("rejected_tokens", pa.list_(pa.int32()), nullable=False),
+        pa.field("chosen_score", pa.float32(), nullable=False),
+        pa.field("rejected_score", pa.float32(), nullable=False),
+        pa.field("chosen_style_score", pa.float32(), nullable=False),
+        pa.field("chosen_text_score", pa.float32(), nullable=False),
+        pa.field("rejected_style_score", pa.float32(), nullable=False),
+        pa.field("rejected_text_score", pa.float32(), nullable=False),
+        pa.field("chosen_seed", pa.int64(), nullable=False),
+        pa.field("rejected_seed", pa.int64(), nullable=False),
+        pa.field("num_samples", pa.int32(), nullable=False),
+    ],
+    metadata={SCHEMA_VERSION_KEY: b"stylear.preference_pairs/1"},
+)
+"""One preference pair per (prompt, style reference)."""
+
+
+@dataclass
+class PreferenceSamplingConfig:
+    """How candidates are sampled and ranked."""
+
+    num_samples: int = option(4, "images sampled per (prompt, style) row (K >= 2)")
+    cfg_scale: float = option(4.0, "classifier-free guidance scale")
+    top_k: int = option(2000, "image top-k")
+    temperature: float = option(1.0, "sampling temperature")
+    noise_strength: float = option(0.3, "style-token noise at sampling time")
+    style_weight: float = option(1.0, "weight of CLIP style similarity in the score")
+    text_weight: float = option(1.0, "weight of CLIP text score in the score")
+    min_margin: float = option(0.0, "drop rows whose chosen and rejected scores differ by no more than this")
+    seed: int = option(0, "base seed; each sample's seed derives from it and the row id")
+
+    def validate(self) -> None:
+        """At least two samples, or there is nothing to prefer."""
+        if self.num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
+
+
+def sample_seed(base: int, row_id: str, k: int) -> int:
+    """The seed of sample ``k`` of row ``row_id``: stable across runs, workers and batchings."""
+    return (base * 1_000_003 + zlib.crc32(f"{row_id}/{k}".encode())) % 2**62
+
+
+def synthetic_style_requests(
+    count: int, seed: int = 1, size: int = 64, num_styles: int = 4
+) -> list[dict[str, Any]]:
+    """``count`` held (prompt, style reference) rows ``{id, prompt, style_ref, style_image}`` drawn from the
+    procedural style set with ``seed`` (use a seed other than the training data's to hold them out)."""
+    rows = SyntheticStyleSet(seed=seed, size=size).stylization_requests(count, num_styles=num_styles)
+    return [{k: r[k] for k in ("id", "prompt", "style_ref", "style_image")} for r in rows]
+
+
+class PreferencePairSampler:
+    """Ray Data actor: (prompt, style reference) rows -> preference-pair rows (``PREFERENCE_PAIRS_SCHEMA``).
+
+    Takes the model block, the SFT artefact directory, a :class:`PreferenceSamplingConfig` and the
+    device (``"auto"``: CUDA when the actor has a GPU). Builds the SFT model, the VQGAN, the inference
+    engine and a CLIP scorer (the model block's CLIP, with its text tower) once per actor.
+    """
+
+    def __init__(
+        self, model: ModelConfig, adapter_dir: str, sampling: PreferenceSamplingConfig, device: str = "auto"
+    ):
+        sampling.validate()
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu")
+        if device not in ("auto", "cpu"):
+            self.device = torch.device(device)
+        self.sampling = sampling
+        self.model_cfg = model
+        stylear = load_adapter(build_stylear_model(model, self.device), adapter_dir).eval()
+        self.vocab = stylear.vocab
+        self.num_style_tokens = stylear.num_style_tokens
+        self.tokenizer = build_prompt_tokenizer(model, self.vocab)
+        self.vqgan = build_vqgan(model, self.vocab, self.device)
+        self.style = ReferenceStyleEncoder(stylear.style_encoder, stylear.resampler)
+        self.engine = ImageGenerationEngine(stylear.backbone, self.vocab, device=self.device)
+        with torch.random.fork_rng(devices=[]):
+            # Same seed and architecture as the style encoder's CLIP, so both see one CLIP.
+            torch.manual_seed(model.seed + 1)
+            preset = "tiny" if model.preset == "tiny" else "ViT-H-14"
+            checkpoint = None if model.preset == "tiny" else model.clip_checkpoint
+            self.scorer = ClipScorer.from_preset(preset, checkpoint, device=self.device)
+
+    def pair_for_row(self, row_id: str, prompt: str, style_image: bytes) -> dict[str, Any]:
+        """Sample, score and pick for one row: the preference-pair fields (without ``id``/``style_ref``)."""
+        s = self.sampling
+        size = self.model_cfg.image_size
+        reference = decode_image(style_image)
+        seeds = [sample_seed(s.seed, row_id, k) for k in range(s.num_samples)]
+        tokens = self.style.style_tokens(
+            [reference] * s.num_samples, [s.noise_strength] * s.num_samples, seeds
+        )
+        prompt_ids = style_prompt_ids(self.tokenizer, prompt, self.num_style_tokens, size, size)
+        requests = [
+            GenerationRequest(
+                prompt_ids=prompt_ids,
+                height=size,
+                width=size,
+                style_embeds=tokens[k],
+                cfg_scale=s.cfg_scale,
+                top_k=s.top_k,
+                temperature=s.temperature,
+                seed=seeds[k],
+            )
+            for k in range(s.num_samples)
+        ]
+        results = self.engine.generate(requests)
+        layout = ImageTokenLayout.for_resolution(size, size, self.vocab)
+        samples = torch.stack([r.tokens for r in results])
+        images = decode_images(self.vqgan, layout, samples)
+        style_scores = self.scorer.image_similarity(images, [reference] * len(images))
+        text_scores = self.scorer.text_score(images, [prompt] * len(images))
+        scores = s.style_weight * style_scores + s.text_weight * text_scores
+        best, worst = int(scores.argmax()), int(scores.argmin())
+        return {
+            "prompt": prompt,
+            "prompt_ids": prompt_ids,
+            "style_image": style_image,
+            "height": size,
+            "width": size,
+            "chosen_tokens": samples[best].tolist(),
+            "rejected_tokens": samples[worst].tolist(),
+            "chosen_score": float(scores[best]),
+            "rejected_score": float(scores[worst]),
+            "chosen_style_score": float(style_scores[best]),
+            "chosen_text_score": float(text_scores[best]),
+            "rejected_style_score": float(style_scores[worst]),
+            "rejected_text_score": float(text_scores[worst]),
+            "chosen_seed": seeds[best],
+            "rejected_seed": seeds[worst],
+            "num_samples": s.num_samples,
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """A numpy batch of request rows -> a ``stylear.preference_pairs/1`` table (rows without a
+        preference above ``min_margin`` are dropped)."""
+        rows = []
+        for i in range(len(batch["id"])):
+            row = self.pair_for_row(
+                str(batch["id"][i]), str(batch["prompt"][i]), bytes(batch["style_image"][i])
+            )
+            if row["chosen_score"] - row["rejected_score"] <= self.sampling.min_margin:
+                continue
+            style_ref = batch["style_ref"][i] if "style_ref" in batch else None
+            rows.append(
+                {"id": str(batch["id"][i]), "style_ref": None if style_ref is None else str(style_ref), **row}
+            )
+        return rows_to_table(rows, PREFERENCE_PAIRS_SCHEMA)
+
+
+def make_preference_pairs(
+    requests: Any,
+    model: ModelConfig,
+    adapter_dir: str,
+    sampling: PreferenceSamplingConfig,
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    cpus_per_actor: float = 1.0,
+    batch_size: int = 4,
+) -> Any:
+    """A Ray Dataset of request rows (``id, prompt, style_image[, style_ref]``) -> a lazy Dataset of
+    preference pairs, computed by up to ``actors`` :class:`PreferencePairSampler` actors."""
+    from ray.data import ActorPoolStrategy
+
+    return requests.map_batches(
+        PreferencePairSampler,
+        fn_constructor_kwargs={"model": model, "adapter_dir": adapter_dir, "sampling": sampling},
+        compute=ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
+        num_gpus=gpus_per_actor,
+        num_cpus=cpus_per_actor,
+        batch_size=batch_size,
+        batch_format="numpy",
+    )

@@ -1,0 +1,94 @@
+"""The request-time style path: reference bytes -> (SAM) -> CLIP -> resampler -> noisy style tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from stylear_core.curation.sam import MaskerConfig, StyleRegionMasker
+from stylear_core.data.images import ImageDecodeError, encode_png
+from stylear_core.inference.style_request import ReferenceStyleEncoder, StyleRequestError
+from stylear_core.models.presets import ModelConfig, build_resampler, build_style_encoder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    cfg = ModelConfig(preset="tiny", num_style_tokens=4)
+    encoder = build_style_encoder(cfg)
+    resampler = build_resampler(cfg, encoder.width, 64).eval()
+    masker = StyleRegionMasker.from_config(MaskerConfig(model_type="tiny", points_per_side=4, device="cpu"))
+    return encoder, resampler, masker
+
+
+def reference_png(size: int = 64) -> bytes:
+    image = Image.new("RGB", (size, size), (40, 90, 160))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse(
+        (size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(240, 200, 30)
+    )  # a centred "object"
+    for x in range(0, size, 8):
+        draw.line((x, 0, x, size), fill=(10, 10, 10))  # the "style": stripes
+    return encode_png(image)
+
+
+def test_tokens_are_the_resampled_clip_features_plus_seeded_noise(parts):
+    encoder, resampler, _ = parts
+    style = ReferenceStyleEncoder(encoder, resampler)
+    data = reference_png()
+    clean = style(data, use_sam=False, noise_strength=0.0, seed=1)
+    with torch.no_grad():
+        expected = resampler(encoder.encode([style.load(data)]))[0]
+    assert clean.shape == (4, 64)
+    assert torch.equal(clean, expected)
+    noisy = style(data, use_sam=False, noise_strength=0.3, seed=1)
+    assert torch.equal(noisy, style(data, use_sam=False, noise_strength=0.3, seed=1))
+    assert not torch.equal(noisy, style(data, use_sam=False, noise_strength=0.3, seed=2))
+    assert 0.2 < float((noisy - clean).std()) < 0.4
+
+
+def test_batched_tokens_do_not_depend_on_neighbours(parts):
+    encoder, resampler, _ = parts
+    style = ReferenceStyleEncoder(encoder, resampler)
+    images = [style.load(reference_png()), style.load(reference_png(96))]
+    batched = style.style_tokens(images, [0.2, 0.5], [5, 6])
+    alone = style.style_tokens(images[1:], [0.5], [6])
+    torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sam_cleaning_changes_what_is_encoded(parts):
+    encoder, resampler, masker = parts
+    style = ReferenceStyleEncoder(encoder, resampler, masker)
+    data = reference_png()
+    plain = style(data, use_sam=False, noise_strength=0.0, seed=0)
+    cleaned = style(data, use_sam=True, noise_strength=0.0, seed=0)
+    assert cleaned.shape == plain.shape
+    assert not torch.allclose(cleaned, plain)
+
+
+def test_an_adapter_resampler_replaces_the_base_one(parts):
+    encoder, resampler, _ = parts
+    other = build_resampler(ModelConfig(preset="tiny", num_style_tokens=4, seed=9), encoder.width, 64).eval()
+    style = ReferenceStyleEncoder(encoder, resampler)
+    data = reference_png()
+    assert not torch.allclose(style(data, False, 0.0, 0), style(data, False, 0.0, 0, resampler=other))
+
+
+def test_bad_references_are_refused(parts):
+    encoder, resampler, _ = parts
+    style = ReferenceStyleEncoder(encoder, resampler, masker=None, max_pixels=100 * 100)
+    with pytest.raises(ImageDecodeError):
+        style(b"certainly not an image", False, 0.0, 0)
+    with pytest.raises(ImageDecodeError, match="more than"):
+        style(reference_png(128), False, 0.0, 0)
+    with pytest.raises(StyleRequestError) as info:
+        style(reference_png(), True, 0.0, 0)
+    assert info.value.field == "sam"

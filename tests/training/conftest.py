@@ -1,0 +1,147 @@
+"""Shared fixtures of the training tests: the tiny model block of the shipped configs, synthetic token
+shards, a tiny SFT artefact and a tiny preference set, and a runner for the jobs."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stylear_core.config import load_config, to_dict
+from stylear_core.data.layout import ImageTokenLayout
+from stylear_core.data.schemas import rows_to_table
+from stylear_core.models.backbone import tiny_vocab
+from stylear_core.models.presets import ModelConfig, build_stylear_model, tiny_vqgan_codebook_size
+from stylear_core.runs import write_manifest
+from stylear_core.training.export import ADAPTER_FORMAT, export_adapter
+from stylear_core.training.preferences import PREFERENCE_PAIRS_SCHEMA
+from stylear_core.training.synthetic_shards import synthetic_token_rows, write_synthetic_token_shards
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_VOCAB = tiny_vocab(codebook_size=tiny_vqgan_codebook_size())
+CONFIGS = REPO / "jobs" / "configs"
+
+
+def tiny_model_config() -> ModelConfig:
+    """The model block of the shipped tiny SFT config."""
+    job = importlib.import_module("jobs.train_style")
+    return load_config(job.Config, CONFIGS / "train_style" / "tiny.yaml").model
+
+
+def run_job(stage: str, run_dir: Path, *overrides: str) -> dict:
+    """``jobs.<stage>.main`` on its tiny config, writing under ``run_dir/<stage>``."""
+    job = importlib.import_module(f"jobs.{stage}")
+    argv = [
+        "--config",
+        str(CONFIGS / stage / "tiny.yaml"),
+        f"run_dir={run_dir}",
+        f"output_dir={run_dir}/{stage}",
+    ]
+    return job.main([*argv, *overrides])
+
+
+def perturb_(params, seed: int, scale: float = 0.05) -> None:
+    """Add seeded noise to parameters in place (a stand-in for training, to make adapters non-trivial)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+@pytest.fixture(autouse=True)
+def _train_controller_for_tiny_runs(monkeypatch):
+    # Read by TorchTrainer.fit in this process and passed to its controller. The controller takes a
+    # report every 2 s by default, and tiny steps take far less; no spot-instance preemption to watch
+    # here (one process fewer per run); on a busy 2-core machine starting 2 workers can pass 60 s.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny ops on a shared 2-core machine: one thread avoids OpenMP spin contention (Ray workers use one too).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def model_cfg() -> ModelConfig:
+    return tiny_model_config()
+
+
+@pytest.fixture(scope="session")
+def vocab():
+    """The tiny preset's token vocabulary."""
+    return TINY_VOCAB
+
+
+@pytest.fixture(scope="session")
+def job_runner():
+    """:func:`run_job`, for tests that run a job."""
+    return run_job
+
+
+@pytest.fixture(scope="session")
+def token_shards(tmp_path_factory, model_cfg) -> Path:
+    """32 synthetic token-shard rows (with an ``image`` column) in a parquet directory."""
+    path = tmp_path_factory.mktemp("shards")
+    write_synthetic_token_shards(path, model_cfg, 32)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sft_adapter(tmp_path_factory, model_cfg) -> Path:
+    """An SFT artefact with non-trivial LoRA and resampler weights and a manifest naming the model block."""
+    model = build_stylear_model(model_cfg)
+    perturb_(model.lora_parameters(), seed=1)
+    directory = tmp_path_factory.mktemp("sft") / "adapter"
+    export_adapter(model, directory)
+    write_manifest(
+        directory, ADAPTER_FORMAT, status="complete", model_config=to_dict(model_cfg), kind="style"
+    )
+    return directory
+
+
+@pytest.fixture(scope="session")
+def preference_pairs(tmp_path_factory, model_cfg) -> Path:
+    """16 preference rows: chosen = a synthetic image's tokens, rejected = random codes in the same layout."""
+    rows = synthetic_token_rows(model_cfg, 16, seed=3)
+    size = model_cfg.image_size
+    gen = torch.Generator().manual_seed(0)
+    pairs = []
+    for i, r in enumerate(rows):
+        layout = ImageTokenLayout.for_resolution(size, size, TINY_VOCAB)
+        codes = torch.randint(
+            0, layout.vocab.codebook_size, (layout.h_latent, layout.w_latent), generator=gen
+        )
+        pairs.append(
+            {
+                "id": r["id"],
+                "prompt": r["prompt"],
+                "prompt_ids": r["prompt_ids"],
+                "style_ref": None,
+                "style_image": r["image"],
+                "height": size,
+                "width": size,
+                "chosen_tokens": r["image_tokens"],
+                "rejected_tokens": layout.encode(codes).tolist(),
+                "chosen_score": 1.0,
+                "rejected_score": 0.0,
+                "chosen_style_score": 0.5,
+                "chosen_text_score": 0.5,
+                "rejected_style_score": 0.0,
+                "rejected_text_score": 0.0,
+                "chosen_seed": i,
+                "rejected_seed": 100 + i,
+                "num_samples": 2,
+            }
+        )
+    path = tmp_path_factory.mktemp("pairs")
+    pq.write_table(rows_to_table(pairs, PREFERENCE_PAIRS_SCHEMA), path / "part-0.parquet")
+    return path
