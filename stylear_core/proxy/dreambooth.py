@@ -760,7 +760,7 @@ def build_tiny_sd3_dir(path: str | Path, seed: int = 0) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from stylear_core.curation.stylizer import write_tiny_clip_tokenizer_files, prompt_words
+    from stylear_core.curation.stylizer import prompt_words, write_tiny_clip_tokenizer_files
 
     path = Path(path)
     torch.manual_seed(seed)
