@@ -121,7 +121,7 @@ class StyleSFTObjective:
     come from the target image itself (StyleAR needs no reference for training): ``"vq_decode"``
     rebuilds the target from its VQ tokens with the frozen VQGAN, ``"image"`` reads PNG bytes from an
     ``image`` column of the training table. ``use_style_tokens=False`` trains plain text prompts
-    (subject tuning) with no style tokens. ``kind`` goes into the exported adapter's manifest.
+    (subject tuning) with no style tokens.
     """
 
     name = "sft"

@@ -28,6 +28,9 @@ from stylear_core.proxy.dreambooth import load_supervisor
 from stylear_core.proxy.proxy_data import tuned_subjects
 from stylear_core.runs import is_complete, read_manifest
 
+# Whole Proxy-Tuning runs under Ray take minutes on 2 cores: `make test-all` runs them.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "jobs" / "configs" / "pipeline" / "proxy_tuning.yaml"
 EVAL_CONFIG = REPO / "jobs" / "configs" / "evaluate_subject" / "tiny.yaml"

@@ -33,6 +33,9 @@ from stylear_core.training.export import ADAPTER_FORMAT, load_adapter, verify_ad
 from stylear_core.training.loop import group_digests
 from stylear_core.training.metrics import read_metrics_log
 
+# Whole Proxy-Tuning runs under Ray take minutes on 2 cores: `make test-all` runs them.
+pytestmark = pytest.mark.slow
+
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "train_subject" / "tiny.yaml"
 SERVING_AVAILABLE = importlib.util.find_spec("serving.app") is not None
 
