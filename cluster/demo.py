@@ -19,18 +19,31 @@ from cluster.local import REPO_ROOT, LocalRayCluster, project_env
 
 
 def submit(cluster: LocalRayCluster, entrypoint: list[str], timeout_s: float) -> int:
-    """``ray job submit`` the entrypoint with the repo as working dir; returns the job's exit status."""
-    ray_bin = Path(sys.executable).with_name("ray")
-    cmd = [
-        str(ray_bin), "job", "submit",
-        f"--address={cluster.dashboard_url}",
-        "--working-dir=.",
-        "--runtime-env=cluster/runtime_env.yaml",
-        "--", *entrypoint,
-    ]  # fmt: skip
+    """``ray job submit`` the entrypoint with the repo as working dir; returns 0 when the job SUCCEEDED.
+
+    The head answers HTTP before its job agent is up (slow on a busy machine), so the submission
+    itself is retried until the agent takes it; the job is then followed to its end.
+    """
+    ray_bin = str(Path(sys.executable).with_name("ray"))
     env = {**os.environ, **project_env()}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout_s).returncode
+    job_id = f"stylear-demo-{int(time.time())}"
+    address = f"--address={cluster.dashboard_url}"
+    cmd = [
+        ray_bin, "job", "submit", address, "--no-wait", f"--submission-id={job_id}",
+        "--working-dir=.", "--runtime-env=cluster/runtime_env.yaml", "--", *entrypoint,
+    ]  # fmt: skip
+    deadline = time.time() + 180
+    while subprocess.run(cmd, cwd=REPO_ROOT, env=env).returncode != 0:
+        if time.time() > deadline:
+            return 1
+        time.sleep(5)
+    subprocess.run([ray_bin, "job", "logs", address, "--follow", job_id], env=env, timeout=timeout_s)
+    status = subprocess.run(
+        [ray_bin, "job", "status", address, job_id], env=env, capture_output=True, text=True
+    ).stdout
+    print(status.strip().splitlines()[-1] if status.strip() else "no job status", flush=True)
+    return 0 if "SUCCEEDED" in status else 1
 
 
 def main(argv: list[str] | None = None) -> int:
