@@ -33,7 +33,7 @@ def submit(cluster: LocalRayCluster, entrypoint: list[str], timeout_s: float) ->
         ray_bin, "job", "submit", address, "--no-wait", f"--submission-id={job_id}",
         "--working-dir=.", "--runtime-env=cluster/runtime_env.yaml", "--", *entrypoint,
     ]  # fmt: skip
-    deadline = time.time() + 180
+    deadline = time.time() + 600  # a loaded 2-core machine can take minutes
     while subprocess.run(cmd, cwd=REPO_ROOT, env=env).returncode != 0:
         if time.time() > deadline:
             return 1
