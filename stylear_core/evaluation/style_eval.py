@@ -1,0 +1,474 @@
+"""Style evaluation: generate for held (prompt, style reference) pairs with the base and tuned models, score.
+
+For every held pair (procedural rows of :class:`~stylear_core.data.synthetic.SyntheticStyleSet`, drawn
+with a seed the training data does not use) each *variant* (``base``: the untuned model, no LoRA and
+the freshly initialised resampler; any number of tuned adapter directories) generates
+``samples_per_pair`` images through :class:`~stylear_core.inference.engine.ImageGenerationEngine`
+(batched CFG, per-sample seeds, the same seeds for every variant) and the VQGAN decodes them. Each
+sample is scored against its reference:
+
+* ``code_style``: :func:`code_similarity`, the histogram intersection of the sample's VQ codes and the
+  reference's (the reference encoded by the same VQGAN): the share of "visual words" they have in
+  common. This is the style statistic the AR model directly controls, and it is deterministic. On the
+  tiny preset it is the one that can move: the random tiny VQGAN's *encoder* gives each synthetic
+  style its own codes, but its random *decoder* draws nearly the same picture for any code grid, so
+  pixel statistics of decoded samples cannot tell models apart there;
+* ``palette``: :func:`palette_similarity`, the histogram intersection of the decoded sample's and the
+  reference's joint RGB histograms, in [0, 1] (the synthetic styles differ first of all by palette);
+* ``clip_style``: CLIP image cosine of sample and reference (CLIP-I, StyleAR's style score), and
+  ``clip_text``: CLIP cosine of sample and prompt (CLIP-T, prompt adherence); random CLIP on tiny;
+* ``*_other`` and ``*_margin``: the same statistic against the references of the *other* held styles
+  (averaged) and the difference, which says whether a sample took *its* reference's style rather than
+  the training data's average look.
+
+Pixel statistics compare with the reference as the image tokenizer reconstructs it
+(``reference_view: vq``): a generated image can only be what the VQ decoder draws, and training takes
+its style images the same way (``style_source: vq_decode``). ``reference_view: pixels`` compares with
+the raw reference. Besides the decoded images, :func:`code_map_image` draws every code grid in false
+colour (one fixed colour per code), so the report shows which codes a model writes.
+
+Outputs of :func:`write_style_eval` (``stylear.style_eval/1``)::
+
+    <output_dir>/samples.parquet      one row per generated sample (EVAL_SAMPLES_SCHEMA), paths relative
+    <output_dir>/metrics.parquet      one row per variant: mean scores (EVAL_METRICS_SCHEMA)
+    <output_dir>/metrics.json         the same, plus per-style means and the tuned-minus-base deltas
+    <output_dir>/samples/<variant>/<pair>_<k>.png (+ _codes.png)
+    <output_dir>/references/<pair>_input.png, <pair>.png (as compared), <pair>_codes.png
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from stylear_core.config import option
+from stylear_core.data.images import decode_image, encode_png
+from stylear_core.data.schemas import SCHEMA_VERSION_KEY, rows_to_table
+from stylear_core.data.synthetic import SyntheticStyleSet
+from stylear_core.models.presets import ModelConfig
+
+EVAL_FORMAT = "stylear.style_eval/1"
+EVALUATE_FORMAT = "stylear.evaluate/1"  # the evaluate stage's manifest
+BASE_VARIANT = "base"
+SCORE_COLUMNS = (
+    "code_style",
+    "code_style_other",
+    "code_margin",
+    "palette",
+    "palette_other",
+    "palette_margin",
+    "clip_style",
+    "clip_text",
+)
+PALETTE_BINS = 8  # per channel: 512 joint bins keep the synthetic palettes apart (4 merge vivid and pastel)
+
+EVAL_SAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field("variant", pa.string(), nullable=False),
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("style_ref", pa.string(), nullable=False),
+        pa.field("sample", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("image_path", pa.string(), nullable=False),  # relative to the output dir
+        pa.field("codes_path", pa.string(), nullable=False),  # false-colour code map, relative
+        *(pa.field(name, pa.float32(), nullable=False) for name in SCORE_COLUMNS),
+    ],
+    metadata={SCHEMA_VERSION_KEY: b"stylear.eval_samples/1"},
+)
+"""One generated sample and its scores."""
+
+EVAL_METRICS_SCHEMA = pa.schema(
+    [
+        pa.field("variant", pa.string(), nullable=False),
+        pa.field("adapter", pa.string(), nullable=True),  # None for the base model
+        pa.field("samples", pa.int32(), nullable=False),
+        *(pa.field(name, pa.float32(), nullable=False) for name in SCORE_COLUMNS),
+    ],
+    metadata={SCHEMA_VERSION_KEY: b"stylear.eval_metrics/1"},
+)
+"""Mean scores of one variant over all its samples."""
+
+
+@dataclass
+class HeldPairsConfig:
+    """The held (prompt, style reference) pairs: procedural, from a seed the training data does not use."""
+
+    count: int = option(8, "held (prompt, style reference) pairs")
+    num_styles: int = option(4, "distinct styles among them (>= 2: the *_other scores need another style)")
+    seed: int = option(2, "seed of the procedural set (curation uses 0, preference pairs 1)")
+
+
+@dataclass
+class EvalSamplingConfig:
+    """How each variant samples; every variant uses the same seeds."""
+
+    samples_per_pair: int = option(2, "images per held pair and variant")
+    cfg_scale: float = option(4.0, "classifier-free guidance scale")
+    top_k: int = option(2000, "image top-k (clamped to the codebook)")
+    temperature: float = option(1.0, "sampling temperature")
+    noise_strength: float = option(0.3, "style-token noise at sampling time")
+    seed: int = option(0, "base seed of the per-sample seeds")
+    reference_view: Literal["vq", "pixels"] = option(
+        "vq", "compare with the reference's VQGAN reconstruction (what the decoder can draw) or its pixels"
+    )
+
+
+def held_pairs(cfg: HeldPairsConfig, size: int) -> list[dict[str, Any]]:
+    """The held pairs ``{id, prompt, style_ref, style_image}`` (PNG bytes of side ``size``), taking the
+    styles in turn so that every one of the ``num_styles`` styles is among the first few pairs."""
+    if cfg.num_styles < 2:
+        raise ValueError(
+            f"num_styles must be >= 2 (the *_other scores need another style), got {cfg.num_styles}"
+        )
+    rows = SyntheticStyleSet(seed=cfg.seed, size=size).stylization_requests(8 * cfg.count, cfg.num_styles)
+    by_style: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_style.setdefault(row["style_ref"], []).append(row)
+    queues = list(by_style.values())
+    picked: list[dict[str, Any]] = []
+    while len(picked) < cfg.count and any(queues):
+        for queue in queues:
+            if queue and len(picked) < cfg.count:
+                picked.append(queue.pop(0))
+    return [{k: r[k] for k in ("id", "prompt", "style_ref", "style_image")} for r in picked]
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic style statistics
+
+
+def colour_histogram(image: Image.Image, bins: int = PALETTE_BINS) -> np.ndarray:
+    """The joint RGB histogram of ``image`` with ``bins`` per channel, normalised to sum 1: ``(bins**3,)``."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int64).reshape(-1, 3)
+    index = pixels * bins // 256
+    flat = (index[:, 0] * bins + index[:, 1]) * bins + index[:, 2]
+    counts = np.bincount(flat, minlength=bins**3).astype(np.float64)
+    return counts / max(counts.sum(), 1.0)
+
+
+def palette_similarity(a: Image.Image, b: Image.Image, bins: int = PALETTE_BINS) -> float:
+    """Histogram intersection of the two images' joint RGB histograms: 1 = same colours, 0 = disjoint."""
+    return float(np.minimum(colour_histogram(a, bins), colour_histogram(b, bins)).sum())
+
+
+def code_histogram(codes: np.ndarray | torch.Tensor, codebook_size: int) -> np.ndarray:
+    """How often each VQ code occurs in ``codes`` (any shape), normalised to sum 1: ``(codebook_size,)``."""
+    flat = np.asarray(codes).reshape(-1).astype(np.int64)
+    counts = np.bincount(flat, minlength=codebook_size).astype(np.float64)
+    return counts / max(counts.sum(), 1.0)
+
+
+def code_map_image(codes: np.ndarray | torch.Tensor, codebook_size: int, cell: int = 16) -> Image.Image:
+    """A VQ code grid ``(h, w)`` in false colour: one fixed colour per code (hues a golden-ratio step apart,
+    brightness cycling), each latent cell ``cell`` pixels wide, so equal codes look equal across images."""
+    import colorsys
+
+    grid = np.asarray(codes).astype(np.int64)
+    table = np.array(
+        [
+            colorsys.hsv_to_rgb((c * 0.6180339887) % 1.0, 0.75, 0.55 + 0.15 * (c % 3))
+            for c in range(codebook_size)
+        ]
+    )
+    rgb = (table[grid] * 255).round().astype(np.uint8)
+    return Image.fromarray(rgb, "RGB").resize((grid.shape[1] * cell, grid.shape[0] * cell), Image.NEAREST)
+
+
+def code_similarity(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, codebook_size: int) -> float:
+    """Histogram intersection of two VQ code grids' code histograms: the share of visual words they have in
+    common, 1 = the same codes in the same amounts, 0 = no code in common."""
+    return float(np.minimum(code_histogram(a, codebook_size), code_histogram(b, codebook_size)).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation and scoring of one variant
+
+
+def sample_seed(base: int, pair_index: int, sample: int) -> int:
+    """The seed of sample ``sample`` of held pair ``pair_index``: the same for every variant."""
+    return (base * 1_000_003 + pair_index * 1_009 + sample) % 2**62
+
+
+def build_clip_scorer(model: ModelConfig, device: torch.device):
+    """The CLIP scorer of the model block: the style encoder's CLIP (same preset and seed), text tower included."""
+    from stylear_core.models.clip import ClipScorer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(model.seed + 1)  # build_style_encoder's seed: one CLIP for style and score
+        if model.preset == "tiny":
+            return ClipScorer.from_preset("tiny", device=device)
+        return ClipScorer.from_preset("ViT-H-14", model.clip_checkpoint, device=device)
+
+
+def vq_reconstruction(vq: Any, images: Sequence[Image.Image]) -> list[Image.Image]:
+    """``images`` encoded to VQ codes and decoded again (what the image tokenizer can express)."""
+    from stylear_core.models.vqgan import decode_to_images, encode_images
+
+    height, width = images[0].height, images[0].width
+    return decode_to_images(vq, encode_images(vq, list(images), (height, width)))
+
+
+@dataclass
+class StyleSample:
+    """One generated sample to score: its image and VQ codes ``(h, w)``, its reference (image as compared and
+    the reference's own VQ codes), its prompt and the reference's style id."""
+
+    image: Image.Image
+    codes: np.ndarray
+    reference: Image.Image
+    reference_codes: np.ndarray
+    prompt: str
+    style_ref: str
+
+
+def score_samples(samples: Sequence[StyleSample], scorer: Any, codebook_size: int) -> dict[str, np.ndarray]:
+    """Every score of :data:`SCORE_COLUMNS`, one value per sample: against the sample's own reference and
+    prompt, and (``*_other``) averaged over the references of the other styles among ``samples``.
+
+    ``scorer`` is a :class:`~stylear_core.models.clip.ClipScorer` (``image_similarity``, ``text_score``).
+    """
+    by_style: dict[str, StyleSample] = {}
+    for sample in samples:
+        by_style.setdefault(sample.style_ref, sample)
+    if len(by_style) < 2:
+        raise ValueError("scoring needs references of at least two styles")
+    scores: dict[str, list[float]] = {
+        name: [] for name in ("code_style", "code_style_other", "palette", "palette_other")
+    }
+    for sample in samples:
+        others = [o for style, o in by_style.items() if style != sample.style_ref]
+        scores["code_style"].append(code_similarity(sample.codes, sample.reference_codes, codebook_size))
+        scores["code_style_other"].append(
+            float(np.mean([code_similarity(sample.codes, o.reference_codes, codebook_size) for o in others]))
+        )
+        scores["palette"].append(palette_similarity(sample.image, sample.reference))
+        scores["palette_other"].append(
+            float(np.mean([palette_similarity(sample.image, o.reference) for o in others]))
+        )
+    out = {k: np.asarray(v, dtype=np.float32) for k, v in scores.items()}
+    out["code_margin"] = out["code_style"] - out["code_style_other"]
+    out["palette_margin"] = out["palette"] - out["palette_other"]
+    images = [s.image for s in samples]
+    out["clip_style"] = (
+        scorer.image_similarity(images, [s.reference for s in samples]).numpy().astype(np.float32)
+    )
+    out["clip_text"] = scorer.text_score(images, [s.prompt for s in samples]).numpy().astype(np.float32)
+    return out
+
+
+def evaluate_variant(
+    variant: str,
+    adapter_dir: str | None,
+    model: ModelConfig,
+    pairs: Sequence[Mapping[str, Any]],
+    sampling: EvalSamplingConfig,
+    device: str = "auto",
+) -> list[dict[str, Any]]:
+    """Generate and score every held pair with one variant (``adapter_dir`` None: the base model).
+
+    Returns one row per sample: the :data:`EVAL_SAMPLES_SCHEMA` fields except the paths, plus ``png``
+    (the decoded sample), ``codes_png`` (its code map), ``reference_png`` (the reference as compared, see
+    ``reference_view``), ``reference_codes_png`` (the reference's code map) and ``style_png`` (the
+    reference as given).
+    """
+    from stylear_core.data.layout import ImageTokenLayout
+    from stylear_core.data.tokenizer import style_prompt_ids, unconditional_prompt_ids
+    from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine, decode_images
+    from stylear_core.inference.style_request import ReferenceStyleEncoder
+    from stylear_core.models.presets import build_prompt_tokenizer, build_stylear_model, build_vqgan
+    from stylear_core.models.vqgan import encode_images
+    from stylear_core.training.export import load_adapter
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu")
+    if device not in ("auto", "cpu"):
+        dev = torch.device(device)
+    stylear = build_stylear_model(model, dev)
+    if adapter_dir is not None:
+        load_adapter(stylear, adapter_dir)
+    stylear.eval()
+    tokenizer = build_prompt_tokenizer(model, stylear.vocab)
+    vq = build_vqgan(model, stylear.vocab, dev)
+    encoder = ReferenceStyleEncoder(stylear.style_encoder, stylear.resampler)
+    engine = ImageGenerationEngine(
+        stylear.backbone, stylear.vocab, device=dev, uncond_prefix=unconditional_prompt_ids(tokenizer)
+    )
+    size = model.image_size
+    k = sampling.samples_per_pair
+    raw_refs = [decode_image(p["style_image"]) for p in pairs]
+    refs = vq_reconstruction(vq, raw_refs) if sampling.reference_view == "vq" else raw_refs
+    seeds = [sample_seed(sampling.seed, i, s) for i in range(len(pairs)) for s in range(k)]
+    style_tokens = encoder.style_tokens(
+        [r for r in raw_refs for _ in range(k)], [sampling.noise_strength] * len(seeds), seeds
+    )
+    requests = []
+    for i, pair in enumerate(pairs):
+        ids = style_prompt_ids(tokenizer, pair["prompt"], stylear.num_style_tokens, size, size)
+        for s in range(k):
+            requests.append(
+                GenerationRequest(
+                    prompt_ids=ids,
+                    height=size,
+                    width=size,
+                    style_embeds=style_tokens[i * k + s],
+                    cfg_scale=sampling.cfg_scale,
+                    top_k=sampling.top_k,
+                    temperature=sampling.temperature,
+                    seed=seeds[i * k + s],
+                )
+            )
+    results = engine.generate(requests)
+    layout = ImageTokenLayout.for_resolution(size, size, stylear.vocab)
+    tokens = torch.stack([r.tokens for r in results])
+    images = decode_images(vq, layout, tokens)
+    codes = layout.decode(tokens).numpy()
+    ref_codes = encode_images(vq, raw_refs, (size, size)).cpu().numpy()
+    expanded = [(i, s) for i in range(len(pairs)) for s in range(k)]
+    samples = [
+        StyleSample(
+            images[j], codes[j], refs[i], ref_codes[i], str(pairs[i]["prompt"]), str(pairs[i]["style_ref"])
+        )
+        for j, (i, _) in enumerate(expanded)
+    ]
+    scores = score_samples(samples, build_clip_scorer(model, dev), stylear.vocab.codebook_size)
+    rows = []
+    for j, (i, s) in enumerate(expanded):
+        rows.append(
+            {
+                "variant": variant,
+                "pair_id": str(pairs[i]["id"]),
+                "prompt": str(pairs[i]["prompt"]),
+                "style_ref": str(pairs[i]["style_ref"]),
+                "sample": s,
+                "seed": seeds[j],
+                "png": encode_png(images[j]),
+                "codes_png": encode_png(code_map_image(codes[j], stylear.vocab.codebook_size)),
+                "reference_png": encode_png(refs[i]),
+                "reference_codes_png": encode_png(code_map_image(ref_codes[i], stylear.vocab.codebook_size)),
+                "style_png": bytes(pairs[i]["style_image"]),
+                **{name: float(scores[name][j]) for name in SCORE_COLUMNS},
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries and outputs
+
+
+def summarize(
+    rows: Sequence[Mapping[str, Any]],
+    adapters: Mapping[str, str | None],
+    tuned: str | None = None,
+    headline: str = "code_style",
+) -> dict[str, Any]:
+    """Per-variant means, per-(variant, style) means and ``tuned - base`` deltas of the sample rows.
+
+    ``adapters`` maps variant -> adapter dir (None for the base); ``tuned`` names the variant the
+    headline compares with the base (default: the last tuned variant); ``style_improved`` says whether
+    its ``headline`` score is above the base's.
+    """
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    per_variant: dict[str, dict[str, float]] = {}
+    per_style: dict[str, dict[str, dict[str, float]]] = {}
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v]
+        per_variant[v] = {name: float(np.mean([r[name] for r in mine])) for name in SCORE_COLUMNS}
+        per_variant[v]["samples"] = len(mine)
+        per_style[v] = {}
+        for style in sorted({r["style_ref"] for r in mine}):
+            these = [r for r in mine if r["style_ref"] == style]
+            per_style[v][style] = {name: float(np.mean([r[name] for r in these])) for name in SCORE_COLUMNS}
+    tuned_variants = [v for v in variants if v != BASE_VARIANT]
+    tuned = tuned or (tuned_variants[-1] if tuned_variants else None)
+    deltas = {}
+    if tuned is not None and BASE_VARIANT in per_variant and tuned in per_variant:
+        deltas = {name: per_variant[tuned][name] - per_variant[BASE_VARIANT][name] for name in SCORE_COLUMNS}
+    return {
+        "format": EVAL_FORMAT,
+        "variants": variants,
+        "adapters": {v: adapters.get(v) for v in variants},
+        "tuned": tuned,
+        "metrics": per_variant,
+        "per_style": per_style,
+        "delta_tuned_minus_base": deltas,
+        "headline": headline,
+        "style_improved": bool(deltas) and deltas[headline] > 0,
+    }
+
+
+def write_style_eval(
+    output_dir: str | Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
+) -> dict[str, Path]:
+    """Write the sample images, references, ``samples.parquet``, ``metrics.parquet`` and ``metrics.json``
+    (see the module docstring) under ``output_dir``; returns their paths by name."""
+    out = Path(output_dir)
+    table_rows = []
+    for r in rows:
+        stem = Path("samples") / r["variant"] / f"{r['pair_id']}_{r['sample']}"
+        files = {
+            stem.with_suffix(".png"): r["png"],
+            stem.parent / f"{stem.name}_codes.png": r["codes_png"],
+            Path("references") / f"{r['pair_id']}.png": r["reference_png"],
+            Path("references") / f"{r['pair_id']}_codes.png": r["reference_codes_png"],
+            Path("references") / f"{r['pair_id']}_input.png": r["style_png"],
+        }
+        for rel, data in files.items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(data)
+        keep = {k: v for k, v in r.items() if not k.endswith("png")}
+        table_rows.append(
+            {**keep, "image_path": str(stem.with_suffix(".png")), "codes_path": f"{stem}_codes.png"}
+        )
+    paths = {
+        "samples": out / "samples.parquet",
+        "metrics": out / "metrics.parquet",
+        "json": out / "metrics.json",
+    }
+    pq.write_table(rows_to_table(table_rows, EVAL_SAMPLES_SCHEMA), paths["samples"])
+    metric_rows = [
+        {
+            "variant": v,
+            "adapter": summary["adapters"].get(v),
+            "samples": int(summary["metrics"][v]["samples"]),
+            **{name: summary["metrics"][v][name] for name in SCORE_COLUMNS},
+        }
+        for v in summary["variants"]
+    ]
+    pq.write_table(rows_to_table(metric_rows, EVAL_METRICS_SCHEMA), paths["metrics"])
+    paths["json"].write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return paths
+
+
+__all__ = [
+    "BASE_VARIANT",
+    "EVAL_FORMAT",
+    "EVAL_METRICS_SCHEMA",
+    "EVAL_SAMPLES_SCHEMA",
+    "EVALUATE_FORMAT",
+    "EvalSamplingConfig",
+    "HeldPairsConfig",
+    "SCORE_COLUMNS",
+    "colour_histogram",
+    "evaluate_variant",
+    "held_pairs",
+    "palette_similarity",
+    "sample_seed",
+    "StyleSample",
+    "code_histogram",
+    "code_map_image",
+    "code_similarity",
+    "score_samples",
+    "summarize",
+    "vq_reconstruction",
+    "write_style_eval",
+]
