@@ -40,6 +40,7 @@ METRIC_NOTE = (
     "other (the margin) says whether a sample took its own reference's style. On the tiny preset CLIP and "
     "the VQGAN decoder are random, so only the code statistics can move."
 )
+MARGINS = {"code_style": "code_margin", "palette": "palette_margin"}  # headline -> its own-minus-other score
 METRIC_LABELS = {
     "code_style": "code style (VQ codes ∩)",
     "code_style_other": "code vs other styles",
@@ -168,6 +169,14 @@ def _evaluation_section(run_dir: Path, name: str, eval_dir: Path) -> str:
             f"{summary['metrics'][summary['tuned']][headline]:.4f} vs "
             f"{summary['metrics']['base'][headline]:.4f}.</p><p>tuned − base: {_esc(shown)}</p>"
         )
+        margin = MARGINS.get(headline)
+        if margin in deltas:
+            own = "does" if deltas[margin] > 0 else "does not"
+            parts.append(
+                f"<p class='verdict'>Reference-specific style: the {_esc(METRIC_LABELS[margin])} "
+                f"{own} rise over the base ({deltas[margin]:+.4f}), so the tuned model {own} follow "
+                "<i>its own</i> reference more than the other held styles.</p>"
+            )
     parts.append(f"<p class='note'>{_esc(METRIC_NOTE)}</p>")
     samples = eval_dir / "samples.parquet"
     if samples.is_file():

@@ -31,9 +31,14 @@ def _eval_rows(variant: str, score: float) -> list[dict]:
     ]  # fmt: skip
 
 
-def _run_dir(tmp_path: Path, base_score: float, tuned_score: float) -> Path:
+def _run_dir(
+    tmp_path: Path, base_score: float, tuned_score: float, tuned_margin: float | None = None
+) -> Path:
     run = tmp_path / "run"
-    rows = _eval_rows("base", base_score) + _eval_rows("dpo", tuned_score)
+    tuned = _eval_rows("dpo", tuned_score)
+    if tuned_margin is not None:
+        tuned = [{**r, "code_margin": tuned_margin} for r in tuned]
+    rows = _eval_rows("base", base_score) + tuned
     write_style_eval(run / "evaluate", rows, summarize(rows, {"base": None, "dpo": "/x/dpo"}, "dpo"))
     write_manifest(run / "evaluate", EVALUATE_FORMAT, status="complete", summary={"pairs": 2})
     train = run / "train_style"
@@ -89,6 +94,15 @@ def test_report_links_only_files_that_exist_and_says_tuning_helped(tmp_path):
 def test_report_says_so_when_tuning_did_not_help(tmp_path):
     html = write_report(_run_dir(tmp_path, base_score=0.3, tuned_score=0.1)).read_text()
     assert "NOT above" in html and "ABOVE" not in html
+
+
+def test_report_says_whether_the_gain_is_specific_to_each_reference(tmp_path):
+    specific = write_report(_run_dir(tmp_path / "a", base_score=0.1, tuned_score=0.3)).read_text()
+    assert "code margin (own − other) does rise over the base (+0.2000)" in specific
+    # The headline rose, but the margin fell: the tuned model took the styles' common look only.
+    common = write_report(_run_dir(tmp_path / "b", 0.1, 0.3, tuned_margin=0.05)).read_text()
+    assert "is <b>ABOVE</b> the untuned base" in common
+    assert "code margin (own − other) does not rise over the base (-0.0500)" in common
 
 
 def test_report_of_a_run_with_only_some_stages(tmp_path):
