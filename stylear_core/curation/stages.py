@@ -37,23 +37,11 @@ from stylear_core.data.schemas import (
     CURATED_SCHEMA,
     ERRORS_SCHEMA,
     SAM_MASKS_SCHEMA,
-    SCHEMA_VERSION_KEY,
+    STYLE_REQUESTS_SCHEMA,
     TOKEN_SHARDS_SCHEMA,
     conform_table,
     rows_to_table,
 )
-
-STYLE_REQUESTS_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
-        pa.field("style_ref", pa.string(), nullable=True),  # id of the style reference
-        pa.field("style_image", pa.binary(), nullable=False),  # encoded reference image
-        pa.field("seed", pa.int64(), nullable=True),  # diffusion seed; none = derived from the id
-    ],
-    metadata={SCHEMA_VERSION_KEY: b"stylear.style_requests/1"},
-)
-"""(prompt, style reference) rows: the stylizer's input, and the held-out rows DPO samples preferences on."""
 
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "stylized": CURATED_SCHEMA,

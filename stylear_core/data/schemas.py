@@ -85,6 +85,18 @@ TOKEN_SHARDS_SCHEMA = _versioned(
     ],
 )
 
+STYLE_REQUESTS_SCHEMA = _versioned(
+    "stylear.style_requests/1",
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("style_ref", pa.string(), nullable=True),  # id of the style reference
+        pa.field("style_image", pa.binary(), nullable=False),  # encoded reference image
+        pa.field("seed", pa.int64(), nullable=True),  # diffusion seed; none = derived from the id
+    ],
+)
+"""(prompt, style reference) rows: the stylizer's input, and the held-out rows DPO samples preferences on."""
+
 ERRORS_SCHEMA = _versioned(
     "stylear.errors/1",
     [
@@ -100,6 +112,7 @@ ALL_SCHEMAS: dict[str, pa.Schema] = {
     "curated": CURATED_SCHEMA,
     "sam_masks": SAM_MASKS_SCHEMA,
     "token_shards": TOKEN_SHARDS_SCHEMA,
+    "style_requests": STYLE_REQUESTS_SCHEMA,
     "errors": ERRORS_SCHEMA,
 }
 
