@@ -428,7 +428,7 @@ class PassResult:
     seconds: float = 0.0
 
 
-def _map_actors(ds, cls: type, args: tuple, pool: ActorPoolConfig, batch_format: str = "numpy"):
+def map_actors(ds, cls: type, args: tuple, pool: ActorPoolConfig, batch_format: str = "numpy"):
     """``map_batches`` of the actor class ``cls(*args)`` on an autoscaling actor pool of ``pool``'s size.
 
     ``batch_format="pyarrow"`` for UDFs that read arrow batches: it keeps nullable integer columns
@@ -447,10 +447,13 @@ def _map_actors(ds, cls: type, args: tuple, pool: ActorPoolConfig, batch_format:
     )
 
 
-def _write(name: str, ds, sink: RoutedParquetSink, rows_in: int, t0: float) -> PassResult:
+def write_pass(
+    name: str, ds, sink: RoutedParquetSink, rows_in: int, t0: float, kind: str = "curation"
+) -> PassResult:
+    """Stream ``ds`` into ``sink``; what the pass ``name`` (started at ``t0``, ``rows_in`` rows) did."""
     ds.write_datasink(sink)
     result = PassResult(name, rows_in, sink.rows_written, dict(sink.errors_by_stage), time.time() - t0)
-    log.info("curation pass %s: %s", name, result)
+    log.info("%s pass %s: %s", kind, name, result)
     return result
 
 
@@ -564,7 +567,7 @@ class CurationRun:
             return PassResult("preference_requests")
         ds = self._dataset(source, todo, self.cfg.rows_per_file, REQUEST_COLUMNS)
         sink = self._sink("preference_requests", "read:requests", source.ref)
-        return _write("preference_requests", ds, sink, len(todo), t0)
+        return write_pass("preference_requests", ds, sink, len(todo), t0)
 
     def stylize_pass(self) -> PassResult:
         """Requests (but the held-out ones) -> Stylizer -> ClipFilter -> ``stylized/`` (+ ``errors/``)."""
@@ -576,9 +579,9 @@ class CurationRun:
             return PassResult("stylize")
         pool = self.cfg.stylize_pool
         ds = self._dataset(source, todo, pool.batch_size, REQUEST_COLUMNS)
-        ds = _map_actors(ds, StylizeActor, (self.stylizer_config(),), pool)
-        ds = _map_actors(ds, ClipFilter, (self.clip_filter_config(),), self.cfg.clip_pool, "pyarrow")
-        return _write("stylize", ds, self._sink("stylized", "stylize", source.ref), len(todo), t0)
+        ds = map_actors(ds, StylizeActor, (self.stylizer_config(),), pool)
+        ds = map_actors(ds, ClipFilter, (self.clip_filter_config(),), self.cfg.clip_pool, "pyarrow")
+        return write_pass("stylize", ds, self._sink("stylized", "stylize", source.ref), len(todo), t0)
 
     def mask_pass(self) -> PassResult:
         """Style references -> SAM -> ``masks/`` (+ ``errors/``)."""
@@ -588,10 +591,10 @@ class CurationRun:
         if not todo:
             return PassResult("masks")
         pool = self.cfg.sam_pool
-        ds = _map_actors(
+        ds = map_actors(
             self._dataset(source, todo, pool.batch_size, ("id", "image")), MaskActor, (self.cfg.sam,), pool
         )
-        return _write("masks", ds, self._sink("masks", "sam", source.ref), len(todo), t0)
+        return write_pass("masks", ds, self._sink("masks", "sam", source.ref), len(todo), t0)
 
     def curate_pass(self, raw_ids: Sequence[str], stylized_ids: Sequence[str]) -> PassResult:
         """The raw pairs ``raw_ids`` (decoded, re-encoded as PNG) and the stylized pairs ``stylized_ids`` (copied
@@ -609,7 +612,7 @@ class CurationRun:
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         self.raw_in += len(raw_ids)
         sink = self._sink("curated", "decode", self.inputs.raw.ref)
-        return _write("curate", ds, sink, len(raw_ids) + len(stylized_ids), t0)
+        return write_pass("curate", ds, sink, len(raw_ids) + len(stylized_ids), t0)
 
     def mix_passes(self) -> dict[str, Any]:
         """Pick raw ids for the stylized pool at the ratio and curate them with the picked stylized pairs,
@@ -659,8 +662,8 @@ class CurationRun:
             return PassResult("tokenize")
         pool = self.cfg.tokenize_pool
         ds = self._dataset(curated, todo, pool.batch_size, ("id", "prompt", "image", "source"))
-        ds = _map_actors(ds, TokenizeActor, (self.cfg.model, self.cfg.tokenize), pool, "pyarrow")
-        return _write("tokenize", ds, self._sink("tokens", "tokenize", curated.ref), len(todo), t0)
+        ds = map_actors(ds, TokenizeActor, (self.cfg.model, self.cfg.tokenize), pool, "pyarrow")
+        return write_pass("tokenize", ds, self._sink("tokens", "tokenize", curated.ref), len(todo), t0)
 
     def run(self) -> dict[str, Any]:
         """All passes (the masks pass alongside the others), then the manifest; returns the summary."""
@@ -800,6 +803,8 @@ __all__ = [
     "MaskActor",
     "MixConfig",
     "PassResult",
+    "map_actors",
+    "write_pass",
     "RoutedParquetSink",
     "StylizeActor",
     "TABLE_SCHEMAS",

@@ -38,7 +38,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 from stylear_core.config import ConfigError, option, to_dict
-from stylear_core.curation.pipeline import ActorPoolConfig, InputTable
+from stylear_core.curation.pipeline import ActorPoolConfig, InputTable, PassResult, map_actors, write_pass
 from stylear_core.curation.stages import (
     RoutedParquetSink,
     error_ids,
@@ -60,6 +60,7 @@ from stylear_core.curation.stages import (
 from stylear_core.curation.tokenize import TokenizeActor, TokenizeConfig
 from stylear_core.data.images import ImageDecodeError, decode_image, encode_png
 from stylear_core.data.schemas import CURATED_SCHEMA, TOKEN_SHARDS_SCHEMA, schema_version
+from stylear_core.devices import resolve_device
 from stylear_core.evaluation.metrics import paired_cosine, subject_similarity
 from stylear_core.evaluation.subject_eval import SubjectMetricsConfig, build_metric_models
 from stylear_core.models.presets import ModelConfig
@@ -68,7 +69,6 @@ from stylear_core.proxy.dreambooth import (
     LORA_FORMAT,
     LORA_WEIGHT_NAME,
     load_supervisor,
-    resolve_device,
 )
 from stylear_core.proxy.subjects import SubjectSet, SubjectSetError
 from stylear_core.runs import is_complete, read_manifest, write_manifest
@@ -562,31 +562,6 @@ def with_token_source(batch: pa.Table) -> pa.Table:
 # The stage
 
 
-@dataclass
-class ProxyPassResult:
-    """What one pass did: rows in, good rows written, error rows by stage, seconds."""
-
-    name: str
-    rows_in: int = 0
-    rows_written: int = 0
-    errors_by_stage: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-def _map_actors(ds: Any, cls: type, args: tuple, pool: ActorPoolConfig) -> Any:
-    import ray.data
-
-    return ds.map_batches(
-        cls,
-        fn_constructor_args=args,
-        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        num_gpus=pool.num_gpus,
-        num_cpus=pool.num_cpus,
-        batch_size=pool.batch_size,
-        batch_format="pyarrow",
-    )
-
-
 class ProxyDataRun:
     """One run of stage 2 over ``cfg`` (see the module docstring); :meth:`run` returns the summary."""
 
@@ -601,7 +576,7 @@ class ProxyDataRun:
         )
         self.supervisor = resolve_supervisor(cfg.supervisor, self.subjects)
         self.rows = proxy_prompt_rows(self.subjects, cfg.prompts)
-        self.passes: list[ProxyPassResult] = []
+        self.passes: list[PassResult] = []
 
     def _sink(self, table: str, schema: pa.Schema, default_stage: str, input_ref: str) -> RoutedParquetSink:
         return RoutedParquetSink(
@@ -609,44 +584,42 @@ class ProxyDataRun:
             self.cfg.rows_per_file,
         )  # fmt: skip
 
-    def _write(self, name: str, ds: Any, sink: RoutedParquetSink, rows_in: int, t0: float) -> ProxyPassResult:
-        ds.write_datasink(sink)
-        result = ProxyPassResult(
-            name, rows_in, sink.rows_written, dict(sink.errors_by_stage), time.time() - t0
-        )
-        log.info("proxy pass %s: %s", name, result)
+    def _write(self, name: str, ds: Any, sink: RoutedParquetSink, rows_in: int, t0: float) -> PassResult:
+        result = write_pass(name, ds, sink, rows_in, t0, kind="proxy")
         self.passes.append(result)
         return result
 
-    def generate_pass(self) -> ProxyPassResult:
+    def generate_pass(self) -> PassResult:
         """Rows not yet curated or failed -> supervisor -> subject / prompt filter -> ``curated/`` (+ ``errors/``)."""
         t0 = time.time()
         done = written_ids(table_dir(self.out, "curated")) | error_ids(self.out, GENERATION_STAGES)
         todo = [r["id"] for r in self.rows if r["id"] not in done]
         if not todo:
-            return ProxyPassResult("generate")
+            return PassResult("generate")
         source = InputTable("proxy_rows", "proxy prompt rows", table=pa.Table.from_pylist(self.rows))
         ds = source.dataset(todo, self.cfg.generate_pool.batch_size)
         loras = {s.name: s.lora_dir for s in self.subjects}
-        ds = _map_actors(ds, ProxyGenerateActor, (self.supervisor, loras), self.cfg.generate_pool)
+        ds = map_actors(ds, ProxyGenerateActor, (self.supervisor, loras), self.cfg.generate_pool, "pyarrow")
         references = {s.name: list(s.image_paths) for s in self.subjects}
-        ds = _map_actors(ds, SubjectFilterActor, (self.cfg.filter, references), self.cfg.filter_pool)
+        ds = map_actors(
+            ds, SubjectFilterActor, (self.cfg.filter, references), self.cfg.filter_pool, "pyarrow"
+        )
         sink = self._sink("curated", PROXY_CURATED_SCHEMA, GENERATE_STAGE, str(self.out / "curated"))
         return self._write("generate", ds, sink, len(todo), t0)
 
-    def tokenize_pass(self) -> ProxyPassResult:
+    def tokenize_pass(self) -> PassResult:
         """``curated/`` rows not yet tokenized -> TokenizeActor (text prompts) -> ``tokens/`` (+ ``errors/``)."""
         t0 = time.time()
         curated_dir = table_dir(self.out, "curated")
         done = written_ids(table_dir(self.out, "tokens")) | error_ids(self.out, (TOKENIZE_STAGE,))
         todo = sorted(written_ids(curated_dir) - done)
         if not todo:
-            return ProxyPassResult("tokenize")
+            return PassResult("tokenize")
         curated = InputTable("curated", str(curated_dir), files=[str(f) for f in table_files(curated_dir)])
         pool = self.cfg.tokenize_pool
         ds = curated.dataset(todo, pool.batch_size, ("id", "prompt", "image"))
         ds = ds.map_batches(with_token_source, batch_format="pyarrow", batch_size=pool.batch_size)
-        ds = _map_actors(ds, TokenizeActor, (self.cfg.model, self.cfg.tokenize), pool)
+        ds = map_actors(ds, TokenizeActor, (self.cfg.model, self.cfg.tokenize), pool, "pyarrow")
         sink = self._sink("tokens", TOKEN_SHARDS_SCHEMA, TOKENIZE_STAGE, str(curated_dir))
         return self._write("tokenize", ds, sink, len(todo), t0)
 
