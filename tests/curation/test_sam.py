@@ -23,15 +23,6 @@ from stylear_core.curation.sam import (
 from stylear_core.data.synthetic import ContentSpec, ObjectSpec, StyleSpec, corrupt_bytes, render
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Two intra-op threads on a busy 2-core machine spin against each other; one keeps SAM fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def box(h: int, w: int, top: int, left: int, bh: int, bw: int) -> np.ndarray:
     m = np.zeros((h, w), dtype=bool)
     m[top : top + bh, left : left + bw] = True

@@ -9,7 +9,6 @@ from dataclasses import replace
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from PIL import Image
 
 from stylear_core.curation.stylizer import (
@@ -22,16 +21,6 @@ from stylear_core.curation.stylizer import (
 )
 from stylear_core.data.schemas import CURATED_SCHEMA, conform_table
 from stylear_core.data.synthetic import SyntheticStyleSet, corrupt_bytes
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Two intra-op threads on a busy 2-core machine spin against each other: a 0.1 s tiny
-    # pipeline call then takes seconds. One thread keeps these tests fast and steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

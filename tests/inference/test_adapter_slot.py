@@ -28,14 +28,6 @@ from stylear_core.training.export import base_model_id, export_adapter, finalize
 VOCAB = tiny_vocab()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)

@@ -20,15 +20,6 @@ VOCAB = tiny_vocab()
 TEXT_IDS = (VOCAB.style_placeholder + 1, VOCAB.vocab_size)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny ops on a shared 2-core machine: one thread avoids OpenMP spin contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lm():
     torch.manual_seed(0)

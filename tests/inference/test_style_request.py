@@ -12,14 +12,6 @@ from stylear_core.inference.style_request import ReferenceStyleEncoder, StyleReq
 from stylear_core.models.presets import ModelConfig, build_resampler, build_style_encoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def parts():
     cfg = ModelConfig(preset="tiny", num_style_tokens=4)

@@ -61,15 +61,6 @@ def _train_controller_for_tiny_runs(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny ops on a shared 2-core machine: one thread avoids OpenMP spin contention (Ray workers use one too).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def model_cfg() -> ModelConfig:
     return tiny_model_config()
