@@ -34,6 +34,7 @@ from serving.schemas import GenerationJob, JobOutcome
 from stylear_core.config import from_dict
 from stylear_core.data.images import ImageDecodeError, encode_png
 from stylear_core.data.tokenizer import style_prompt_ids, text_prompt_ids, unconditional_prompt_ids
+from stylear_core.devices import resolve_device
 from stylear_core.inference.adapters import (
     AdapterError,
     AdapterNotFoundError,
@@ -85,13 +86,6 @@ class LoadedAdapter:
         callback, self.on_unload = self.on_unload, None
         if callback is not None:
             callback(self.name)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 @serve.deployment(name="StyleARModel", max_ongoing_requests=32, health_check_period_s=10)

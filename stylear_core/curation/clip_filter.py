@@ -23,6 +23,7 @@ import torch
 
 from stylear_core.config import option
 from stylear_core.data.images import ImageDecodeError, decode_image
+from stylear_core.devices import resolve_device
 
 STAGE = "clip_filter"
 
@@ -39,10 +40,6 @@ class ClipFilterConfig:
     batch_size: int = option(32, "images per CLIP forward pass")
     device: str = option("auto", "torch device; auto = cuda if available else cpu")
     seed: int = option(0, "seed of the random initialisation when no checkpoint is given")
-
-
-def _resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 # Ray Data batches: pyarrow tables or dicts of numpy arrays. Kept here (not shared with the Ray-side
@@ -75,7 +72,7 @@ class ClipFilter:
         from stylear_core.models.clip import ClipScorer
 
         self.cfg = cfg or ClipFilterConfig()
-        device = _resolve_device(self.cfg.device)
+        device = resolve_device(self.cfg.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             self.scorer = ClipScorer.from_preset(

@@ -30,6 +30,7 @@ from PIL import Image, ImageFilter
 
 from stylear_core.config import option
 from stylear_core.data.images import ImageDecodeError, decode_image, encode_png
+from stylear_core.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -273,10 +274,7 @@ class StyleRegionMasker:
         from segment_anything import SamAutomaticMaskGenerator
 
         self.cfg = cfg or MaskerConfig()
-        device = self.cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.sam = sam.to(device).eval()
+        self.sam = sam.to(resolve_device(self.cfg.device)).eval()
         self.generator = SamAutomaticMaskGenerator(
             self.sam,
             points_per_side=self.cfg.points_per_side,

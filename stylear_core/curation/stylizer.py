@@ -36,6 +36,7 @@ from PIL import Image
 
 from stylear_core.config import option
 from stylear_core.data.images import ImageDecodeError, decode_image, encode_png
+from stylear_core.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,7 @@ def row_seed(row_id: str, base_seed: int) -> int:
 
 
 def _resolve_device_dtype(cfg: StylizerConfig) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    device = resolve_device(cfg.device)
     if cfg.dtype == "auto":
         # Half precision on CPU is slow or unsupported for several kernels.
         dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -30,6 +30,7 @@ from stylear_core.config import option
 from stylear_core.data.images import ImageDecodeError, center_crop_resize, decode_image, to_tensor
 from stylear_core.data.layout import ImageTokenLayout, TokenVocab
 from stylear_core.data.tokenizer import style_prompt_ids, text_prompt_ids
+from stylear_core.devices import resolve_device
 from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_vqgan
 
 STAGE = "tokenize"
@@ -66,10 +67,6 @@ def token_vocab(model: ModelConfig) -> TokenVocab:
     return TokenVocab()
 
 
-def _resolve_device(device: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-
-
 # Ray Data batches: pyarrow tables or dicts of numpy arrays. Kept here (not shared with the Ray-side
 # module) so the tokenizer imports without Ray, e.g. on a GPU box that has only the model libraries.
 Batch = pa.Table | Mapping[str, Any]
@@ -99,7 +96,7 @@ class TokenizeActor:
     def __init__(self, model: ModelConfig, cfg: TokenizeConfig | None = None) -> None:
         self.model = model
         self.cfg = cfg or TokenizeConfig()
-        self.device = _resolve_device(self.cfg.device)
+        self.device = resolve_device(self.cfg.device)
         self.vocab = token_vocab(model)
         self.vq = build_vqgan(model, self.vocab, self.device)
         self.tokenizer = build_prompt_tokenizer(model, self.vocab)

@@ -54,6 +54,7 @@ from stylear_core.config import option
 from stylear_core.data.images import decode_image, encode_png
 from stylear_core.data.schemas import SCHEMA_VERSION_KEY, rows_to_table
 from stylear_core.data.synthetic import SyntheticStyleSet
+from stylear_core.devices import resolve_device
 from stylear_core.models.presets import ModelConfig
 
 EVAL_FORMAT = "stylear.style_eval/1"
@@ -199,17 +200,6 @@ def sample_seed(base: int, pair_index: int, sample: int) -> int:
     return (base * 1_000_003 + pair_index * 1_009 + sample) % 2**62
 
 
-def build_clip_scorer(model: ModelConfig, device: torch.device):
-    """The CLIP scorer of the model block: the style encoder's CLIP (same preset and seed), text tower included."""
-    from stylear_core.models.clip import ClipScorer
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(model.seed + 1)  # build_style_encoder's seed: one CLIP for style and score
-        if model.preset == "tiny":
-            return ClipScorer.from_preset("tiny", device=device)
-        return ClipScorer.from_preset("ViT-H-14", model.clip_checkpoint, device=device)
-
-
 def vq_reconstruction(vq: Any, images: Sequence[Image.Image]) -> list[Image.Image]:
     """``images`` encoded to VQ codes and decoded again (what the image tokenizer can express)."""
     from stylear_core.models.vqgan import decode_to_images, encode_images
@@ -285,13 +275,16 @@ def evaluate_variant(
     from stylear_core.data.tokenizer import style_prompt_ids, unconditional_prompt_ids
     from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine, decode_images
     from stylear_core.inference.style_request import ReferenceStyleEncoder
-    from stylear_core.models.presets import build_prompt_tokenizer, build_stylear_model, build_vqgan
+    from stylear_core.models.presets import (
+        build_clip_scorer,
+        build_prompt_tokenizer,
+        build_stylear_model,
+        build_vqgan,
+    )
     from stylear_core.models.vqgan import encode_images
     from stylear_core.training.export import load_adapter
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu")
-    if device not in ("auto", "cpu"):
-        dev = torch.device(device)
+    dev = resolve_device(device)
     stylear = build_stylear_model(model, dev)
     if adapter_dir is not None:
         load_adapter(stylear, adapter_dir)

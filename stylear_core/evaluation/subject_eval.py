@@ -33,6 +33,7 @@ from PIL import Image
 from stylear_core.config import ConfigError, from_dict, option
 from stylear_core.data.images import decode_image, encode_png
 from stylear_core.data.tokenizer import text_prompt_ids, unconditional_prompt_ids
+from stylear_core.devices import resolve_device
 from stylear_core.evaluation.dino import DINO_PRESETS, DinoFeatureExtractor
 from stylear_core.evaluation.metrics import subject_metrics
 from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine, decode_images
@@ -97,14 +98,10 @@ class SubjectMetricsConfig:
     seed: int = option(0, "seed of the random initialisation when a checkpoint is not given")
 
 
-def _resolve_device(device: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-
-
 def build_metric_models(cfg: SubjectMetricsConfig) -> tuple[DinoFeatureExtractor, ClipScorer]:
     """The ``(dino, clip)`` feature extractors of ``cfg``: weights from the local checkpoints, or random ones
     seeded with ``cfg.seed`` (so every process that builds them gets the same models)."""
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         dino = DinoFeatureExtractor.from_preset(
@@ -150,7 +147,7 @@ class StudentGenerator:
             )
         self.manifest = manifest
         self.model_cfg = from_dict(ModelConfig, manifest["model_config"])
-        device = _resolve_device(self.sampling.device)
+        device = resolve_device(self.sampling.device)
         model = load_adapter(build_stylear_model(self.model_cfg, device), adapter_dir)
         self.vocab = model.vocab
         self.tokenizer = build_prompt_tokenizer(self.model_cfg, self.vocab)

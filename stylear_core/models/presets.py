@@ -24,7 +24,7 @@ from stylear_core.models.backbone import (
     tiny_vocab,
     vocab_from_vocabulary_map,
 )
-from stylear_core.models.clip import StyleEncoder
+from stylear_core.models.clip import ClipScorer, StyleEncoder
 from stylear_core.models.lora import add_lora, load_stylear_release
 from stylear_core.models.resampler import StyleResampler, tiny_resampler
 from stylear_core.models.stylear import StyleARModel
@@ -131,6 +131,15 @@ def build_style_encoder(cfg: ModelConfig, device: str | torch.device = "cpu") ->
     return StyleEncoder.from_preset(
         "ViT-H-14", checkpoint=cfg.clip_checkpoint, device=device, dtype=cfg.torch_dtype
     )
+
+
+def build_clip_scorer(cfg: ModelConfig, device: str | torch.device = "cpu") -> ClipScorer:
+    """The style encoder's CLIP (same preset, checkpoint and seed) with its text tower: CLIP-I / CLIP-T scores."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)  # build_style_encoder's seed: one CLIP for style and score
+        if cfg.preset == "tiny":
+            return ClipScorer.from_preset("tiny", device=device)
+        return ClipScorer.from_preset("ViT-H-14", cfg.clip_checkpoint, device=device)
 
 
 def build_resampler(

@@ -49,6 +49,7 @@ from PIL import Image
 
 from stylear_core.config import ConfigError, option, to_dict
 from stylear_core.data.images import decode_image
+from stylear_core.devices import resolve_device
 from stylear_core.proxy.subjects import (
     DEFAULT_CLASS_TEMPLATE,
     DEFAULT_INSTANCE_TEMPLATE,
@@ -376,11 +377,6 @@ def supervisor_family(preset: str) -> SupervisorFamily:
     if preset not in SUPERVISOR_FAMILIES:
         raise ValueError(f"unknown supervisor preset {preset!r} (known: {sorted(SUPERVISOR_FAMILIES)})")
     return SUPERVISOR_FAMILIES[preset]
-
-
-def resolve_device(device: str = "") -> torch.device:
-    """``device``, or cuda when a GPU is visible (Ray sets CUDA_VISIBLE_DEVICES per task), else cpu."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def load_supervisor(

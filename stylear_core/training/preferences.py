@@ -31,10 +31,16 @@ from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.data.schemas import SCHEMA_VERSION_KEY, rows_to_table
 from stylear_core.data.synthetic import SyntheticStyleSet
 from stylear_core.data.tokenizer import style_prompt_ids
+from stylear_core.devices import resolve_device
 from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine, decode_images
 from stylear_core.inference.style_request import ReferenceStyleEncoder
-from stylear_core.models.clip import ClipScorer
-from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_stylear_model, build_vqgan
+from stylear_core.models.presets import (
+    ModelConfig,
+    build_clip_scorer,
+    build_prompt_tokenizer,
+    build_stylear_model,
+    build_vqgan,
+)
 from stylear_core.training.export import load_adapter
 
 PREFERENCE_PAIRS_SCHEMA = pa.schema(
@@ -109,9 +115,7 @@ class PreferencePairSampler:
         self, model: ModelConfig, adapter_dir: str, sampling: PreferenceSamplingConfig, device: str = "auto"
     ):
         sampling.validate()
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu")
-        if device not in ("auto", "cpu"):
-            self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.sampling = sampling
         self.model_cfg = model
         stylear = load_adapter(build_stylear_model(model, self.device), adapter_dir).eval()
@@ -121,12 +125,7 @@ class PreferencePairSampler:
         self.vqgan = build_vqgan(model, self.vocab, self.device)
         self.style = ReferenceStyleEncoder(stylear.style_encoder, stylear.resampler)
         self.engine = ImageGenerationEngine(stylear.backbone, self.vocab, device=self.device)
-        with torch.random.fork_rng(devices=[]):
-            # Same seed and architecture as the style encoder's CLIP, so both see one CLIP.
-            torch.manual_seed(model.seed + 1)
-            preset = "tiny" if model.preset == "tiny" else "ViT-H-14"
-            checkpoint = None if model.preset == "tiny" else model.clip_checkpoint
-            self.scorer = ClipScorer.from_preset(preset, checkpoint, device=self.device)
+        self.scorer = build_clip_scorer(model, self.device)  # the style encoder's CLIP
 
     def pair_for_row(self, row_id: str, prompt: str, style_image: bytes) -> dict[str, Any]:
         """Sample, score and pick for one row: the preference-pair fields (without ``id``/``style_ref``)."""
