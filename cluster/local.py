@@ -1,7 +1,10 @@
-"""Start and stop a private single-node Ray cluster on loopback (for the demo and tests).
+"""Start and stop a private single-node Ray cluster on loopback (for the demo, tests and stages run by hand).
 
 Each cluster gets its own temp dir and ports and is stopped by the process it started,
 never by a broad ``ray stop``, so it cannot disturb other clusters on the same machine.
+
+    python -m cluster.local --num-cpus 2     # prints RAY_ADDRESS=127.0.0.1:PORT; Ctrl-C or SIGTERM stops it
+    RAY_ADDRESS=127.0.0.1:PORT python -m jobs.curate --config jobs/configs/curate/tiny.yaml
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from stylear_core.ray_connection import short_temp_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,8 +76,11 @@ class LocalRayCluster:
     def start(self, timeout_s: float = 120.0) -> LocalRayCluster:
         import json
 
-        self.temp_dir = Path(self.temp_dir or tempfile.mkdtemp(prefix="sar-ray-", dir="/tmp"))
+        self.temp_dir = Path(self.temp_dir or short_temp_dir("sar-ray-"))
         self.gcs_port, self.dashboard_port = free_port(), free_port()
+        # Worker ports below Linux's ephemeral range (32768+), where free_port() picks the others: the
+        # ranges of two clusters may overlap (Ray skips ports in use), but never this cluster's own ports.
+        workers = 10000 + self.gcs_port % 9000
         ray_bin = Path(sys.executable).with_name("ray")
         cmd = [
             str(ray_bin), "start", "--head", "--block",
@@ -86,8 +93,8 @@ class LocalRayCluster:
             f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
             f"--temp-dir={self.temp_dir}",
             f"--ray-client-server-port={free_port()}",
-            f"--min-worker-port={20000 + self.gcs_port % 20000}",
-            f"--max-worker-port={20000 + self.gcs_port % 20000 + 400}",
+            f"--min-worker-port={workers}",
+            f"--max-worker-port={workers + 400}",
         ]  # fmt: skip
         if self.resources:
             cmd.append(f"--resources={json.dumps(self.resources)}")
@@ -129,3 +136,30 @@ class LocalRayCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a loopback head until Ctrl-C or SIGTERM, printing the ``RAY_ADDRESS`` stages use to attach to it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cluster.local", description=main.__doc__)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--object-store-mb", type=int, default=1024)
+    args = parser.parse_args(argv)
+    stop = False
+
+    def request_stop(*_) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    with LocalRayCluster(num_cpus=args.num_cpus, object_store_mb=args.object_store_mb) as cluster:
+        print(f"RAY_ADDRESS={cluster.address}", flush=True)
+        print(f"dashboard (ray job submit --address): {cluster.dashboard_url}; Ctrl-C stops it", flush=True)
+        while not stop and cluster.proc.poll() is None:
+            time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    main()

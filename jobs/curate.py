@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from stylear_core.config import parse_job_args
 from stylear_core.curation.pipeline import CurationConfig, run_curation, summary_lines
+from stylear_core.ray_connection import connect_ray
 
 Config = CurationConfig
 
@@ -20,10 +21,8 @@ Config = CurationConfig
 def main(argv: list[str] | None = None) -> dict:
     """Parse the config, attach to Ray (unless already attached), run the pipeline, print and return the summary."""
     cfg = parse_job_args(Config, argv, description=__doc__)
-    import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address)
+    connect_ray(cfg.ray_address, log_prefix="[curate]")
     summary = run_curation(cfg)
     for line in summary_lines(summary):
         print(f"[curate] {line}", flush=True)

@@ -22,6 +22,7 @@ from stylear_core.proxy.dreambooth import (
     run_dreambooth_subject,
 )
 from stylear_core.proxy.subjects import SUBJECT_FILE, load_subject_sets, write_synthetic_subjects
+from stylear_core.ray_connection import connect_ray
 from stylear_core.runs import is_complete, read_manifest, write_manifest
 
 FORMAT = "stylear.dreambooth/1"
@@ -49,7 +50,10 @@ class Config:
     gpus_per_subject: float = option(1.0, "GPUs per subject task (0 on CPU)")
     cpus_per_subject: float = option(1.0, "CPUs per subject task")
     max_retries: int = option(1, "Ray retries of a subject task after a worker or node failure")
-    ray_address: str = option("auto", "Ray cluster when none is connected: 'auto', 'local' or host:port")
+    ray_address: str = option(
+        "auto",
+        "Ray cluster: auto (RAY_ADDRESS, else the last `ray start` here), local (private instance) or host:port",
+    )
     train: DreamBoothConfig = option(DreamBoothConfig, "the DreamBooth LoRA recipe")
 
 
@@ -73,8 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     subjects = load_subject_sets(subjects_dir, cfg.subjects or None, cfg.identifiers)
     if cfg.tiny_supervisor and not (Path(train.pretrained_dir) / "model_index.json").is_file():
         TINY_SUPERVISOR_BUILDERS[train.preset](train.pretrained_dir, seed=train.seed)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address)
+    connect_ray(cfg.ray_address, log_prefix="[dreambooth]")
 
     out = Path(resolve(cfg.output_dir))
     task = ray.remote(run_dreambooth_subject).options(

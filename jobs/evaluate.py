@@ -26,6 +26,7 @@ from stylear_core.evaluation.style_eval import (
     write_style_eval,
 )
 from stylear_core.models.presets import ModelConfig
+from stylear_core.ray_connection import connect_ray
 from stylear_core.runs import read_manifest, write_manifest
 
 
@@ -52,7 +53,10 @@ class Config:
     gpus_per_variant: float = option(0.0, "GPUs per variant task")
     require_improvement: bool = option(False, "fail the stage unless the tuned style scores beat the base")
     report: bool = option(True, "write <run_dir>/report.html")
-    ray_address: str = option("auto", "Ray cluster when none is connected")
+    ray_address: str = option(
+        "auto",
+        "Ray cluster: auto (RAY_ADDRESS, else the last `ray start` here), local (private instance) or host:port",
+    )
 
     def validate(self) -> None:
         """The headline variant must be one of the adapters; ``base`` is reserved."""
@@ -72,8 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise FileNotFoundError(f"adapter dir(s) without a manifest: {missing}")
     model = cfg.model or from_dict(ModelConfig, read_manifest(adapters[cfg.tuned])["model_config"])
     pairs = held_pairs(cfg.pairs, model.image_size)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address)
+    connect_ray(cfg.ray_address, log_prefix="[evaluate]")
     task = ray.remote(evaluate_variant).options(num_cpus=cfg.cpus_per_variant, num_gpus=cfg.gpus_per_variant)
     variants: dict[str, str | None] = {BASE_VARIANT: None, **adapters}
     futures = [task.remote(v, a, model, pairs, cfg.sampling) for v, a in variants.items()]

@@ -31,6 +31,7 @@ from stylear_core.proxy.proxy_data import (
     resolve_supervisor,
     tuned_subjects,
 )
+from stylear_core.ray_connection import connect_ray
 from stylear_core.runs import is_complete, read_manifest, write_manifest
 
 
@@ -40,7 +41,10 @@ class Config:
 
     output_dir: str = option("runs/tiny/evaluate_subject", "stage output: metrics table, images, manifest")
     run_dir: str = option("runs/tiny", "the pipeline run; paths may say {run_dir}")
-    ray_address: str = option("auto", "Ray cluster when none is connected: 'auto', 'local' or host:port")
+    ray_address: str = option(
+        "auto",
+        "Ray cluster: auto (RAY_ADDRESS, else the last `ray start` here), local (private instance) or host:port",
+    )
     subjects_dir: str = option("{run_dir}/subjects", "subject sets: the real images metrics compare with")
     dreambooth_dir: str = option("{run_dir}/dreambooth", "stage-1 output: the supervisor LoRAs")
     adapter_dir: str = option("{run_dir}/train_subject/adapter", "stage-3 output: the AR student's adapter")
@@ -69,10 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.subjects or None,
     )
     prompts = eval_prompts(subjects, cfg.prompts, cfg.images_per_prompt, cfg.seed)
-    import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address)
+    connect_ray(cfg.ray_address, log_prefix="[evaluate_subject]")
     result = run_subject_eval(
         subjects,
         resolve_supervisor(cfg.supervisor, subjects),

@@ -29,6 +29,7 @@ from stylear_core.config import from_dict, load_config, option, parse_job_args, 
 from stylear_core.evaluation.adapter_parity import served_adapter_parity
 from stylear_core.inference.adapters import check_adapter_name
 from stylear_core.models.presets import ModelConfig
+from stylear_core.ray_connection import connect_ray
 from stylear_core.runs import read_manifest, write_manifest
 
 FORMAT = "stylear.export/1"
@@ -51,7 +52,10 @@ class Config:
     tolerance: float = option(1e-4, "largest allowed probe difference between trained and served adapter")
     cpus: float = option(1.0, "CPUs of the parity-check task")
     gpus: float = option(0.0, "GPUs of the parity-check task")
-    ray_address: str = option("auto", "Ray cluster when none is connected")
+    ray_address: str = option(
+        "auto",
+        "Ray cluster: auto (RAY_ADDRESS, else the last `ray start` here), local (private instance) or host:port",
+    )
 
     def validate(self) -> None:
         """The name must be servable."""
@@ -72,8 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     serving = load_config(ServingConfig, cfg.serving_config)
     lora_rank = int((manifest.get("lora") or {}).get("r") or model.lora_rank)
     slot_rank = max(serving.adapter_slot_rank, lora_rank)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address)
+    connect_ray(cfg.ray_address, log_prefix="[export]")
     device = "cuda" if cfg.gpus else "cpu"
     check = ray.remote(served_adapter_parity).options(num_cpus=cfg.cpus, num_gpus=cfg.gpus)
     parity = float(ray.get(check.remote(model, str(source), slot_rank, device)))

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from stylear_core.config import from_dict, option, parse_job_args, to_dict
 from stylear_core.models.presets import ModelConfig
+from stylear_core.ray_connection import connect_ray
 from stylear_core.runs import read_manifest, write_manifest
 from stylear_core.training.preferences import (
     PreferenceSamplingConfig,
@@ -44,7 +45,10 @@ class Config:
     gpus_per_actor: float = option(0.0, "GPUs per sampler actor")
     cpus_per_actor: float = option(1.0, "CPUs per sampler actor")
     batch_size: int = option(4, "request rows per actor call")
-    ray_address: str = option("auto", "Ray cluster when none is connected")
+    ray_address: str = option(
+        "auto",
+        "Ray cluster: auto (RAY_ADDRESS, else the last `ray start` here), local (private instance) or host:port",
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,8 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     adapter = str(Path(cfg.sft_adapter.format(run_dir=cfg.run_dir)).resolve())
     model = cfg.model or from_dict(ModelConfig, (read_manifest(adapter) or {})["model_config"])
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address)
+    connect_ray(cfg.ray_address, log_prefix="[make_preferences]")
     if cfg.requests:
         requests = ray.data.read_parquet(str(Path(cfg.requests.format(run_dir=cfg.run_dir)).resolve()))
     else:

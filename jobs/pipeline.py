@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from stylear_core.config import load_config, option, to_dict
+from stylear_core.ray_connection import connect_ray
 from stylear_core.runs import is_complete, read_manifest, write_manifest
 
 
@@ -62,11 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"unknown stage(s) {unknown}; this pipeline has {list(cfg.stages)}")
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address)
-    print(f"cluster resources: {ray.cluster_resources()}", flush=True)
+    connect_ray(cfg.ray_address, log_prefix="[pipeline]")
     results: dict[str, dict] = {}
     for name in wanted:
         out = f"{cfg.run_dir}/{name}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from stylear_core.config import parse_job_args
 from stylear_core.proxy.proxy_data import ProxyGenerateConfig, run_proxy_generation, summary_lines
+from stylear_core.ray_connection import connect_ray
 
 Config = ProxyGenerateConfig
 
@@ -21,10 +22,8 @@ Config = ProxyGenerateConfig
 def main(argv: list[str] | None = None) -> dict:
     """Parse the config, attach to Ray (unless attached), run the stage; prints and returns the summary."""
     cfg = parse_job_args(Config, argv, __doc__)
-    import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address)
+    connect_ray(cfg.ray_address, log_prefix="[proxy_generate]")
     summary = run_proxy_generation(cfg)
     for line in summary_lines(summary):
         print(f"[proxy_generate] {line}", flush=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from stylear_core.config import from_dict, option, parse_job_args, to_dict
 from stylear_core.models.presets import ModelConfig
+from stylear_core.ray_connection import connect_ray
 from stylear_core.runs import read_manifest, write_manifest
 from stylear_core.training.batches import read_parquet_dataset
 from stylear_core.training.export import export_training_outcome
@@ -53,12 +54,10 @@ class Config:
 def main(argv: list[str] | None = None) -> dict:
     """Run the DPO stage from ``argv`` (``--config FILE key=value ...``); returns its summary."""
     cfg = parse_job_args(Config, argv, __doc__)
-    import ray
 
     adapter = str(Path(cfg.sft_adapter.format(run_dir=cfg.run_dir)).resolve())
     model = cfg.model or from_dict(ModelConfig, (read_manifest(adapter) or {})["model_config"])
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address)
+    connect_ray(cfg.ray.address, log_prefix="[train_dpo]")
     pairs = read_parquet_dataset(str(Path(cfg.pairs.format(run_dir=cfg.run_dir)).resolve()), cache=cfg.cache)
     objective = StyleDPOObjective(
         model, adapter, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.noise_strength

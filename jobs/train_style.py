@@ -18,6 +18,7 @@ from typing import Literal
 
 from stylear_core.config import option, parse_job_args, to_dict
 from stylear_core.models.presets import ModelConfig
+from stylear_core.ray_connection import connect_ray
 from stylear_core.runs import write_manifest
 from stylear_core.training.batches import TOKEN_SHARD_COLUMNS, read_parquet_dataset
 from stylear_core.training.export import export_training_outcome
@@ -56,13 +57,10 @@ class Config:
 def main(argv: list[str] | None = None) -> dict:
     """Run the SFT stage from ``argv`` (``--config FILE key=value ...``); returns its summary."""
     cfg = parse_job_args(Config, argv, __doc__)
-    import ray
-
     shards = Path(cfg.data.token_shards.format(run_dir=cfg.run_dir)).resolve()
     if cfg.data.synthetic_rows and not any(shards.glob("**/*.parquet")):
         write_synthetic_token_shards(shards, cfg.model, cfg.data.synthetic_rows)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address)
+    connect_ray(cfg.ray.address, log_prefix="[train_style]")
     columns = [*TOKEN_SHARD_COLUMNS, *(["image"] if cfg.data.style_source == "image" else [])]
     dataset = read_parquet_dataset(str(shards), columns, cfg.data.limit or None, cfg.data.cache)
     objective = StyleSFTObjective(cfg.model, cfg.data.style_source)

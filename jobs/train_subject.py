@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from stylear_core.config import parse_job_args
 from stylear_core.proxy.subject_training import SubjectTrainConfig, run_subject_training
+from stylear_core.ray_connection import connect_ray
 
 Config = SubjectTrainConfig
 
@@ -22,10 +23,8 @@ Config = SubjectTrainConfig
 def main(argv: list[str] | None = None) -> dict:
     """Parse the config, attach to Ray (unless attached), train and export; prints and returns the summary."""
     cfg = parse_job_args(Config, argv, __doc__)
-    import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address)
+    connect_ray(cfg.ray.address, log_prefix="[train_subject]")
     summary = run_subject_training(cfg)
     print(f"[train_subject] {summary}", flush=True)
     return summary

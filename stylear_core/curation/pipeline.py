@@ -166,7 +166,10 @@ class CurationConfig:
     output_dir: str = option("runs/tiny/curate", "directory of the output tables and manifest")
     run_dir: str = option("runs/tiny", "run directory of the whole pipeline (holds the model cache)")
     cache_dir: str = option("", "where models built for the tiny preset are kept; '' = <run_dir>/.cache")
-    ray_address: str = option("auto", "Ray cluster to attach to: 'auto' (job submit), 'local' or host:port")
+    ray_address: str = option(
+        "auto",
+        "Ray cluster: auto (RAY_ADDRESS, else the last `ray start` here), local (private instance) or host:port",
+    )
     model: ModelConfig = option(ModelConfig, "VQGAN / tokenizer / vocab (tiny or lumina7b) and image_size")
     inputs: InputConfig = option(InputConfig, "input data")
     stylizer: StylizerConfig = option(

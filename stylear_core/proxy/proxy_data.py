@@ -194,7 +194,10 @@ class ProxyGenerateConfig:
 
     output_dir: str = option("runs/tiny/proxy_generate", "stage output directory (tables + manifest)")
     run_dir: str = option("runs/tiny", "the pipeline run; paths may say {run_dir}")
-    ray_address: str = option("auto", "Ray cluster when none is connected: 'auto', 'local' or host:port")
+    ray_address: str = option(
+        "auto",
+        "Ray cluster: auto (RAY_ADDRESS, else the last `ray start` here), local (private instance) or host:port",
+    )
     subjects_dir: str = option(
         "{run_dir}/subjects", "subject sets: <subjects_dir>/<name>/(*.png, subject.json)"
     )

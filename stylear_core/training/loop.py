@@ -110,7 +110,10 @@ class RayTrainConfig:
     )
     name: str = option("train", "run name under storage_path: rerunning with the same name resumes")
     max_failures: int = option(1, "worker-group restarts from the latest checkpoint before giving up")
-    address: str = option("auto", "Ray cluster to attach to when the job starts Ray itself")
+    address: str = option(
+        "auto",
+        "Ray cluster: auto (RAY_ADDRESS, else the last `ray start` here), local (private instance) or host:port",
+    )
 
 
 def _device_for(use_gpu: bool) -> torch.device:
