@@ -17,13 +17,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m cluster.demo
 
+# Every run gets a fresh, empty TMPDIR, as on a machine where Ray has never run: state left in /tmp
+# (Ray's address file, session dirs) cannot make a run pass that would fail on a fresh machine.
 # pytest exits 5 when it collects no test: treat that as a failure of the suite, not a pass.
 test: $(STAMP)
-	@$(BIN)/python -m pytest -q --timeout=900 $(ARGS); rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing the run"; fi; exit $$rc
+	@tmp=$$(mktemp -d /tmp/sar-test-XXXXXX); echo "TMPDIR=$$tmp (fresh for this run)"; \
+	  TMPDIR=$$tmp $(BIN)/python -m pytest -q --timeout=900 $(ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing the run"; fi; \
+	  if [ $$rc -eq 0 ]; then rm -rf $$tmp; fi; exit $$rc
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q --timeout=1800 -m "" $(ARGS)
+	@tmp=$$(mktemp -d /tmp/sar-test-XXXXXX); TMPDIR=$$tmp $(BIN)/python -m pytest -q --timeout=1800 -m "" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 from cluster.local import apply_project_env
+from stylear_core.ray_connection import short_temp_dir
 
 apply_project_env()  # before torch / ray / transformers are imported anywhere
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -25,7 +25,7 @@ def ray_session():
     if ray.is_initialized():
         yield ray
         return
-    temp_dir = tempfile.mkdtemp(prefix="sar-t-", dir="/tmp")
+    temp_dir = short_temp_dir("sar-t-")
     ray.init(
         address="local",
         num_cpus=4,  # oversubscribe 2 cores: actor pools + driver tasks in one test

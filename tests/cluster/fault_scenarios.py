@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -31,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from cluster.local import apply_project_env, free_port  # noqa: E402
+from stylear_core.ray_connection import short_temp_dir  # noqa: E402
 
 OBJECT_STORE_BYTES = 100 * 1024 * 1024
 
@@ -54,7 +54,12 @@ def start_cluster(head_cpus: int, worker_cpus: int, workers: int = 2):
     every process of this scenario (and Ray's own helpers) attaches here and nowhere else."""
     from ray.cluster_utils import Cluster
 
-    temp_dir = tempfile.mkdtemp(prefix="sar-f-", dir="/tmp")
+    temp_dir = short_temp_dir("sar-f-")
+    # Cluster records the head's address in the default Ray temp dir (<RAY_TMPDIR or TMPDIR>/ray), which a
+    # fresh machine does not have; point that record at this scenario's own dir, so it exists and no
+    # later `ray_address: auto` on this machine picks up this short-lived cluster.
+    os.environ["RAY_TMPDIR"] = temp_dir
+    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
     port = free_port()
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     # Worker processes start slowly on a loaded 2-core machine (torch + DeepSpeed imports): give a
