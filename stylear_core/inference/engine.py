@@ -14,6 +14,11 @@ One call decodes a batch of requests of one resolution together:
 * **Layout-forced tokens.** The header (image start, grid sizes), every new-line and the end token
   are written from :class:`ImageTokenLayout`, not sampled; at code positions only VQ-code ids can be
   drawn. Every output therefore decodes with ``layout.decode``.
+* **Cancellation.** A request may carry a ``cancel`` event (set from any thread, e.g. when its
+  client gave up). The flags are read between decode steps: a batch whose every request is cancelled
+  stops at once, and a cancelled request's row in a batch that goes on is dropped from the results
+  (``None`` in its place). Already-cancelled requests never enter a batch. :attr:`ImageGenerationEngine.counters`
+  counts decode steps run and skipped.
 * **Per-request seeds.** Each request samples from its own ``torch.Generator``
   (:mod:`stylear_core.inference.sampling`), so its noise does not depend on its batch neighbours.
   Its logits can: a different batch or padding changes the floating-point reduction order, so
@@ -33,9 +38,10 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from PIL import Image
@@ -69,6 +75,7 @@ class GenerationRequest:
     the image header itself. ``style_embeds`` is ``(num_placeholders, hidden)``, already computed
     (resampler output plus noise). ``top_k`` is clamped to the codebook; ``top_k=1`` or
     ``temperature=0`` is greedy. ``seed=None`` picks a random seed, reported in the result.
+    ``cancel``, once set, tells the engine nobody wants the result any more (see the module docstring).
     """
 
     prompt_ids: Sequence[int]
@@ -79,6 +86,32 @@ class GenerationRequest:
     top_k: int = LUMINA_IMAGE_TOP_K
     temperature: float = 1.0
     seed: int | None = None
+    cancel: threading.Event | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the request's ``cancel`` event is set."""
+        return self.cancel is not None and self.cancel.is_set()
+
+
+@dataclass
+class DecodeCounters:
+    """Running totals of an engine's work: decode steps run, steps saved by cancellation, dropped requests.
+
+    ``steps`` counts decode steps run (forward passes after the prefill, one per image token fed back);
+    ``steps_skipped`` the steps cancellation saved (a batch never started counts all of its steps);
+    ``batches_stopped`` batches ended early because every request in them was cancelled;
+    ``requests_dropped`` cancelled requests whose result was not returned.
+    """
+
+    steps: int = 0
+    steps_skipped: int = 0
+    batches_stopped: int = 0
+    requests_dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict (for stats endpoints)."""
+        return asdict(self)
 
 
 @dataclass
@@ -286,14 +319,18 @@ class ImageGenerationEngine:
         self.max_cached_decoders = max_cached_decoders
         self.uncond_prefix = list(uncond_prefix)
         self._decoders: OrderedDict[tuple[int, int], StaticKVDecoder] = OrderedDict()
+        self.counters = DecodeCounters()
 
     def validate(self, request: GenerationRequest) -> ImageTokenLayout:
         """The request's layout, or :class:`GenerationRequestError` naming the bad field."""
         return validate_request(request, self.vocab, self.max_positions, self.hidden_size)
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Generate every request; requests of one resolution share decode batches. Results in request order."""
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | None]:
+        """Generate every request; requests of one resolution share decode batches. Results in request order.
+
+        A request that was cancelled (its ``cancel`` event set) before its result was ready gets ``None``.
+        """
         layouts = [self.validate(r) for r in requests]
         seeds = [r.seed if r.seed is not None else random.SystemRandom().randrange(2**63) for r in requests]
         groups: dict[tuple[int, int], list[int]] = {}
@@ -303,12 +340,25 @@ class ImageGenerationEngine:
         for members in groups.values():
             for start in range(0, len(members), self.max_batch):
                 chunk = members[start : start + self.max_batch]
+                # Requests given up on before their batch starts take no row in it.
+                live = [i for i in chunk if not requests[i].cancelled]
+                self.counters.requests_dropped += len(chunk) - len(live)
+                if not live:
+                    self.counters.steps_skipped += layouts[chunk[0]].num_tokens - 4
+                    continue
+                batch = [requests[i] for i in live]
                 tokens = self._generate_batch(
-                    [requests[i] for i in chunk], [seeds[i] for i in chunk], layouts[chunk[0]]
+                    batch,
+                    [seeds[i] for i in live],
+                    layouts[live[0]],
+                    should_stop=lambda batch=batch: all(r.cancelled for r in batch),
                 )
-                for row, i in enumerate(chunk):
+                for row, i in enumerate(live):
+                    if tokens is None or requests[i].cancelled:
+                        self.counters.requests_dropped += 1
+                        continue
                     results[i] = GenerationResult(tokens=tokens[row], layout=layouts[i], seed=seeds[i])
-        return results  # type: ignore[return-value]
+        return results
 
     def _decoder(self, rows: int, cache_len: int) -> StaticKVDecoder:
         key = (rows, cache_len)
@@ -350,8 +400,16 @@ class ImageGenerationEngine:
         return embeds, valid, positions
 
     def _generate_batch(
-        self, requests: Sequence[GenerationRequest], seeds: Sequence[int], layout: ImageTokenLayout
-    ) -> torch.Tensor:
+        self,
+        requests: Sequence[GenerationRequest],
+        seeds: Sequence[int],
+        layout: ImageTokenLayout,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> torch.Tensor | None:
+        """Tokens ``(len(requests), num_tokens)`` on the CPU, or ``None`` once ``should_stop()`` says so.
+
+        ``should_stop`` is asked before the prefill and before every decode step.
+        """
         wanted = len(requests)
         if self.bucket_rows:
             # Round the batch up to a power of two with copies of the first request (dropped at the end):
@@ -377,8 +435,18 @@ class ImageGenerationEngine:
         forced = layout.forced_tokens()
         out = torch.empty((batch, num_tokens), dtype=torch.long, device=self.device)
         out[:, :3] = torch.tensor(layout.header, device=self.device)
+        full_steps = num_tokens - 4
+        if should_stop():
+            self.counters.steps_skipped += full_steps
+            self.counters.batches_stopped += 1
+            return None
         logits = decoder.prefill(embeds, valid, positions)
         for pos in range(3, num_tokens):
+            done = pos - 3  # decode steps run so far in this batch
+            if done and should_stop():
+                self.counters.steps_skipped += full_steps - done
+                self.counters.batches_stopped += 1
+                return None
             if pos in forced:
                 out[:, pos] = forced[pos]
             else:
@@ -390,6 +458,7 @@ class ImageGenerationEngine:
                 break
             fed = out[:, pos].repeat(2) if with_uncond else out[:, pos]
             logits = decoder.step(fed, prefix + pos - 3)
+            self.counters.steps += 1
         return out[:wanted].cpu()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -163,3 +165,66 @@ def test_invalid_requests_name_the_field(engine, change, field):
     with pytest.raises(GenerationRequestError) as info:
         engine.generate([request])
     assert info.value.field == field
+
+
+class CancelAfterSteps(threading.Event):
+    """A cancel flag that also turns on by itself once ``engine`` has run ``steps`` decode steps in total."""
+
+    def __init__(self, engine: ImageGenerationEngine, steps: int) -> None:
+        super().__init__()
+        self.engine, self.steps = engine, steps
+
+    def is_set(self) -> bool:
+        return super().is_set() or self.engine.counters.steps >= self.steps
+
+
+def test_a_batch_whose_every_request_is_cancelled_stops_between_steps(lm):
+    engine = ImageGenerationEngine(lm, VOCAB)
+    full = ImageTokenLayout.for_resolution(256, 256, VOCAB).num_tokens - 4
+    requests = [
+        GenerationRequest(
+            prompt(6, i), 256, 256, top_k=50, seed=i, cancel=CancelAfterSteps(engine, 40 + 10 * i)
+        )
+        for i in range(2)
+    ]
+    assert engine.generate(requests) == [None, None]
+    counters = engine.counters
+    assert counters.steps == 50  # stopped as soon as the last of the two was cancelled
+    assert counters.steps + counters.steps_skipped == full
+    assert (counters.batches_stopped, counters.requests_dropped) == (1, 2)
+    # The engine serves the next request normally after a stop.
+    (after,) = engine.generate([GenerationRequest(prompt(6, 0), 64, 64, top_k=1, seed=0)])
+    assert torch.equal(
+        after.tokens, reference_generate(lm, VOCAB, GenerationRequest(prompt(6, 0), 64, 64, top_k=1, seed=0))
+    )
+
+
+def test_a_cancelled_row_is_dropped_and_its_neighbour_is_unchanged(lm):
+    engine = ImageGenerationEngine(lm, VOCAB)
+    keep = GenerationRequest(prompt(9, 1), 64, 64, top_k=1, seed=3)
+    drop = GenerationRequest(prompt(5, 2), 64, 64, top_k=1, seed=4, cancel=CancelAfterSteps(engine, 5))
+    kept, dropped = engine.generate([keep, drop])
+    assert dropped is None
+    assert torch.equal(kept.tokens, reference_generate(lm, VOCAB, keep))
+    assert engine.counters.steps == ImageTokenLayout.for_resolution(64, 64, VOCAB).num_tokens - 4
+    assert (engine.counters.batches_stopped, engine.counters.requests_dropped) == (0, 1)
+
+
+def test_requests_cancelled_before_their_batch_take_no_row_and_no_step(lm):
+    engine = ImageGenerationEngine(lm, VOCAB)
+    gone = threading.Event()
+    gone.set()
+    results = engine.generate(
+        [
+            GenerationRequest(prompt(4, 1), 32, 32, seed=1, cancel=gone),
+            GenerationRequest(prompt(4, 2), 64, 64, seed=2, cancel=gone),
+            GenerationRequest(prompt(4, 3), 64, 64, top_k=1, seed=3),
+        ]
+    )
+    assert results[:2] == [None, None]
+    assert torch.equal(
+        results[2].tokens,
+        reference_generate(lm, VOCAB, GenerationRequest(prompt(4, 3), 64, 64, top_k=1, seed=3)),
+    )
+    assert [key[0] for key in engine._decoders] == [2]  # one request (with its CFG row), not two
+    assert engine.counters.requests_dropped == 2
