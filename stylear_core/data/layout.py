@@ -20,6 +20,13 @@ import torch
 LATENTS_PER_GRID = 2  # 32 px per grid / downsample 16
 PIXELS_PER_LATENT = 16
 
+# How a StyleAR prompt is worded, and so which token stands for a style token:
+# "lumina": Lumina-mGPT's resolution template with <reserved08896> placeholders (this project's own);
+# "stylear_release": the wording StyleAR's released weights were trained on, with "S*" placeholders.
+PROMPT_TEMPLATES = ("lumina", "stylear_release")
+# The real Chameleon vocabulary's id of each template's placeholder (<reserved08896>, "S*").
+REAL_STYLE_PLACEHOLDER_IDS = {"lumina": 8900, "stylear_release": 16393}
+
 
 def image_token_name(code: int) -> str:
     """Chameleon's vocabulary name for VQ code ``code``: digits written as letters A-J, ``IMGIMG...Z``."""
@@ -42,7 +49,9 @@ class TokenVocab:
     """The special token ids of a Chameleon / Lumina-mGPT vocabulary and its VQ code <-> id map.
 
     The defaults are the real Lumina-mGPT-7B ids (``<reserved{N:05d}>`` has id ``N + 4``).
-    ``image_code_ids[i]`` is the vocab id of VQ code ``i``.
+    ``image_code_ids[i]`` is the vocab id of VQ code ``i``. ``prompt_template`` (one of
+    :data:`PROMPT_TEMPLATES`) says how style prompts are worded and so which vocabulary entry the
+    ``style_placeholder`` id is; :meth:`for_prompt_template` gives the real vocab of either template.
     """
 
     vocab_size: int = 65536
@@ -56,10 +65,13 @@ class TokenVocab:
     new_line: int = 8803  # <reserved08799>
     grid_base: int = 8804  # <reserved08800>; grid token id = grid_base + grids
     max_grids: int = 64
-    style_placeholder: int = 8900  # <reserved08896>: stands for one style token (S*)
+    style_placeholder: int = 8900  # <reserved08896> (lumina) or "S*" (stylear_release): one style token
     image_code_ids: tuple[int, ...] = field(default=(), repr=False)
+    prompt_template: str = "lumina"
 
     def __post_init__(self) -> None:
+        if self.prompt_template not in PROMPT_TEMPLATES:
+            raise ValueError(f"prompt_template {self.prompt_template!r} is not one of {PROMPT_TEMPLATES}")
         if not self.image_code_ids:
             object.__setattr__(self, "image_code_ids", tuple(range(4, 4 + self.codebook_size)))
         if len(self.image_code_ids) != self.codebook_size:
@@ -69,6 +81,14 @@ class TokenVocab:
         top = max(self.grid_base + self.max_grids, max(self.image_code_ids), self.style_placeholder, self.eos)
         if top >= self.vocab_size:
             raise ValueError(f"special id {top} does not fit vocab_size {self.vocab_size}")
+
+    @classmethod
+    def for_prompt_template(cls, prompt_template: str = "lumina", **kwargs) -> TokenVocab:
+        """The real Lumina-mGPT vocab with ``prompt_template``'s placeholder id (8900, or 16393 for ``S*``)."""
+        if prompt_template not in REAL_STYLE_PLACEHOLDER_IDS:
+            raise ValueError(f"prompt_template {prompt_template!r} is not one of {PROMPT_TEMPLATES}")
+        kwargs.setdefault("style_placeholder", REAL_STYLE_PLACEHOLDER_IDS[prompt_template])
+        return cls(prompt_template=prompt_template, **kwargs)
 
     @classmethod
     def from_vocabulary_map(cls, vocabulary_map: dict[str, int], **kwargs) -> TokenVocab:

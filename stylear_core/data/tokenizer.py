@@ -12,6 +12,15 @@ Lumina-mGPT's conversation template is ``<s> {human turn} <reserved08706>`` and 
 the image (``<racm3:break> ...``). For StyleAR the human turn holds ``num_style_tokens`` style
 placeholders whose embeddings are replaced by the resampler's style tokens. The unconditional
 branch of classifier-free guidance has no prompt at all: it restarts at the image-start token.
+
+The vocab's ``prompt_template`` picks the wording of a style prompt:
+
+* ``lumina`` (this project's): ``Generate an image of WxH according to the following prompt:\n<prompt>
+  Given image style is <reserved08896>...`` with one ``<reserved08896>`` per style token;
+* ``stylear_release`` (what StyleAR's released weights were trained on, wuyi2020/StyleAR
+  ``FlexARInferenceSolver.generate``): ``Instant style Generation. Given image style is S* S* ... S*.
+  Please generate an same style image according to my instruction: <prompt>`` with no resolution,
+  the style tokens going where the tokenizer wrote ``S*`` (id 16393 in the real vocabulary).
 """
 
 from __future__ import annotations
@@ -20,9 +29,15 @@ import re
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from stylear_core.data.layout import TokenVocab, image_token_name, prompt_text
+from stylear_core.data.layout import REAL_STYLE_PLACEHOLDER_IDS, TokenVocab, image_token_name, prompt_text
 
 STYLE_PHRASE = "Given image style is"
+# StyleAR's release wording (its placeholders are space-separated "S*", then a full stop).
+RELEASE_PLACEHOLDER_NAME = "S*"
+RELEASE_STYLE_TEMPLATE = (
+    "Instant style Generation. " + STYLE_PHRASE + " {placeholders}. "
+    "Please generate an same style image according to my instruction: {prompt}"
+)
 
 # Vocabulary names of the special tokens in the Chameleon / Lumina-mGPT tokenizer.
 BOS_NAME = "<s>"
@@ -44,6 +59,13 @@ def reserved_token_id(name: str) -> int:
     return int(name[len("<reserved") : -1]) + 4
 
 
+def style_placeholder_name(vocab: TokenVocab) -> str:
+    """The vocabulary entry the style-placeholder id stands for: ``<reserved08896>`` or ``S*`` (release)."""
+    if vocab.prompt_template == "stylear_release":
+        return RELEASE_PLACEHOLDER_NAME
+    return reserved_token_name(REAL_STYLE_PLACEHOLDER_IDS["lumina"])
+
+
 def special_token_names(vocab: TokenVocab) -> dict[str, int]:
     """Name -> id of every special token the Lumina layout uses, under the real Chameleon names.
 
@@ -60,7 +82,7 @@ def special_token_names(vocab: TokenVocab) -> dict[str, int]:
         IMAGE_PLACEHOLDER_NAME: vocab.image_placeholder,
         reserved_token_name(real.eos): vocab.eos,
         reserved_token_name(real.new_line): vocab.new_line,
-        reserved_token_name(real.style_placeholder): vocab.style_placeholder,
+        style_placeholder_name(vocab): vocab.style_placeholder,
     }
     for g in range(vocab.max_grids + 1):
         names[reserved_token_name(real.grid_base + g)] = vocab.grid_base + g
@@ -177,10 +199,7 @@ class ChameleonPromptTokenizer:
             got = token_vocab.get(name)
             if got is not None and got != want:
                 raise TokenizerMismatchError(f"tokenizer maps {name} to {got}, the model's vocab uses {want}")
-        for name in (
-            reserved_token_name(TokenVocab().style_placeholder),
-            reserved_token_name(TokenVocab().eos),
-        ):
+        for name in (style_placeholder_name(self.vocab), reserved_token_name(TokenVocab().eos)):
             if name not in token_vocab:
                 raise TokenizerMismatchError(f"tokenizer has no {name} token")
         if len(tokenizer) > self.vocab.vocab_size:
@@ -230,12 +249,28 @@ def load_prompt_tokenizer(path: str | Path | None, vocab: TokenVocab) -> PromptT
 
 
 def style_placeholder_text(tokenizer: PromptTokenizer, num_style_tokens: int) -> str:
-    """``num_style_tokens`` copies of the style placeholder's name (one id each)."""
-    return tokenizer.id_to_token(tokenizer.vocab.style_placeholder) * num_style_tokens
+    """``num_style_tokens`` copies of the style placeholder's name (one id each).
+
+    Adjacent for ``lumina`` (``<reserved08896><reserved08896>...``); space-separated for
+    ``stylear_release`` (``S* S* ... S*``), as the release writes them.
+    """
+    name = tokenizer.id_to_token(tokenizer.vocab.style_placeholder)
+    sep = " " if tokenizer.vocab.prompt_template == "stylear_release" else ""
+    return sep.join([name] * num_style_tokens)
 
 
-def style_prompt_text(prompt: str, placeholders: str, height: int, width: int) -> str:
-    """The human turn of a StyleAR prompt: Lumina's template around ``<prompt> Given image style is S*...``."""
+def style_prompt_text(
+    prompt: str, placeholders: str, height: int, width: int, template: str = "lumina"
+) -> str:
+    """The human turn of a StyleAR prompt in ``template``'s wording (see the module docstring).
+
+    ``lumina``: Lumina's resolution template around ``<prompt> Given image style is <placeholders>``;
+    ``stylear_release``: :data:`RELEASE_STYLE_TEMPLATE` (``height`` and ``width`` are not written).
+    """
+    if template == "stylear_release":
+        return RELEASE_STYLE_TEMPLATE.format(placeholders=placeholders, prompt=prompt)
+    if template != "lumina":
+        raise ValueError(f"unknown prompt template {template!r}")
     return prompt_text(f"{prompt} {STYLE_PHRASE} {placeholders}", height, width)
 
 
@@ -254,13 +289,22 @@ def style_prompt_ids(
 ) -> list[int]:
     """A StyleAR prompt with exactly ``num_style_tokens`` style-placeholder ids, ending the human turn.
 
-    Raises ``ValueError`` if the tokenizer does not turn the placeholders into that many ids
-    (or the prompt text itself contains the placeholder).
+    Worded by ``tokenizer.vocab.prompt_template``. For ``stylear_release`` the ids are those of the
+    release: ``[<s>] + encode(text + "<reserved08706>")`` (its conversation template appends the
+    end-of-turn name to the text before tokenizing). Raises ``ValueError`` if the tokenizer does not
+    turn the placeholders into that many ids (or the prompt text itself contains the placeholder).
     """
     if num_style_tokens <= 0:
         raise ValueError(f"num_style_tokens must be positive, got {num_style_tokens}")
-    text = style_prompt_text(prompt, style_placeholder_text(tokenizer, num_style_tokens), height, width)
-    ids = _turn_ids(tokenizer, text)
+    template = tokenizer.vocab.prompt_template
+    placeholders = style_placeholder_text(tokenizer, num_style_tokens)
+    text = style_prompt_text(prompt, placeholders, height, width, template)
+    if template == "stylear_release":
+        ids = tokenizer.encode(text + tokenizer.id_to_token(tokenizer.vocab.eos))
+        if ids[-1] != tokenizer.vocab.eos:
+            raise ValueError(f"the tokenizer did not end the turn with the end-of-turn id: {prompt!r}")
+    else:
+        ids = _turn_ids(tokenizer, text)
     found = sum(1 for i in ids if i == tokenizer.vocab.style_placeholder)
     if found != num_style_tokens:
         raise ValueError(f"prompt has {found} style-placeholder ids, expected {num_style_tokens}: {prompt!r}")

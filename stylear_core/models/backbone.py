@@ -54,6 +54,7 @@ from stylear_core.data.tokenizer import (
     PAD_NAME,
     reserved_token_name,
     special_token_names,
+    style_placeholder_name,
 )
 
 IGNORE_INDEX = -100
@@ -64,12 +65,15 @@ def chameleon_vocabulary_map(vocab: TokenVocab) -> dict[str, int]:
     return {**vocab.vocabulary_map(), **special_token_names(vocab)}
 
 
-def vocab_from_vocabulary_map(vocabulary_map: Mapping[str, int], vocab_size: int) -> TokenVocab:
+def vocab_from_vocabulary_map(
+    vocabulary_map: Mapping[str, int], vocab_size: int, prompt_template: str = "lumina"
+) -> TokenVocab:
     """Read a :class:`TokenVocab` from a checkpoint's name -> id map (image codes and special ids).
 
-    Special tokens missing from the map keep the real Lumina-mGPT ids.
+    The style placeholder is ``prompt_template``'s entry (``<reserved08896>``, or ``S*`` for
+    ``stylear_release``). Special tokens missing from the map keep the real Lumina-mGPT ids.
     """
-    real = TokenVocab()
+    real = TokenVocab.for_prompt_template(prompt_template)
     kwargs: dict[str, int] = {}
     wanted = {
         "bos": BOS_NAME,
@@ -80,7 +84,7 @@ def vocab_from_vocabulary_map(vocabulary_map: Mapping[str, int], vocab_size: int
         "eos": reserved_token_name(real.eos),
         "new_line": reserved_token_name(real.new_line),
         "grid_base": reserved_token_name(real.grid_base),
-        "style_placeholder": reserved_token_name(real.style_placeholder),
+        "style_placeholder": style_placeholder_name(real),
     }
     for field_name, name in wanted.items():
         if name in vocabulary_map:
@@ -91,7 +95,10 @@ def vocab_from_vocabulary_map(vocabulary_map: Mapping[str, int], vocab_size: int
         grids += 1
     if grids:
         kwargs["max_grids"] = grids
-    return TokenVocab.from_vocabulary_map(dict(vocabulary_map), vocab_size=vocab_size, **kwargs)
+    kwargs.setdefault("style_placeholder", real.style_placeholder)
+    return TokenVocab.from_vocabulary_map(
+        dict(vocabulary_map), vocab_size=vocab_size, prompt_template=prompt_template, **kwargs
+    )
 
 
 @strict
@@ -384,12 +391,15 @@ def lumina_mgpt_7b_768(vocab: TokenVocab | None = None, **overrides) -> LuminaCh
     return chameleon_backbone(vocab=vocab or TokenVocab(), **kwargs)
 
 
-def tiny_vocab(codebook_size: int = 256, vocab_size: int = 1024, max_grids: int = 16) -> TokenVocab:
+def tiny_vocab(
+    codebook_size: int = 256, vocab_size: int = 1024, max_grids: int = 16, prompt_template: str = "lumina"
+) -> TokenVocab:
     """A small vocabulary with the real special-token structure, for tests and the CPU demo.
 
     Ids: ``<s>`` 0, ``<pad>`` 1, image codes ``4 .. 4+C-1``, then image-end, image-start, end-of-turn
     (``eos``), ``<image>``, new-line, the grid tokens ``grid_base + 0 .. max_grids`` and the style
-    placeholder; everything above is free for text (the byte tokenizer puts its 256 bytes there).
+    placeholder (named by ``prompt_template``: ``<reserved08896>`` or ``S*``); everything above is
+    free for text (the byte tokenizer puts its 256 bytes there).
     """
     first = 4 + codebook_size
     vocab = TokenVocab(
@@ -405,6 +415,7 @@ def tiny_vocab(codebook_size: int = 256, vocab_size: int = 1024, max_grids: int 
         grid_base=first + 5,
         max_grids=max_grids,
         style_placeholder=first + 6 + max_grids,
+        prompt_template=prompt_template,
     )
     return vocab
 

@@ -58,6 +58,12 @@ class ModelConfig:
     stylear_release: str | None = option(
         None, "dir with StyleAR's released model.safetensors (LoRA) + image_proj.pth"
     )
+    prompt_template: Literal["auto", "lumina", "stylear_release"] = option(
+        "auto",
+        "style-prompt wording and placeholder: lumina (resolution template, <reserved08896>), "
+        "stylear_release (the release's 'Instant style Generation ... S* ...', S* = id 16393); "
+        "auto = stylear_release when stylear_release is set, else lumina",
+    )
     lora_rank: int = option(4, "LoRA rank on q/k/v/o, MLP down_proj and lm_head")
     lora_alpha: float = option(4.0, "LoRA alpha (scaling = alpha / rank)")
     lora_dropout: float = option(0.0, "dropout on the LoRA input")
@@ -94,13 +100,24 @@ class ModelConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def resolved_prompt_template(self) -> str:
+        """``prompt_template`` with ``auto`` resolved: released weights get the wording they were trained on."""
+        if self.prompt_template == "auto":
+            return "stylear_release" if self.stylear_release else "lumina"
+        return self.prompt_template
+
 
 def build_backbone(
     cfg: ModelConfig, device: str | torch.device = "cpu"
 ) -> tuple[LuminaChameleonForCausalLM, TokenVocab]:
-    """The bare backbone (no LoRA) and its vocab: tiny random, a loaded Lumina dir, or random 7B."""
+    """The bare backbone (no LoRA) and its vocab: tiny random, a loaded Lumina dir, or random 7B.
+
+    The vocab's style placeholder follows ``cfg.resolved_prompt_template``.
+    """
+    template = cfg.resolved_prompt_template
     if cfg.preset == "tiny":
-        vocab = tiny_vocab(codebook_size=tiny_vqgan_codebook_size())
+        vocab = tiny_vocab(codebook_size=tiny_vqgan_codebook_size(), prompt_template=template)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             backbone = tiny_backbone(vocab)
@@ -108,9 +125,9 @@ def build_backbone(
     if cfg.backbone_path:
         backbone = load_lumina_backbone(cfg.backbone_path, dtype=cfg.torch_dtype, device=device)
         return backbone, vocab_from_vocabulary_map(
-            backbone.config.vocabulary_map or {}, backbone.config.vocab_size
+            backbone.config.vocabulary_map or {}, backbone.config.vocab_size, template
         )
-    vocab = TokenVocab()
+    vocab = TokenVocab.for_prompt_template(template)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(cfg.seed)
         backbone = lumina_mgpt_7b_768(vocab)
