@@ -3,10 +3,13 @@
 The prompt holds ``N`` placeholder ids (``TokenVocab.style_placeholder``); the resampler gives ``N``
 style tokens per image. :func:`inject_style_tokens` swaps the placeholders' embeddings for the
 style tokens, in order. :func:`add_style_noise` is StyleAR's "style-enhanced tokens": Gaussian noise
-``tokens + randn * strength`` so the backbone takes style, not content, from them.
+``tokens + randn * strength`` so the backbone takes style, not content, from them. :func:`subtract_content_style_tokens` is the release's SAM
+content subtraction at inference.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -70,3 +73,33 @@ def add_style_noise(
         return tokens
     noise = torch.randn(tokens.shape, generator=generator, device=tokens.device, dtype=tokens.dtype)
     return tokens + noise * strength
+
+
+def subtract_content_style_tokens(
+    resampler: Callable[[torch.Tensor], torch.Tensor],
+    features: torch.Tensor,
+    content_features: torch.Tensor,
+    subtract: float = 0.8,
+    mix: float = 0.8,
+) -> torch.Tensor:
+    """Style tokens with the reference's salient content subtracted in CLIP-feature space.
+
+    StyleAR's released inference (wuyi2020/StyleAR ``FlexARInferenceSolver.generate``) encodes the
+    reference ``e0`` and the content SAM cut out of it ``e1`` (penultimate CLIP features), then::
+
+        e1 <- e0 - subtract * e1
+        tokens = (1 - mix) * R(e0) + mix * R(e1)
+
+    with ``subtract = mix = 0.8`` as released. ``features`` and ``content_features`` are
+    ``(B, T, width)``; both branches go through ``resampler`` as one batch, as in the release. Returns
+    ``(B, N, hidden)`` without noise: add :func:`add_style_noise` afterwards, as the release does.
+    """
+    if features.shape != content_features.shape or features.ndim != 3:
+        raise ValueError(
+            f"features {tuple(features.shape)} and content_features {tuple(content_features.shape)} "
+            "must both be (B, tokens, width)"
+        )
+    batch = features.shape[0]
+    content_free = features - subtract * content_features.to(features.dtype)
+    tokens = resampler(torch.cat([features, content_free], dim=0))
+    return (1.0 - mix) * tokens[:batch] + mix * tokens[batch:]

@@ -42,3 +42,31 @@ def test_style_noise():
     per_row = add_style_noise(tokens, torch.tensor([0.0, 1.0]), torch.Generator().manual_seed(1))
     torch.testing.assert_close(per_row[0], tokens[0])
     assert not torch.allclose(per_row[1], tokens[1])
+
+
+def test_content_subtraction_matches_the_release_formula_on_random_weights():
+    from stylear_core.models.resampler import tiny_resampler
+    from stylear_core.models.style_tokens import subtract_content_style_tokens
+
+    torch.manual_seed(0)
+    resampler = tiny_resampler(embedding_dim=24, output_dim=32, num_queries=4).eval()
+    e0, e1 = torch.randn(2, 1, 9, 24).unbind(0)
+    with torch.no_grad():
+        got = subtract_content_style_tokens(resampler, e0, e1)
+        # The release, verbatim: the two CLIP images are one batch; row 1 is overwritten in place.
+        image_embeds = torch.cat([e0, e1])
+        image_embeds[1:2] = image_embeds[0:1, :, :] - 0.8 * image_embeds[1:2, :, :]
+        input_embeds = resampler(image_embeds)
+        want = 0.2 * input_embeds[0:1, :, :] + 0.8 * input_embeds[1:2, :, :]
+        torch.testing.assert_close(got, want)
+        # Configurable weights, checked against the formula computed branch by branch.
+        e0b, e1b = torch.randn(2, 3, 9, 24).unbind(0)
+        got = subtract_content_style_tokens(resampler, e0b, e1b, subtract=0.5, mix=0.3)
+        want = 0.7 * resampler(e0b) + 0.3 * resampler(e0b - 0.5 * e1b)
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(got, resampler(e0b))  # the content branch changes the tokens
+        torch.testing.assert_close(
+            subtract_content_style_tokens(resampler, e0b, e1b, mix=0.0), resampler(e0b)
+        )
+    with pytest.raises(ValueError, match="content_features"):
+        subtract_content_style_tokens(resampler, e0b, e1b[:1])
