@@ -52,7 +52,9 @@ class ModelConfig:
     tokenizer_path: str | None = option(
         None, "local Chameleon/Lumina tokenizer dir (default: backbone_path; tiny: byte-level tokenizer)"
     )
-    vqgan_ckpt: str | None = option(None, "Chameleon vqgan.ckpt (taming layout)")
+    vqgan_ckpt: str | None = option(
+        None, "Chameleon vqgan.ckpt (taming layout), or its tensors-only .safetensors conversion"
+    )
     vqgan_yaml: str | None = option(None, "Chameleon vqgan.yaml (default: Chameleon's sizes)")
     clip_checkpoint: str | None = option(None, "local open_clip ViT-H-14 weights file or dir")
     stylear_release: str | None = option(

@@ -13,14 +13,20 @@ decoder, so :class:`VQGANDecoder` assembles the taming decoder from the same blo
 
 from __future__ import annotations
 
+import argparse
+import pathlib
 import pickle
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from numpy._core.multiarray import _reconstruct as _np_reconstruct
+from numpy._core.multiarray import scalar as _np_scalar
 from PIL import Image
 from torch import nn
 from transformers import ChameleonVQVAEConfig
@@ -361,23 +367,85 @@ def vqgan_config_from_yaml(path: str | Path) -> VQGANConfig:
         raise ConfigError(f"{path}: model.params.ddconfig: {e}") from None
 
 
+def _taming_safe_globals() -> list:
+    """Harmless globals a (PyTorch Lightning) taming checkpoint may hold beside its tensors.
+
+    Lightning writes ``hparams`` / ``hyper_parameters`` (``argparse.Namespace``, paths), callback
+    state (paths, numpy scalars) and counters as numpy scalars. None of these run code when
+    rebuilt, so ``weights_only`` loading may build them; anything else still fails.
+    Numpy 1.x pickles its helpers under ``numpy.core``, numpy 2 under ``numpy._core``: both names are listed.
+    """
+    allowed: list = [
+        argparse.Namespace,
+        pathlib.PosixPath,
+        pathlib.WindowsPath,
+        pathlib.PurePosixPath,
+        pathlib.PureWindowsPath,
+        np.dtype,
+        np.ndarray,
+        _np_reconstruct,
+        _np_scalar,
+        (_np_reconstruct, "numpy.core.multiarray._reconstruct"),
+        (_np_scalar, "numpy.core.multiarray.scalar"),
+    ]
+    numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.float16, np.float32, np.float64)
+    allowed += [type(np.dtype(t)) for t in numeric]
+    return allowed
+
+
+def convert_command(ckpt_path: str | Path) -> str:
+    """The one-time command that rewrites ``ckpt_path`` as a tensors-only safetensors file."""
+    return f"python -m stylear_core.models.vqgan convert {ckpt_path} {Path(ckpt_path).with_suffix('.safetensors')}"
+
+
 def read_taming_state_dict(ckpt_path: str | Path, *, weights_only: bool = True) -> dict[str, torch.Tensor]:
     """The model weights of a taming checkpoint (``{"state_dict": ...}`` or a bare state dict), ``loss.*`` dropped.
 
-    ``loss.*`` holds the training-only LPIPS network and discriminator. ``weights_only=False``
-    unpickles arbitrary objects: only for checkpoints from a trusted source.
+    ``loss.*`` holds the training-only LPIPS network and discriminator. A ``.safetensors`` file is
+    read as the state dict itself (see :func:`convert_taming_checkpoint`). A pickled checkpoint is
+    read with ``weights_only`` unpickling that also allows the harmless non-tensor entries of a
+    Lightning checkpoint (:func:`_taming_safe_globals`); any other object raises ``ValueError``
+    naming it and the conversion command. ``weights_only=False`` unpickles arbitrary objects:
+    only for checkpoints from a trusted source.
     """
-    try:
-        obj = torch.load(ckpt_path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{ckpt_path}: holds objects other than tensors; pass weights_only=False if you trust the file ({e})"
-        ) from None
+    if Path(ckpt_path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj = load_file(str(ckpt_path), device="cpu")
+    else:
+        try:
+            with torch.serialization.safe_globals(_taming_safe_globals()):
+                obj = torch.load(ckpt_path, map_location="cpu", weights_only=weights_only)
+        except pickle.UnpicklingError as e:
+            try:
+                unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(ckpt_path))
+            except Exception:  # an unreadable file: torch's own message says why
+                unsafe = str(e).splitlines()[0]
+            raise ValueError(
+                f"{ckpt_path}: holds objects that are not safe to unpickle ({unsafe}). If you trust the file, "
+                f"convert it once to tensors only: {convert_command(ckpt_path)} (and point vqgan_ckpt at the "
+                "result), or load it with weights_only=False"
+            ) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{ckpt_path}: expected a taming checkpoint {{'state_dict': {{name: tensor}}}}")
     return {k: v for k, v in obj.items() if not k.startswith("loss.")}
+
+
+def convert_taming_checkpoint(ckpt_path: str | Path, out_path: str | Path) -> Path:
+    """Rewrite a trusted taming checkpoint as a safetensors file of its model weights (``loss.*`` dropped).
+
+    This unpickles ``ckpt_path`` with ``weights_only=False``: run it once, on a file you trust.
+    The result loads with :func:`load_chameleon_vqgan` without any unpickling.
+    """
+    from safetensors.torch import save_file
+
+    state_dict = read_taming_state_dict(ckpt_path, weights_only=False)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(out_path))
+    return out_path
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -460,8 +528,28 @@ __all__ = [
     "decode_to_images",
     "encode_images",
     "load_chameleon_vqgan",
+    "convert_taming_checkpoint",
     "read_taming_state_dict",
     "tiny_vqgan",
     "tiny_vqgan_config",
     "vqgan_config_from_yaml",
 ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stylear_core.models.vqgan convert SRC.ckpt DST.safetensors``: the one-time conversion."""
+    parser = argparse.ArgumentParser(prog="python -m stylear_core.models.vqgan")
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert = sub.add_parser(
+        "convert", help="rewrite a trusted taming vqgan.ckpt as tensors-only safetensors"
+    )
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    args = parser.parse_args(argv)
+    out = convert_taming_checkpoint(args.src, args.dst)
+    print(f"wrote {out}; set vqgan_ckpt: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -104,10 +104,18 @@ def taming_vqgan_shapes(cfg: VQGANConfig) -> dict[str, tuple[int, ...]]:
 
 
 def write_taming_checkpoint(
-    tmp_path, state_dict: dict[str, torch.Tensor], cfg: VQGANConfig, **ddconfig_overrides
+    tmp_path,
+    state_dict: dict[str, torch.Tensor],
+    cfg: VQGANConfig,
+    extra: dict | None = None,
+    **ddconfig_overrides,
 ):
-    """A Meta-style ``vqgan.ckpt`` (with training-only ``loss.*`` weights) and ``vqgan.yaml`` in ``tmp_path``."""
+    """A Meta-style ``vqgan.ckpt`` (with training-only ``loss.*`` weights) and ``vqgan.yaml`` in ``tmp_path``.
+
+    ``extra`` adds top-level checkpoint entries (e.g. Lightning's ``hparams`` or ``callbacks``).
+    """
     ckpt = {
+        **(extra or {}),
         "epoch": 0,
         "global_step": 190000,
         "state_dict": {
@@ -364,3 +372,59 @@ def test_loader_checks_the_yaml_against_the_weights(vq, tmp_path):
     _, yaml_path = write_taming_checkpoint(tmp_path, vq.state_dict(), vq.config, ch=48)
     with pytest.raises(ValueError, match="GroupNorm"):
         vqgan_config_from_yaml(yaml_path)
+
+
+class TrainerState:
+    """Stands for a training-framework object pickled into a checkpoint (not on any allow-list)."""
+
+    def __init__(self) -> None:
+        self.step = 3
+
+
+def lightning_entries() -> dict:
+    """The non-tensor entries a PyTorch Lightning checkpoint carries beside ``state_dict``."""
+    import argparse
+    import pathlib
+
+    import numpy as np
+
+    return {
+        "pytorch-lightning_version": "1.0.8",
+        "global_step": np.int64(190000),
+        "hparams": argparse.Namespace(ckpt_path=pathlib.PosixPath("/checkpoints/last.ckpt"), lr=4.5e-6),
+        "callbacks": {
+            "ModelCheckpoint": {
+                "best_model_score": torch.tensor(0.25),
+                "best_model_path": pathlib.PurePosixPath("/checkpoints/best.ckpt"),
+                "monitor_value": np.float64(0.25),
+                "history": np.arange(4, dtype=np.float32),
+            }
+        },
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6, "betas": (0.5, 0.9)}]}],
+        "lr_schedulers": [],
+    }
+
+
+def test_loader_reads_a_lightning_checkpoint_with_non_tensor_entries(vq, tmp_path):
+    ckpt_path, yaml_path = write_taming_checkpoint(
+        tmp_path, vq.state_dict(), vq.config, extra=lightning_entries()
+    )
+    loaded = load_chameleon_vqgan(ckpt_path, yaml_path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in vq.state_dict().items())
+
+
+def test_unsafe_checkpoint_is_refused_naming_the_object_and_converts_once(vq, tmp_path):
+    from safetensors.torch import load_file
+
+    from stylear_core.models.vqgan import main
+
+    extra = {**lightning_entries(), "trainer": TrainerState()}
+    ckpt_path, yaml_path = write_taming_checkpoint(tmp_path, vq.state_dict(), vq.config, extra=extra)
+    with pytest.raises(ValueError, match=r"TrainerState.*python -m stylear_core\.models\.vqgan convert"):
+        load_chameleon_vqgan(ckpt_path, yaml_path)
+
+    out = tmp_path / "vqgan.safetensors"
+    assert main(["convert", str(ckpt_path), str(out)]) == 0
+    assert not any(k.startswith("loss.") for k in load_file(str(out)))
+    loaded = load_chameleon_vqgan(out, yaml_path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in vq.state_dict().items())
