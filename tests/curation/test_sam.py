@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from stylear_core.curation.sam import (
     MASKER_OUTPUT_SCHEMA,
     MaskerConfig,
     StyleRegionMasker,
+    _dilate,
     build_sam,
     centre_box_mask,
     fill_removed,
@@ -70,6 +72,35 @@ def test_centre_box_and_fill():
         assert out.shape == (40, 60, 3)
         assert np.abs(out[removed] - [200, 10, 10]).max() <= 2  # the object's colour is gone
         assert np.array_equal(out[~removed], np.asarray(img, dtype=int)[~removed])  # kept pixels untouched
+
+
+def test_dilation_is_the_square_max_filter_it_replaces():
+    rng = np.random.default_rng(0)
+    for (h, w), pixels in [
+        ((37, 53), 3),
+        ((64, 64), 1),
+        ((80, 96), 2),
+        ((101, 77), 9),
+        ((5, 200), 4),
+        ((50, 50), 30),
+    ]:
+        removed = rng.random((h, w)) < 0.03
+        square_max = Image.fromarray(removed.astype(np.uint8) * 255).filter(
+            ImageFilter.MaxFilter(2 * pixels + 1)
+        )
+        assert np.array_equal(_dilate(removed, pixels), np.asarray(square_max) > 127), (h, w, pixels)
+    assert _dilate(removed, 0) is removed
+
+
+def test_dilation_cost_does_not_grow_with_the_halo():
+    """The masker's halo at 4096 px is 82 px; Pillow's MaxFilter(165) took minutes there, holding the GIL."""
+    side = 4096
+    removed = centre_box_mask(side, side, 0.5)
+    pixels = round(MaskerConfig().dilate_fraction * side)
+    started = time.perf_counter()
+    grown = _dilate(removed, pixels)
+    assert time.perf_counter() - started < 2.0
+    assert grown.sum() == (side // 2 + 2 * pixels) ** 2
 
 
 @pytest.fixture(scope="module")
