@@ -9,15 +9,18 @@ so ``peft.PeftModel.from_pretrained`` reads them too.
 StyleAR's release (``model.safetensors`` + ``image_proj.pth``) stores each factor pair as
 ``<module>_lora.{A,B}`` with ``A (in, r)``, ``B (r, out)`` applied as ``x @ A @ B`` without scaling:
 that is peft's ``lora_A.weight = A.T``, ``lora_B.weight = B.T`` with ``lora_alpha = r``
-(:func:`convert_release_lora`).
+(:func:`convert_release_lora`). Keys of the release file that are not LoRA factors are ignored and
+reported, as the release's own loader copies its list of factor keys and ignores the rest.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stylear_core.models.resampler import StyleResampler, load_image_proj
+
+logger = logging.getLogger(__name__)
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "lm_head")
 """StyleAR's LoRA targets: attention projections of every layer, the MLP down-projection, the LM head."""
@@ -176,22 +181,33 @@ def adapters_disabled(model: nn.Module):
             m.enable_adapters(not was_disabled)
 
 
-def convert_release_lora(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """StyleAR release factors -> (peft ``<module>.lora_{A,B}.weight`` state dict, rank).
+@dataclass(frozen=True)
+class ReleaseLora:
+    """StyleAR release factors in peft's layout: ``state_dict``, its ``rank``, and the file's ignored keys."""
+
+    state_dict: dict[str, torch.Tensor]
+    rank: int
+    ignored_keys: tuple[str, ...] = ()
+
+
+def read_release_lora(state_dict: Mapping[str, torch.Tensor]) -> ReleaseLora:
+    """StyleAR release factors -> :class:`ReleaseLora` (peft ``<module>.lora_{A,B}.weight``, rank, ignored keys).
 
     ``<m>_lora.A`` ``(in, r)`` becomes ``<m>.lora_A.weight = A.T`` and ``<m>_lora.B`` ``(r, out)``
     becomes ``<m>.lora_B.weight = B.T``; load them with ``lora_alpha = r`` (scaling 1), as the
-    release applies ``x @ A @ B`` unscaled. Raises :class:`LoraLoadError` naming any key that is not
-    a release LoRA factor, a module missing one factor, or an inconsistent rank.
+    release applies ``x @ A @ B`` unscaled. Keys that are not a release LoRA factor of a target
+    module are left out, listed in ``ignored_keys`` and logged (the release's loader ignores them
+    too). Raises :class:`LoraLoadError` naming a factor that is not 2-D, a module missing one
+    factor, an inconsistent rank, or a file with no factors at all.
     """
     out: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    ignored: list[str] = []
     for key, tensor in state_dict.items():
         match = _RELEASE_KEY.match(key)
         if match is None:
-            raise LoraLoadError(
-                f"unexpected key {key!r} in the StyleAR LoRA file (expected <module>_lora.A/B)"
-            )
+            ignored.append(key)
+            continue
         module, factor = match["module"], match["factor"]
         if tensor.ndim != 2:
             raise LoraLoadError(f"{key}: expected a 2-D factor, got shape {tuple(tensor.shape)}")
@@ -202,11 +218,28 @@ def convert_release_lora(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[s
         if other not in out:
             raise LoraLoadError(f"{other!r} is missing: every release LoRA module needs both A and B")
     if not ranks:
-        raise LoraLoadError("the StyleAR LoRA file holds no factors")
+        raise LoraLoadError(
+            f"the StyleAR LoRA file holds no factors (<module>_lora.A/B); its {len(ignored)} key(s) "
+            f"start {ignored[:3]}"
+        )
     if len(set(ranks.values())) != 1:
         key = next(k for k, r in ranks.items() if r != next(iter(ranks.values())))
         raise LoraLoadError(f"{key}: rank {ranks[key]} differs from the other factors' rank")
-    return out, next(iter(ranks.values()))
+    if ignored:
+        more = f" and {len(ignored) - 10} more" if len(ignored) > 10 else ""
+        logger.warning(
+            "StyleAR release: ignored %d key(s) that are not LoRA factors: %s%s",
+            len(ignored),
+            ", ".join(ignored[:10]),
+            more,
+        )
+    return ReleaseLora(out, next(iter(ranks.values())), tuple(ignored))
+
+
+def convert_release_lora(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """:func:`read_release_lora` as ``(peft state dict, rank)``; keys other than factors are logged and ignored."""
+    release = read_release_lora(state_dict)
+    return release.state_dict, release.rank
 
 
 def load_stylear_release(
@@ -217,15 +250,17 @@ def load_stylear_release(
 ) -> nn.Module:
     """Load StyleAR's released pair from ``directory`` into ``backbone`` (and ``resampler``).
 
-    ``model.safetensors`` holds the LoRA factors (converted by :func:`convert_release_lora` and
-    loaded as a rank-``r``, ``alpha = r``, no-dropout adapter; added if the backbone lacks it);
-    ``image_proj.pth`` is the resampler's own state dict. Returns ``backbone``.
+    ``model.safetensors`` holds the LoRA factors (converted by :func:`read_release_lora` and
+    loaded as a rank-``r``, ``alpha = r``, no-dropout adapter; added if the backbone lacks it; its
+    other keys are logged and ignored); ``image_proj.pth`` is the resampler's own state dict.
+    Returns ``backbone``.
     """
     directory = Path(directory)
     lora_file = directory / RELEASE_LORA_NAME
     if not lora_file.is_file():
         raise FileNotFoundError(f"{directory}: no {RELEASE_LORA_NAME} (StyleAR LoRA factors)")
-    state, rank = convert_release_lora(load_file(str(lora_file)))
+    release = read_release_lora(load_file(str(lora_file)))
+    state, rank = release.state_dict, release.rank
     if not has_lora(backbone, adapter_name):
         add_lora(backbone, rank=rank, alpha=float(rank), dropout=0.0, adapter_name=adapter_name)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from stylear_core.models.lora import (
     load_lora,
     load_stylear_release,
     lora_parameters,
+    read_release_lora,
     save_lora,
 )
 from stylear_core.models.resampler import tiny_resampler
@@ -144,11 +146,38 @@ def test_release_lora_matches_x_at_a_at_b(tmp_path, base, ids):
     torch.testing.assert_close(q(x), manual)
 
 
-def test_release_with_a_foreign_or_missing_key_is_rejected(base):
+def test_release_keys_beyond_lora_are_ignored_and_reported(tmp_path, base, caplog):
     release = release_state_dict(base)
-    bad = {**release, "model.layers.0.mlp.up_proj_lora.A": torch.zeros(64, RANK)}
-    with pytest.raises(LoraLoadError, match=r"model\.layers\.0\.mlp\.up_proj_lora\.A"):
-        convert_release_lora(bad)
+    extra = {
+        "model.layers.0.mlp.up_proj_lora.A": torch.zeros(64, RANK),  # not a target of the release
+        "image_proj.latents": torch.zeros(1, 4, 64),
+        "step": torch.tensor(1000),
+    }
+    read = read_release_lora({**release, **extra})
+    assert read.ignored_keys == tuple(extra)
+    assert read.rank == RANK and read.state_dict.keys() == convert_release_lora(release)[0].keys()
+
+    (tmp_path / "r").mkdir()
+    save_file({**release, **extra}, str(tmp_path / "r" / "model.safetensors"))
+    clean = copy.deepcopy(base)
+    with caplog.at_level(logging.WARNING, logger="stylear_core.models.lora"):
+        load_stylear_release(tmp_path / "r", base)
+    assert "ignored 3 key(s)" in caplog.text and "image_proj.latents" in caplog.text
+    load_stylear_release_from_dict(tmp_path / "clean", release, clean)
+    ids = torch.randint(0, 64, (1, 6))
+    assert torch.equal(base(input_ids=ids).logits, clean(input_ids=ids).logits)
+    with pytest.raises(LoraLoadError, match="holds no factors"):
+        read_release_lora(extra)
+
+
+def load_stylear_release_from_dict(directory, release, backbone):
+    directory.mkdir()
+    save_file(release, str(directory / "model.safetensors"))
+    return load_stylear_release(directory, backbone)
+
+
+def test_release_with_a_missing_key_is_rejected(base):
+    release = release_state_dict(base)
     partial = dict(release)
     del partial["lm_head.lm_head_lora.B"]
     with pytest.raises(LoraLoadError, match=r"lm_head\.lora_B\.weight"):
