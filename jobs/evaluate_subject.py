@@ -16,21 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stylear_core.config import option, parse_job_args, to_dict
+from stylear_core.evaluation.metric_models import SubjectMetricsConfig
 from stylear_core.evaluation.subject_eval import (
-    DREAMBENCH_OBJECT_PROMPTS,
     EVAL_FORMAT,
     StudentSamplingConfig,
-    SubjectMetricsConfig,
     eval_prompts,
     markdown_table,
     run_subject_eval,
 )
-from stylear_core.proxy.proxy_data import (
-    SupervisorConfig,
-    resolve_run_path,
-    resolve_supervisor,
-    tuned_subjects,
-)
+from stylear_core.proxy.prompts import DREAMBENCH_OBJECT_PROMPTS
+from stylear_core.proxy.proxy_data import resolve_run_path
+from stylear_core.proxy.supervisor import SupervisorConfig, resolve_supervisor, tuned_subjects
 from stylear_core.ray_connection import connect_ray
 from stylear_core.runs import is_complete, read_manifest, write_manifest
 

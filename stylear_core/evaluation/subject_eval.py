@@ -9,7 +9,7 @@ model, written as ``metrics.parquet``, ``metrics.csv`` and ``metrics.md``.
 
 * :class:`StudentGenerator` loads a subject adapter (``stylear.adapter/1``, kind ``subject``) onto the
   base model its manifest names and generates with the inference engine (batched CFG, text prompts).
-* The supervisor side is :class:`~stylear_core.proxy.proxy_data.SupervisorSampler` (stage 1's LoRAs on
+* The supervisor side is :class:`~stylear_core.proxy.supervisor.SupervisorSampler` (stage 1's LoRAs on
   one supervisor pipeline).
 * :func:`run_subject_eval` runs supervisor generation, student generation (in parallel) and scoring as
   Ray tasks with the configured GPUs; images are written under ``<output_dir>/images/<model>/<subject>/``
@@ -23,95 +23,29 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
 from stylear_core.config import ConfigError, from_dict, option
 from stylear_core.data.images import decode_image, encode_png
 from stylear_core.data.tokenizer import text_prompt_ids, unconditional_prompt_ids
 from stylear_core.devices import resolve_device
-from stylear_core.evaluation.dino import DINO_PRESETS, DinoFeatureExtractor
+from stylear_core.evaluation.metric_models import SubjectMetricsConfig, build_metric_models
 from stylear_core.evaluation.metrics import subject_metrics
 from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine, decode_images
-from stylear_core.models.clip import ClipScorer
 from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_stylear_model, build_vqgan
+from stylear_core.proxy.supervisor import SupervisorConfig, SupervisorSampler, TunedSubject
 from stylear_core.runs import read_manifest
 from stylear_core.training.export import load_adapter
-
-if TYPE_CHECKING:
-    from stylear_core.proxy.proxy_data import SupervisorConfig, TunedSubject
 
 EVAL_FORMAT = "stylear.evaluate_subject/1"
 METRIC_NAMES = ("dino", "clip_i", "clip_t")
 MODEL_NAMES = ("supervisor", "student")
 MEAN_ROW = "(mean)"
 TABLE_COLUMNS = ("model", "subject", "identifier", "class_noun", "images", *METRIC_NAMES)
-
-DREAMBENCH_OBJECT_PROMPTS = (
-    "a {identifier} {class_noun} in the jungle",
-    "a {identifier} {class_noun} in the snow",
-    "a {identifier} {class_noun} on the beach",
-    "a {identifier} {class_noun} on a cobblestone street",
-    "a {identifier} {class_noun} on top of pink fabric",
-    "a {identifier} {class_noun} on top of a wooden floor",
-    "a {identifier} {class_noun} with a city in the background",
-    "a {identifier} {class_noun} with a mountain in the background",
-    "a {identifier} {class_noun} with a blue house in the background",
-    "a {identifier} {class_noun} on top of a purple rug in a forest",
-    "a {identifier} {class_noun} with a wheat field in the background",
-    "a {identifier} {class_noun} with a tree and autumn leaves in the background",
-    "a {identifier} {class_noun} with the Eiffel Tower in the background",
-    "a {identifier} {class_noun} floating on top of water",
-    "a {identifier} {class_noun} floating in an ocean of milk",
-    "a {identifier} {class_noun} on top of green grass with sunflowers around it",
-    "a {identifier} {class_noun} on top of a mirror",
-    "a {identifier} {class_noun} on top of the sidewalk in a crowded street",
-    "a {identifier} {class_noun} on top of a dirt road",
-    "a {identifier} {class_noun} on top of a white rug",
-    "a red {identifier} {class_noun}",
-    "a purple {identifier} {class_noun}",
-    "a shiny {identifier} {class_noun}",
-    "a wet {identifier} {class_noun}",
-    "a cube shaped {identifier} {class_noun}",
-)
-"""DreamBench's 25 prompts for object subjects (Ruiz et al., 2023), with the subject as placeholders."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Feature extractors
-
-
-@dataclass
-class SubjectMetricsConfig:
-    """The DINO and CLIP feature extractors of the subject metrics (local weights, or random: tests, demo)."""
-
-    dino_preset: str = option("vits16", "DINO ViT preset", choices=tuple(DINO_PRESETS))
-    dino_checkpoint: str = option("", "local dino_vits16 weights (transformers dir or .pth); '' = random")
-    clip_preset: str = option("ViT-B-32", "open_clip architecture of CLIP-I / CLIP-T ('tiny': random toy)")
-    clip_checkpoint: str = option("", "local open_clip weights file or dir; '' = random init")
-    device: str = option("auto", "torch device; auto = cuda if available else cpu")
-    batch_size: int = option(32, "images per feature-extractor forward")
-    seed: int = option(0, "seed of the random initialisation when a checkpoint is not given")
-
-
-def build_metric_models(cfg: SubjectMetricsConfig) -> tuple[DinoFeatureExtractor, ClipScorer]:
-    """The ``(dino, clip)`` feature extractors of ``cfg``: weights from the local checkpoints, or random ones
-    seeded with ``cfg.seed`` (so every process that builds them gets the same models)."""
-    device = resolve_device(cfg.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        dino = DinoFeatureExtractor.from_preset(
-            cfg.dino_preset, cfg.dino_checkpoint or None, device=device, batch_size=cfg.batch_size
-        )
-        torch.manual_seed(cfg.seed + 1)
-        clip = ClipScorer.from_preset(
-            cfg.clip_preset, checkpoint=cfg.clip_checkpoint or None, device=device, batch_size=cfg.batch_size
-        )
-    return dino, clip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,9 +267,6 @@ def model_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]
 def _supervisor_images(
     supervisor: SupervisorConfig, loras: Mapping[str, str], output_dir: str, prompts: Sequence[EvalPrompt]
 ) -> list[str]:
-    # Imported here: proxy_data builds its filter from this module's metric models.
-    from stylear_core.proxy.proxy_data import SupervisorSampler
-
     missing = [p for p in prompts if not image_path(output_dir, "supervisor", p).is_file()]
     sampler = SupervisorSampler(supervisor, loras) if missing else None
     return write_missing_images(sampler, output_dir, "supervisor", prompts, by_subject=True)
@@ -409,14 +340,11 @@ def run_subject_eval(
 
 
 __all__ = [
-    "DREAMBENCH_OBJECT_PROMPTS",
     "EVAL_FORMAT",
     "MEAN_ROW",
     "EvalPrompt",
-    "SubjectMetricsConfig",
     "StudentGenerator",
     "StudentSamplingConfig",
-    "build_metric_models",
     "check_adapter_subjects",
     "eval_prompts",
     "image_path",

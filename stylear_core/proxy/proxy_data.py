@@ -4,15 +4,17 @@ Proxy-Tuning (Wu et al., 2025, "Proxy-Tuning: Tailoring Multimodal Autoregressiv
 Subject-Driven Image Generation", arXiv:2503.10125) trains the autoregressive student on images the
 diffusion supervisor generates of the subject under many prompts. This module builds that set:
 
-1. **rows**: per subject (a stage-1 output, :func:`tuned_subjects`), ``prompts.images_per_subject``
-   prompts drawn in turn from the context, style and action templates, each naming the subject by its
-   identifier ("a photo of olis robot on the beach") with its own diffusion seed;
-2. **generate**: :class:`ProxyGenerateActor` (a Ray Data actor pool, ``num_gpus`` per actor) holds one
-   supervisor pipeline with every subject's LoRA loaded as a named diffusers adapter, switches to each
-   row's subject and generates;
-3. **filter**: :class:`SubjectFilterActor` scores each image against the subject's real instance images
-   (DINO or CLIP-I, :func:`~stylear_core.evaluation.metrics.subject_similarity`) and against its prompt
-   with the identifier removed (CLIP-T) and drops those under the thresholds;
+1. **rows**: per subject (a stage-1 output, :func:`~stylear_core.proxy.supervisor.tuned_subjects`),
+   ``prompts.images_per_subject`` prompts drawn in turn from the context, style and action templates
+   (:mod:`stylear_core.proxy.prompts`), each naming the subject by its identifier ("a photo of olis
+   robot on the beach") with its own diffusion seed;
+2. **generate**: :class:`~stylear_core.proxy.proxy_actors.ProxyGenerateActor` (a Ray Data actor pool,
+   ``num_gpus`` per actor) holds one supervisor pipeline with every subject's LoRA loaded as a named
+   diffusers adapter, switches to each row's subject and generates;
+3. **filter**: :class:`~stylear_core.proxy.proxy_actors.SubjectFilterActor` scores each image against the
+   subject's real instance images (DINO or CLIP-I,
+   :func:`~stylear_core.evaluation.metrics.subject_similarity`) and against its prompt with the
+   identifier removed (CLIP-T) and drops those under the thresholds;
 4. **tokenize**: the kept records go through the curation
    :class:`~stylear_core.curation.tokenize.TokenizeActor` in the plain text-to-image prompt format
    (no style placeholders), with ``source = "proxy"``.
@@ -38,14 +40,11 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import torch
-from PIL import Image
 
 from stylear_core.config import ConfigError, option, to_dict
 from stylear_core.curation.pipeline import ActorPoolConfig, InputTable, PassResult, map_actors, write_pass
@@ -58,33 +57,26 @@ from stylear_core.curation.stages import (
     written_ids,
 )
 from stylear_core.curation.tokenize import TokenizeActor, TokenizeConfig
-from stylear_core.data.images import ImageDecodeError, decode_image, encode_png
 from stylear_core.data.schemas import CURATED_SCHEMA, TOKEN_SHARDS_SCHEMA, schema_version
-from stylear_core.devices import resolve_device
-from stylear_core.evaluation.metrics import paired_cosine, subject_similarity
-from stylear_core.evaluation.subject_eval import SubjectMetricsConfig, build_metric_models
 from stylear_core.models.presets import ModelConfig
-from stylear_core.proxy.dreambooth import (
-    DTYPES,
-    LORA_FORMAT,
-    LORA_WEIGHT_NAME,
-    load_supervisor,
+from stylear_core.proxy.prompts import ACTION_TEMPLATES, CONTEXT_TEMPLATES, STYLE_TEMPLATES
+from stylear_core.proxy.proxy_actors import (
+    GENERATE_STAGE,
+    GENERATION_STAGES,
+    PROMPT_FILTER_STAGE,
+    SUBJECT_FILTER_STAGE,
+    TOKENIZE_STAGE,
+    ProxyFilterConfig,
+    ProxyGenerateActor,
+    SubjectFilterActor,
+    with_token_source,
 )
-from stylear_core.proxy.subjects import SubjectSet, SubjectSetError
+from stylear_core.proxy.supervisor import SupervisorConfig, TunedSubject, resolve_supervisor, tuned_subjects
 from stylear_core.runs import is_complete, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
 PROXY_FORMAT = "stylear.proxy_generate/1"
-CURATED_SOURCE = (
-    "stylized"  # CURATED_SCHEMA's `source` has no "proxy" choice yet; style_ref names the subject
-)
-TOKEN_SOURCE = "proxy"
-GENERATE_STAGE = "generate"
-SUBJECT_FILTER_STAGE = "subject_filter"
-PROMPT_FILTER_STAGE = "prompt_filter"
-TOKENIZE_STAGE = "tokenize"
-GENERATION_STAGES = (GENERATE_STAGE, SUBJECT_FILTER_STAGE, PROMPT_FILTER_STAGE)
 
 PROXY_CURATED_SCHEMA = pa.schema(
     [
@@ -97,45 +89,6 @@ PROXY_CURATED_SCHEMA = pa.schema(
     metadata=CURATED_SCHEMA.metadata,
 )
 """Curated records (``stylear.curated/1``, whose readers allow extra columns) plus the proxy columns."""
-
-# DreamBench's object prompts (Ruiz et al., 2023), with the subject written as "{identifier} {class_noun}".
-CONTEXT_TEMPLATES = (
-    "a {identifier} {class_noun} in the jungle",
-    "a {identifier} {class_noun} in the snow",
-    "a {identifier} {class_noun} on the beach",
-    "a {identifier} {class_noun} on a cobblestone street",
-    "a {identifier} {class_noun} on top of pink fabric",
-    "a {identifier} {class_noun} on top of a wooden floor",
-    "a {identifier} {class_noun} with a city in the background",
-    "a {identifier} {class_noun} with a mountain in the background",
-    "a {identifier} {class_noun} with a blue house in the background",
-    "a {identifier} {class_noun} on top of a purple rug in a forest",
-    "a {identifier} {class_noun} with a wheat field in the background",
-    "a {identifier} {class_noun} with a tree and autumn leaves in the background",
-    "a {identifier} {class_noun} floating on top of water",
-    "a {identifier} {class_noun} on top of green grass with sunflowers around it",
-    "a {identifier} {class_noun} on top of a mirror",
-    "a {identifier} {class_noun} on top of a dirt road",
-)
-STYLE_TEMPLATES = (
-    "a watercolor painting of a {identifier} {class_noun}",
-    "an oil painting of a {identifier} {class_noun}",
-    "a pencil sketch of a {identifier} {class_noun}",
-    "a cartoon drawing of a {identifier} {class_noun}",
-    "a pixel art image of a {identifier} {class_noun}",
-    "a 3d render of a {identifier} {class_noun}",
-    "a red {identifier} {class_noun}",
-    "a shiny {identifier} {class_noun}",
-)
-ACTION_TEMPLATES = (
-    "a {identifier} {class_noun} floating in an ocean of milk",
-    "a {identifier} {class_noun} held in a hand",
-    "a {identifier} {class_noun} sinking into water",
-    "a {identifier} {class_noun} falling through the air",
-    "a {identifier} {class_noun} being lit by a spotlight",
-    "a {identifier} {class_noun} half buried in sand",
-)
-
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -161,31 +114,6 @@ class ProxyPromptConfig:
                 raise ConfigError(f"prompts: template {t!r} does not name the subject's {{identifier}}")
         if self.images_per_subject < 1:
             raise ConfigError("prompts.images_per_subject: must be >= 1")
-
-
-@dataclass
-class SupervisorConfig:
-    """The supervisor pipeline and how it samples (its preset and weights default to stage 1's)."""
-
-    preset: str = option("", "sdxl or sd3; '' = the preset stage 1 trained")
-    pretrained_dir: str = option("", "local diffusers pipeline dir; '' = the one stage 1 trained on")
-    resolution: int = option(1024, "generated image side in pixels")
-    num_inference_steps: int = option(30, "denoising steps")
-    guidance_scale: float = option(7.5, "classifier-free guidance scale")
-    dtype: str = option("float32", "pipeline dtype", choices=tuple(DTYPES))
-    device: str = option("", "torch device (empty: cuda when visible, else cpu)")
-
-
-@dataclass
-class ProxyFilterConfig:
-    """Which proxy images are kept: subject similarity and prompt adherence thresholds."""
-
-    subject_metric: str = option(
-        "dino", "subject-similarity score: dino or clip_i", choices=("dino", "clip_i")
-    )
-    subject_threshold: float = option(0.5, "drop images whose mean cosine with the instance images is lower")
-    text_threshold: float = option(0.2, "drop images whose CLIP-T (identifier removed) is lower")
-    models: SubjectMetricsConfig = option(SubjectMetricsConfig, "the DINO and CLIP feature extractors")
 
 
 @dataclass
@@ -234,83 +162,7 @@ def resolve_run_path(path: str, run_dir: str) -> str:
     return str(Path(path.format(run_dir=run_dir)).resolve()) if path else path
 
 
-# ---------------------------------------------------------------------------------------------
-# Subjects and rows
-
-
-@dataclass(frozen=True)
-class TunedSubject:
-    """A subject with its stage-1 supervisor LoRA: ``name``, ``identifier``, ``class_noun``, ``lora_dir``,
-    the instance image files, and the supervisor ``preset`` / ``pretrained_dir`` the LoRA was trained on."""
-
-    name: str
-    identifier: str
-    class_noun: str
-    lora_dir: str
-    image_paths: tuple[str, ...]
-    preset: str
-    pretrained_dir: str
-
-    def without_identifier(self, prompt: str) -> str:
-        """``prompt`` with the identifier word removed (what a base CLIP can score for prompt adherence)."""
-        return SubjectSet(self.name, self.class_noun, self.identifier, (), Path(".")).without_identifier(
-            prompt
-        )
-
-    def entry(self) -> dict[str, str]:
-        """``{"name", "identifier", "class_noun"}``: the subject as adapter manifests list it."""
-        return {"name": self.name, "identifier": self.identifier, "class_noun": self.class_noun}
-
-
-def tuned_subjects(
-    dreambooth_dir: str | Path, subjects_dir: str | Path, names: Sequence[str] | None = None
-) -> list[TunedSubject]:
-    """Every subject with a complete stage-1 LoRA under ``dreambooth_dir`` (only ``names`` when given), by name.
-
-    The identifier and class noun are the ones the LoRA was trained with (its manifest); the instance
-    images are read from ``subjects_dir/<name>``. Raises :class:`SubjectSetError` for a requested
-    subject without a finished LoRA, or when no subject is found.
-    """
-    root = Path(dreambooth_dir)
-    found = (
-        sorted(p.name for p in root.iterdir() if p.is_dir() and is_complete(p, LORA_FORMAT))
-        if root.is_dir()
-        else []
-    )
-    if names:
-        missing = [n for n in names if n not in found]
-        if missing:
-            raise SubjectSetError(
-                f"{root}: no finished DreamBooth LoRA for subject(s) {missing} (found: {found})"
-            )
-        found = [n for n in found if n in set(names)]
-    if not found:
-        raise SubjectSetError(f"{root}: no finished DreamBooth LoRA (run stage 1, jobs.dreambooth, first)")
-    subjects = []
-    for name in found:
-        manifest = read_manifest(root / name) or {}
-        subject = SubjectSet.from_folder(Path(subjects_dir) / name, identifier=manifest["identifier"])
-        subjects.append(
-            TunedSubject(
-                name=name,
-                identifier=subject.identifier,
-                class_noun=manifest.get("class_noun", subject.class_noun),
-                lora_dir=str((root / name).resolve()),
-                image_paths=tuple(str(p.resolve()) for p in subject.image_paths),
-                preset=manifest["preset"],
-                pretrained_dir=manifest["pretrained_dir"],
-            )
-        )
-    return subjects
-
-
-def resolve_supervisor(cfg: SupervisorConfig, subjects: Sequence[TunedSubject]) -> SupervisorConfig:
-    """``cfg`` with an empty preset / pretrained_dir taken from the subjects' LoRAs, which must share one base."""
-    bases = sorted({(s.preset, s.pretrained_dir) for s in subjects})
-    if (not cfg.preset or not cfg.pretrained_dir) and len(bases) > 1:
-        raise ConfigError(f"supervisor: the subjects' LoRAs were trained on different bases {bases}; set one")
-    preset, pretrained = bases[0]
-    return replace(cfg, preset=cfg.preset or preset, pretrained_dir=cfg.pretrained_dir or pretrained)
+# Prompt rows
 
 
 def interleaved_templates(cfg: ProxyPromptConfig) -> list[tuple[str, str]]:
@@ -346,219 +198,6 @@ def proxy_prompt_rows(subjects: Sequence[TunedSubject], cfg: ProxyPromptConfig) 
                 }
             )
     return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Actors
-
-
-Batch = pa.Table | Mapping[str, Any]
-
-
-def _column(batch: Batch, name: str, n: int) -> list[Any]:
-    names = batch.column_names if isinstance(batch, pa.Table) else list(batch)
-    if name not in names:
-        return [None] * n
-    values = batch[name]
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return values.to_pylist()
-    return values.tolist() if isinstance(values, np.ndarray) else list(values)
-
-
-def _num_rows(batch: Batch) -> int:
-    return batch.num_rows if isinstance(batch, pa.Table) else len(batch["id"])
-
-
-class SupervisorSampler:
-    """One supervisor pipeline with many subjects' stage-1 LoRAs: ``activate(subject)``, then ``generate``.
-
-    Takes the resolved :class:`SupervisorConfig` and ``{subject: lora_dir}``. Each LoRA is loaded on first
-    use as a diffusers adapter named after the subject and switched on alone with ``set_adapters``; the
-    base weights are loaded once and never reloaded (the same images as ``load_supervisor(...,
-    lora_dir=...)`` of that one subject).
-    """
-
-    def __init__(self, cfg: SupervisorConfig, loras: Mapping[str, str]) -> None:
-        self.cfg = cfg
-        self.loras = dict(loras)
-        self.device = resolve_device(cfg.device)
-        self.pipe = load_supervisor(cfg.preset, cfg.pretrained_dir, self.device, DTYPES[cfg.dtype])
-        self.loaded: set[str] = set()
-
-    def activate(self, subject: str) -> None:
-        """Load ``subject``'s LoRA (once) and make it the only active adapter."""
-        if subject not in self.loras:
-            raise KeyError(f"no supervisor LoRA for subject {subject!r} (have {sorted(self.loras)})")
-        if subject not in self.loaded:
-            self.pipe.load_lora_weights(
-                self.loras[subject], weight_name=LORA_WEIGHT_NAME, adapter_name=subject
-            )
-            self.loaded.add(subject)
-        self.pipe.set_adapters([subject])
-
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
-        """One image per prompt from the active subject's supervisor, image ``i`` drawn with seed ``seeds[i]``."""
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        return self.pipe(
-            prompt=list(prompts),
-            height=self.cfg.resolution,
-            width=self.cfg.resolution,
-            num_inference_steps=self.cfg.num_inference_steps,
-            guidance_scale=self.cfg.guidance_scale,
-            generator=generators,
-        ).images
-
-
-class ProxyGenerateActor:
-    """Ray Data actor: generation rows -> proxy images from each row's subject supervisor (:class:`SupervisorSampler`).
-
-    Takes the resolved :class:`SupervisorConfig` and ``{subject: lora_dir}``. ``__call__`` gives curated
-    columns (PNG ``image``, size, ``seed``, ``source``, ``style_ref`` = the subject) plus the row's
-    ``subject``, ``identifier``, ``plain_prompt`` and ``error`` / ``error_stage`` (a subject group that
-    fails to generate is marked, not raised).
-    """
-
-    def __init__(self, cfg: SupervisorConfig, loras: Mapping[str, str]) -> None:
-        self.cfg = cfg
-        self.sampler = SupervisorSampler(cfg, loras)
-
-    def __call__(self, batch: Batch) -> pa.Table:
-        """Generate a batch of rows (see the class docstring for the columns)."""
-        n = _num_rows(batch)
-        ids = [str(i) for i in _column(batch, "id", n)]
-        subjects = _column(batch, "subject", n)
-        prompts = _column(batch, "prompt", n)
-        seeds = [int(s) for s in _column(batch, "seed", n)]
-        images: list[bytes | None] = [None] * n
-        errors: list[str | None] = [None] * n
-        groups: dict[str, list[int]] = {}
-        for k, subject in enumerate(subjects):
-            groups.setdefault(subject, []).append(k)
-        for subject, members in groups.items():
-            try:
-                self.sampler.activate(subject)
-                generated = self.sampler.generate([prompts[k] for k in members], [seeds[k] for k in members])
-            except Exception as e:  # one subject's failure must not lose the others' images
-                log.warning("proxy generation failed for %s: %s", subject, e)
-                for k in members:
-                    errors[k] = f"{type(e).__name__}: {e}"
-                continue
-            for k, image in zip(members, generated):
-                images[k] = encode_png(image)
-        side = self.cfg.resolution
-        ok = [e is None for e in errors]
-        return pa.table(
-            {
-                "id": pa.array(ids, pa.string()),
-                "prompt": pa.array(prompts, pa.string()),
-                "image": pa.array(images, pa.binary()),
-                "source": pa.array([CURATED_SOURCE] * n, pa.string()),
-                "style_ref": pa.array(subjects, pa.string()),
-                "clip_text_score": pa.nulls(n, pa.float32()),
-                "width": pa.array([side if good else None for good in ok], pa.int32()),
-                "height": pa.array([side if good else None for good in ok], pa.int32()),
-                "seed": pa.array(seeds, pa.int64()),
-                "subject": pa.array(subjects, pa.string()),
-                "identifier": pa.array(_column(batch, "identifier", n), pa.string()),
-                "plain_prompt": pa.array(_column(batch, "plain_prompt", n), pa.string()),
-                "error": pa.array(errors, pa.string()),
-                "error_stage": pa.array([None if good else GENERATE_STAGE for good in ok], pa.string()),
-            }
-        )
-
-
-class SubjectFilterActor:
-    """Ray Data actor: score proxy images for subject fidelity and prompt adherence, mark those under threshold.
-
-    Takes the :class:`ProxyFilterConfig` and ``{subject: instance image files}``. Builds DINO and CLIP
-    once and encodes each subject's instance images once. Per row: ``dino_score`` / ``clip_i_score``
-    (mean cosine with the instance images), ``clip_text_score`` (cosine with ``plain_prompt``, the
-    prompt without the identifier). A row under ``subject_threshold`` (on ``subject_metric``) gets
-    ``error_stage = "subject_filter"``, else one under ``text_threshold`` gets ``"prompt_filter"``;
-    rows that arrive with an error pass through unscored.
-    """
-
-    def __init__(self, cfg: ProxyFilterConfig, references: Mapping[str, Sequence[str]]) -> None:
-        self.cfg = cfg
-        self.references = {k: list(v) for k, v in references.items()}
-        self.dino, self.clip = build_metric_models(cfg.models)
-        self._reference_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def reference_features(self, subject: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """DINO and CLIP features of ``subject``'s instance images (computed once)."""
-        if subject not in self._reference_features:
-            images = [decode_image(Path(p).read_bytes()) for p in self.references[subject]]
-            self._reference_features[subject] = (
-                self.dino.image_features(images),
-                self.clip.image_features(images),
-            )
-        return self._reference_features[subject]
-
-    def __call__(self, batch: Batch) -> pa.Table:
-        """Score and filter a batch (see the class docstring for the columns)."""
-        table = (
-            batch
-            if isinstance(batch, pa.Table)
-            else pa.table({k: _column(batch, k, _num_rows(batch)) for k in batch})
-        )
-        n = table.num_rows
-        errors = _column(table, "error", n)
-        stages = _column(table, "error_stage", n)
-        subjects = _column(table, "subject", n)
-        plain = _column(table, "plain_prompt", n)
-        images = _column(table, "image", n)
-        scores = {name: np.full(n, np.nan, dtype=np.float32) for name in ("dino", "clip_i", "clip_t")}
-        rows, decoded = [], []
-        for k in range(n):
-            if errors[k] is not None:
-                continue
-            try:
-                decoded.append(decode_image(bytes(images[k] or b"")))
-            except ImageDecodeError as e:
-                errors[k], stages[k] = f"image: {e}", GENERATE_STAGE
-                continue
-            rows.append(k)
-        if rows:
-            dino = self.dino.image_features(decoded)
-            clip = self.clip.image_features(decoded)
-            text = self.clip.text_features([plain[k] for k in rows])
-            scores["clip_t"][rows] = paired_cosine(clip, text).numpy()
-            for j, k in enumerate(rows):
-                ref_dino, ref_clip = self.reference_features(subjects[k])
-                scores["dino"][k] = float(subject_similarity(dino[j : j + 1], ref_dino)[0])
-                scores["clip_i"][k] = float(subject_similarity(clip[j : j + 1], ref_clip)[0])
-        subject_scores = scores[self.cfg.subject_metric]
-        for k in rows:
-            if subject_scores[k] < self.cfg.subject_threshold:
-                errors[k] = (
-                    f"{self.cfg.subject_metric} subject score {subject_scores[k]:.4f} "
-                    f"below threshold {self.cfg.subject_threshold}"
-                )
-                stages[k] = SUBJECT_FILTER_STAGE
-            elif scores["clip_t"][k] < self.cfg.text_threshold:
-                errors[k] = (
-                    f"CLIP-T score {scores['clip_t'][k]:.4f} below threshold {self.cfg.text_threshold}"
-                )
-                stages[k] = PROMPT_FILTER_STAGE
-        out = table.drop_columns(
-            [c for c in ("error", "error_stage", "clip_text_score") if c in table.column_names]
-        )
-        for name, column in (
-            ("dino_score", "dino"),
-            ("clip_i_score", "clip_i"),
-            ("clip_text_score", "clip_t"),
-        ):
-            out = out.append_column(
-                name, pa.array(scores[column], pa.float32(), mask=np.isnan(scores[column]))
-            )
-        out = out.append_column("error", pa.array(errors, pa.string()))
-        return out.append_column("error_stage", pa.array(stages, pa.string()))
-
-
-def with_token_source(batch: pa.Table) -> pa.Table:
-    """Curated proxy rows -> the tokenizer's input ``{id, prompt, image, source = "proxy"}``."""
-    table = batch.select(["id", "prompt", "image"])
-    return table.append_column("source", pa.array([TOKEN_SOURCE] * table.num_rows, pa.string()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,29 +359,15 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
 
 
 __all__ = [
-    "ACTION_TEMPLATES",
-    "CONTEXT_TEMPLATES",
-    "CURATED_SOURCE",
     "PROXY_CURATED_SCHEMA",
     "PROXY_FORMAT",
-    "STYLE_TEMPLATES",
-    "TOKEN_SOURCE",
     "ProxyDataRun",
-    "ProxyFilterConfig",
-    "ProxyGenerateActor",
     "ProxyGenerateConfig",
     "ProxyPromptConfig",
-    "SubjectFilterActor",
-    "SupervisorSampler",
-    "SupervisorConfig",
-    "TunedSubject",
     "interleaved_templates",
     "proxy_prompt_rows",
     "proxy_subject_entries",
     "resolve_run_path",
-    "resolve_supervisor",
     "run_proxy_generation",
     "summary_lines",
-    "tuned_subjects",
-    "with_token_source",
 ]

@@ -14,16 +14,11 @@ from safetensors.torch import load_file
 
 from jobs import dreambooth as job
 from stylear_core.config import ConfigError, load_config
-from stylear_core.proxy.dreambooth import (
-    LORA_WEIGHT_NAME,
-    DreamBoothConfig,
-    build_tiny_sd3_dir,
-    load_supervisor,
-    prepare_training_image,
-    run_dreambooth_subject,
-)
+from stylear_core.proxy.dreambooth import DreamBoothConfig, prepare_training_image, run_dreambooth_subject
+from stylear_core.proxy.families import LORA_WEIGHT_NAME, load_supervisor
 from stylear_core.proxy.subjects import write_synthetic_subjects
 from stylear_core.runs import is_complete, read_manifest
+from stylear_core.testing.tiny_pipelines import build_tiny_sd3_dir
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "dreambooth" / "tiny.yaml"
 

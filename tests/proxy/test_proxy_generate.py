@@ -20,30 +20,22 @@ from stylear_core.data.images import decode_image, encode_png
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.data.schemas import CURATED_SCHEMA, TOKEN_SHARDS_SCHEMA, validate_table
 from stylear_core.data.tokenizer import text_prompt_ids
+from stylear_core.evaluation.metric_models import build_metric_models
 from stylear_core.evaluation.metrics import per_image_subject_scores
-from stylear_core.evaluation.subject_eval import build_metric_models
 from stylear_core.models.presets import build_prompt_tokenizer
-from stylear_core.proxy.dreambooth import (
-    LORA_FORMAT,
-    DreamBoothConfig,
-    add_lora,
-    build_tiny_sdxl_dir,
-    load_supervisor,
-    supervisor_family,
-)
+from stylear_core.proxy.dreambooth import LORA_FORMAT, DreamBoothConfig, add_lora
+from stylear_core.proxy.families import load_supervisor, supervisor_family
+from stylear_core.proxy.proxy_actors import ProxyGenerateActor, SubjectFilterActor
 from stylear_core.proxy.proxy_data import (
     PROXY_FORMAT,
-    ProxyGenerateActor,
     ProxyPromptConfig,
-    SubjectFilterActor,
-    SupervisorSampler,
     proxy_prompt_rows,
     proxy_subject_entries,
-    resolve_supervisor,
-    tuned_subjects,
 )
 from stylear_core.proxy.subjects import SubjectSetError, write_synthetic_subjects
+from stylear_core.proxy.supervisor import SupervisorSampler, resolve_supervisor, tuned_subjects
 from stylear_core.runs import read_manifest, write_manifest
+from stylear_core.testing.tiny_pipelines import build_tiny_sdxl_dir
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "proxy_generate" / "tiny.yaml"
 

@@ -15,17 +15,17 @@ import torch
 from jobs import evaluate_subject, pipeline
 from stylear_core.config import load_config
 from stylear_core.data.images import decode_image
+from stylear_core.evaluation.metric_models import build_metric_models
 from stylear_core.evaluation.metrics import subject_metrics
 from stylear_core.evaluation.subject_eval import (
     EVAL_FORMAT,
     MEAN_ROW,
     StudentGenerator,
-    build_metric_models,
     eval_prompts,
     image_path,
 )
-from stylear_core.proxy.dreambooth import load_supervisor
-from stylear_core.proxy.proxy_data import tuned_subjects
+from stylear_core.proxy.families import load_supervisor
+from stylear_core.proxy.supervisor import tuned_subjects
 from stylear_core.runs import is_complete, read_manifest
 
 # Whole Proxy-Tuning runs under Ray take minutes on 2 cores: `make test-all` runs them.

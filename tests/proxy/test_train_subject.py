@@ -19,7 +19,7 @@ from stylear_core.curation.tokenize import TokenizeActor, TokenizeConfig
 from stylear_core.data.images import decode_image
 from stylear_core.data.schemas import TOKEN_SHARDS_SCHEMA, conform_table
 from stylear_core.models.presets import build_prompt_tokenizer, build_stylear_model
-from stylear_core.proxy.proxy_data import PROXY_FORMAT, ProxyPromptConfig, TunedSubject, proxy_prompt_rows
+from stylear_core.proxy.proxy_data import PROXY_FORMAT, ProxyPromptConfig, proxy_prompt_rows
 from stylear_core.proxy.subject_training import (
     SUBJECT_TRAIN_FORMAT,
     SubjectSFTObjective,
@@ -27,6 +27,7 @@ from stylear_core.proxy.subject_training import (
     rows_per_subject,
 )
 from stylear_core.proxy.subjects import write_synthetic_subjects
+from stylear_core.proxy.supervisor import TunedSubject
 from stylear_core.runs import read_manifest, write_manifest
 from stylear_core.training.batches import TokenBatchCollate
 from stylear_core.training.export import ADAPTER_FORMAT, load_adapter, verify_adapter
