@@ -36,23 +36,14 @@ apply_project_env()
 
 from stylear_core.config import load_config  # noqa: E402
 from stylear_core.curation.clip_filter import ClipFilter  # noqa: E402
+from stylear_core.curation.config import CurationConfig  # noqa: E402
+from stylear_core.curation.inputs import CurationInputs, load_inputs  # noqa: E402
 from stylear_core.curation.mix import mix_raw_and_stylized  # noqa: E402
-from stylear_core.curation.pipeline import (  # noqa: E402
-    CurationConfig,
-    CurationInputs,
-    CurationRun,
-    InputTable,
-    load_inputs,
-)
-from stylear_core.curation.stages import (  # noqa: E402
-    TABLE_SCHEMAS,
-    MaskActor,
-    RoutedParquetSink,
-    StylizeActor,
-    normalize_raw_batch,
-    table_dir,
-)
+from stylear_core.curation.pipeline import CurationRun  # noqa: E402
+from stylear_core.curation.stages import MaskActor, StylizeActor, normalize_raw_batch  # noqa: E402
 from stylear_core.curation.tokenize import TokenizeActor  # noqa: E402
+from stylear_core.data.passes import InputTable, RoutedParquetSink, table_dir  # noqa: E402
+from stylear_core.data.schemas import TABLE_SCHEMAS  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "curate"
 

@@ -1,7 +1,7 @@
 """StyleAR data curation on Ray Data: stylize, CLIP-filter, mix with raw pairs, SAM-mask references, tokenize.
 
 Takes a curation config (``jobs/configs/curate/{tiny,lumina7b}.yaml``, see
-:class:`~stylear_core.curation.pipeline.CurationConfig`) and ``key=value`` overrides. Gives
+:class:`~stylear_core.curation.config.CurationConfig`) and ``key=value`` overrides. Gives
 ``<output_dir>/{stylized,curated,masks,tokens,preference_requests,errors}/*.parquet`` and
 ``<output_dir>/manifest.json`` (status complete, with the summary). Rerunning on the same output dir
 only does missing work.
@@ -12,7 +12,8 @@ only does missing work.
 from __future__ import annotations
 
 from stylear_core.config import parse_job_args
-from stylear_core.curation.pipeline import CurationConfig, run_curation, summary_lines
+from stylear_core.curation.config import CurationConfig
+from stylear_core.curation.pipeline import run_curation, summary_lines
 from stylear_core.ray_connection import connect_ray
 
 Config = CurationConfig

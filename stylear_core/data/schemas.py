@@ -116,6 +116,17 @@ ALL_SCHEMAS: dict[str, pa.Schema] = {
     "errors": ERRORS_SCHEMA,
 }
 
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "stylized": CURATED_SCHEMA,
+    "curated": CURATED_SCHEMA,
+    "masks": SAM_MASKS_SCHEMA,
+    "tokens": TOKEN_SHARDS_SCHEMA,
+    "preference_requests": STYLE_REQUESTS_SCHEMA,
+    "errors": ERRORS_SCHEMA,
+}
+"""Every table of a curation-layout output directory (``output_dir/<name>/*.parquet``) and its schema
+(curation writes them all; proxy data writes ``curated``, ``tokens`` and ``errors``)."""
+
 
 def schema_version(schema: pa.Schema) -> str | None:
     """The ``schema_version`` metadata of ``schema`` (e.g. ``"stylear.raw/1"``), or None if it has none."""

@@ -47,16 +47,20 @@ from typing import Any
 import pyarrow as pa
 
 from stylear_core.config import ConfigError, option, to_dict
-from stylear_core.curation.pipeline import ActorPoolConfig, InputTable, PassResult, map_actors, write_pass
-from stylear_core.curation.stages import (
+from stylear_core.curation.tokenize import TokenizeActor, TokenizeConfig
+from stylear_core.data.passes import (
+    ActorPoolConfig,
+    InputTable,
+    PassResult,
     RoutedParquetSink,
     error_ids,
+    map_actors,
     read_table,
     table_dir,
     table_files,
+    write_pass,
     written_ids,
 )
-from stylear_core.curation.tokenize import TokenizeActor, TokenizeConfig
 from stylear_core.data.schemas import CURATED_SCHEMA, TOKEN_SHARDS_SCHEMA, schema_version
 from stylear_core.models.presets import ModelConfig
 from stylear_core.proxy.prompts import ACTION_TEMPLATES, CONTEXT_TEMPLATES, STYLE_TEMPLATES

@@ -6,11 +6,16 @@ Each builder saves a diffusers pipeline (``save_pretrained`` layout) at toy size
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from stylear_core.curation.stylizer import StylizerConfig
 
 
 def build_tiny_sdxl_dir(path: str | Path, seed: int = 0) -> Path:
@@ -108,3 +113,23 @@ def build_tiny_sd3_dir(path: str | Path, seed: int = 0) -> Path:
 
 TINY_SUPERVISOR_BUILDERS = {"sdxl": build_tiny_sdxl_dir, "sd3": build_tiny_sd3_dir}
 """Tiny random supervisor writers by preset name: ``builder(path, seed=0) -> path``."""
+
+
+def tiny_stylizer_dir(cache_dir: str | Path, seed: int = 0) -> StylizerConfig:
+    """The tiny random SDXL + IP-Adapter under ``cache_dir``, built on first use (into a temporary dir, then renamed).
+
+    Returns a config whose paths point at it; later calls (and concurrent builders) reuse the first complete build.
+    """
+    from stylear_core.curation.stylizer import build_tiny_sdxl_stylizer_dir
+
+    root = Path(cache_dir) / f"tiny_sdxl_stylizer_seed{seed}"
+    paths = {"pipeline_path": str(root / "sdxl"), "ip_adapter_path": str(root / "ip_adapter")}
+    if not (root / "sdxl" / "model_index.json").is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = root.parent / f".{root.name}.{uuid.uuid4().hex[:8]}.tmp"
+        build_tiny_sdxl_stylizer_dir(tmp, seed=seed)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished first: keep its build
+            shutil.rmtree(tmp, ignore_errors=True)
+    return replace(StylizerConfig(), **paths)

@@ -17,13 +17,16 @@ import pytest
 import torch
 
 import jobs.curate
+from stylear_core.curation.config import InputConfig
+from stylear_core.curation.inputs import load_inputs
 from stylear_core.curation.mix import selection_key
-from stylear_core.curation.pipeline import InputConfig, load_inputs, preference_hold_out
-from stylear_core.curation.stages import TABLE_SCHEMAS, read_table, table_files
+from stylear_core.curation.pipeline import preference_hold_out
 from stylear_core.data.images import decode_image
 from stylear_core.data.layout import ImageTokenLayout
+from stylear_core.data.passes import read_table, table_files
 from stylear_core.data.schemas import (
     RAW_PAIRS_SCHEMA,
+    TABLE_SCHEMAS,
     SchemaError,
     rows_to_table,
     schema_version,
