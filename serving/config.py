@@ -35,6 +35,16 @@ class ServingConfig:
     request_timeout_s: float = option(600.0, "the ingress answers 504 when the model takes longer")
     max_upload_bytes: int = option(8 * 2**20, "largest style reference upload, in bytes")
     max_reference_pixels: int = option(4096 * 4096, "largest style reference, in pixels")
+    max_reference_side: int = option(8192, "longest side a style reference may have, in pixels")
+    max_reference_aspect: float = option(
+        4.0, "most elongated style reference accepted (longer side / shorter side)"
+    )
+    reference_working_side: int = option(
+        1024,
+        "references are shrunk to this longer side right after decoding, before SAM and CLIP: at least "
+        "SAM's input side (1024 for vit_h/l/b); with max_reference_aspect it keeps the shorter side at or "
+        "above CLIP's input (224 for ViT-H-14)",
+    )
     max_prompt_chars: int = option(2000, "longest prompt, in characters")
     max_side: int = option(1024, "largest height or width a request may ask for, in pixels")
     stats_window: int = option(1000, "how many recent batch sizes the model deployment remembers")
@@ -47,6 +57,8 @@ class ServingConfig:
             "max_batch_size",
             "max_upload_bytes",
             "max_reference_pixels",
+            "max_reference_side",
+            "reference_working_side",
             "max_prompt_chars",
             "max_side",
             "stats_window",
@@ -56,6 +68,8 @@ class ServingConfig:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.request_timeout_s <= 0 or self.batch_wait_timeout_s < 0:
             raise ConfigError("request_timeout_s must be > 0 and batch_wait_timeout_s >= 0")
+        if self.max_reference_aspect < 1:
+            raise ConfigError(f"max_reference_aspect: must be at least 1, got {self.max_reference_aspect}")
         if self.max_side % 32:
             raise ConfigError(f"max_side: {self.max_side} is not a multiple of 32")
         if self.sam_enabled and self.sam.model_type != "tiny" and not self.sam.checkpoint:

@@ -17,14 +17,12 @@ or unavailable one a 503; anything unexpected a 500 without internals.
 import asyncio
 import base64
 import binascii
-import io
 import json
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
@@ -44,7 +42,13 @@ from serving.schemas import (
     parse_options,
 )
 from stylear_core.config import from_dict
-from stylear_core.data.images import ImageDecodeError, decode_image
+from stylear_core.data.images import (
+    WEB_FORMATS,
+    ImageDecodeError,
+    ImageLimitError,
+    UnsupportedImageFormatError,
+    probe_image,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -91,21 +95,31 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def check_reference(data: bytes, max_bytes: int, max_pixels: int) -> bytes:
-    """Reference bytes that are a readable image within the limits, else a 4xx naming ``image``."""
+def check_reference(
+    data: bytes,
+    max_bytes: int,
+    max_pixels: int,
+    max_side: int = ServingConfig.max_reference_side,
+    max_aspect: float = ServingConfig.max_reference_aspect,
+) -> bytes:
+    """Reference bytes whose header shows an accepted image within the limits, else a 4xx naming ``image``.
+
+    Only the header is read (a few milliseconds whatever the upload declares), so this runs inline on
+    the event loop. The pixels are decoded once, on the model replica's decode thread, where data
+    that does not decode (truncated, corrupt) is a 400 naming ``image``. Statuses: empty 422; over
+    the byte, pixel or side limit 413; more elongated than the aspect-ratio limit 422; a known image
+    format other than PNG, JPEG or WebP 415 (the message lists those); anything else unreadable 400.
+    """
     if not data:
         raise ApiError(422, "image: the style reference is empty", "image")
     if len(data) > max_bytes:
         raise ApiError(413, f"image: {len(data)} bytes exceeds the {max_bytes}-byte limit", "image")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError):
-        raise ApiError(400, "image: not a readable image", "image") from None
-    if width * height > max_pixels:
-        raise ApiError(413, f"image: {width}x{height} exceeds the {max_pixels}-pixel limit", "image")
-    try:
-        decode_image(data, max_pixels=max_pixels)
+        probe_image(data, max_pixels, max_side=max_side, max_aspect=max_aspect, formats=WEB_FORMATS)
+    except UnsupportedImageFormatError as e:
+        raise ApiError(415, f"image: {e}", "image") from None
+    except ImageLimitError as e:
+        raise ApiError(422 if e.limit == "aspect" else 413, f"image: {e}", "image") from None
     except ImageDecodeError as e:
         raise ApiError(400, f"image: {e}", "image") from None
     return data

@@ -122,7 +122,15 @@ class StyleARModelDeployment:
             from stylear_core.curation.sam import StyleRegionMasker
 
             masker = StyleRegionMasker.from_config(self.cfg.sam)
-        self.style = ReferenceStyleEncoder(encoder, resampler, masker, self.cfg.max_reference_pixels)
+        self.style = ReferenceStyleEncoder(
+            encoder,
+            resampler,
+            masker,
+            self.cfg.max_reference_pixels,
+            max_side=self.cfg.max_reference_side,
+            max_aspect=self.cfg.max_reference_aspect,
+            working_side=self.cfg.reference_working_side,
+        )
         self.num_style_tokens = resampler.num_queries
         self.base_builds = 1  # the base model is built here and only here
         self.base_model = base_model_id(model_cfg)  # what adapter manifests must name as their base

@@ -1,9 +1,15 @@
 """StyleAR's style path at request time: reference image bytes -> style tokens for the engine.
 
-bytes -> :func:`decode_image` (size-checked) -> optional SAM cleaning (the curation stage's
+bytes -> :func:`decode_image` (format, pixel count, sides and aspect ratio checked on the header,
+then shrunk to the working side) -> optional SAM cleaning (the curation stage's
 :class:`StyleRegionMasker`, which removes the reference's salient object so its content does not
 leak) -> frozen CLIP penultimate features -> the (adapter's) perceiver resampler -> ``N`` style tokens
 -> Gaussian "style-enhancing" noise of the requested strength, drawn from a per-request seed.
+
+Shrinking right after decoding bounds everything after it (SAM's masks, the halo dilation, the fill,
+CLIP's preprocessing) by the working side, whatever the upload's size: neither SAM (which resizes its
+input to its encoder's side, 1024 for the released models) nor CLIP (which resizes the shorter side
+to 224 for ViT-H/14 and centre-crops) looks at more pixels than that.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stylear_core.data.images import decode_image
+from stylear_core.data.images import WEB_FORMATS, decode_image
 from stylear_core.models.clip import StyleEncoder
 from stylear_core.models.style_tokens import add_style_noise
 
@@ -36,7 +42,8 @@ class ReferenceStyleEncoder:
 
     Takes the frozen :class:`StyleEncoder`, the base resampler (an adapter may bring its own, passed
     per call), an optional SAM masker (anything with ``clean_reference(pil) -> (mask, fraction,
-    pil)``) and the largest reference accepted in pixels.
+    pil)``), the limits a reference must meet (largest pixel count, longer side and aspect ratio, the
+    accepted formats) and the working side references are shrunk to before anything else runs.
     """
 
     def __init__(
@@ -45,15 +52,35 @@ class ReferenceStyleEncoder:
         resampler: nn.Module,
         masker: object | None = None,
         max_pixels: int = 4096 * 4096,
+        *,
+        max_side: int | None = 8192,
+        max_aspect: float | None = 4.0,
+        formats: Sequence[str] | None = WEB_FORMATS,
+        working_side: int | None = 1024,
     ) -> None:
         self.style_encoder = style_encoder
         self.resampler = resampler
         self.masker = masker
         self.max_pixels = max_pixels
+        self.max_side = max_side
+        self.max_aspect = max_aspect
+        self.formats = formats
+        self.working_side = working_side
 
     def load(self, data: bytes) -> Image.Image:
-        """Reference bytes -> RGB image; :class:`ImageDecodeError` if unreadable, empty or too large."""
-        return decode_image(data, max_pixels=self.max_pixels)
+        """Reference bytes -> RGB image no larger than the working side.
+
+        Raises :class:`ImageDecodeError` (or its subclasses) if the bytes are unreadable, empty, of an
+        unaccepted format or over a limit.
+        """
+        return decode_image(
+            data,
+            self.max_pixels,
+            max_side=self.max_side,
+            max_aspect=self.max_aspect,
+            formats=self.formats,
+            working_side=self.working_side,
+        )
 
     def clean(self, image: Image.Image) -> Image.Image:
         """The reference with its salient content removed by SAM."""

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import threading
+import time
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from stylear_core.curation.sam import MaskerConfig, StyleRegionMasker
-from stylear_core.data.images import ImageDecodeError, encode_png
+from stylear_core.data.images import (
+    ImageDecodeError,
+    ImageLimitError,
+    UnsupportedImageFormatError,
+    encode_png,
+)
 from stylear_core.inference.style_request import ReferenceStyleEncoder, StyleRequestError
 from stylear_core.models.presets import ModelConfig, build_resampler, build_style_encoder
 
@@ -84,3 +93,57 @@ def test_bad_references_are_refused(parts):
     with pytest.raises(StyleRequestError) as info:
         style(reference_png(), True, 0.0, 0)
     assert info.value.field == "sam"
+
+
+def test_references_are_shrunk_to_the_working_side_right_after_decoding(parts):
+    encoder, resampler, _ = parts
+    style = ReferenceStyleEncoder(encoder, resampler, working_side=256)
+    assert style.load(reference_png(1024)).size == (256, 256)
+    wide = Image.new("RGB", (900, 300), (10, 200, 30))
+    assert style.load(encode_png(wide)).size == (256, 85)
+    assert style.load(reference_png(96)).size == (96, 96)  # small ones are left as they are
+
+
+def test_a_4096px_reference_is_cleaned_by_sam_in_bounded_time_without_stalling_other_threads(parts):
+    """The replica's event loop shares the GIL with this work: it must never wait long for it.
+
+    Before references were shrunk (and the halo was a Pillow MaxFilter) this took minutes and held the
+    GIL throughout, so the replica missed its health checks.
+    """
+    encoder, resampler, masker = parts
+    style = ReferenceStyleEncoder(encoder, resampler, masker, working_side=256)  # tiny.yaml's setting
+    image = Image.open(io.BytesIO(reference_png(256))).resize((4096, 4096), Image.Resampling.NEAREST)
+    data = encode_png(image)
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        started = time.perf_counter()
+        result["tokens"] = style(data, use_sam=True, noise_strength=0.3, seed=1)
+        result["seconds"] = time.perf_counter() - started
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    stalls = []
+    while worker.is_alive() and len(stalls) < 2000:  # bounded: at most ~10 s of 5 ms naps
+        started = time.perf_counter()
+        time.sleep(0.005)
+        stalls.append(time.perf_counter() - started)
+    worker.join(timeout=60)
+    assert result["tokens"].shape == (4, 64)
+    assert result["seconds"] < 3.0
+    assert max(stalls) < 0.5
+
+
+def test_references_over_the_shape_limits_or_in_other_formats_are_refused(parts):
+    encoder, resampler, _ = parts
+    style = ReferenceStyleEncoder(encoder, resampler, max_side=64, max_aspect=2.0)
+    with pytest.raises(ImageLimitError) as info:
+        style(encode_png(Image.new("RGB", (65, 40))), False, 0.0, 0)
+    assert info.value.limit == "side"
+    with pytest.raises(ImageLimitError) as info:
+        style(encode_png(Image.new("RGB", (60, 20))), False, 0.0, 0)
+    assert info.value.limit == "aspect"
+    qoi = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(qoi, format="QOI")
+    with pytest.raises(UnsupportedImageFormatError):
+        style(qoi.getvalue(), False, 0.0, 0)
