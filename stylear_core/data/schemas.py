@@ -5,11 +5,15 @@ Every parquet file a stage writes carries its schema's version in the schema met
 nothing but pyarrow. The formats, in the order data flows:
 
 * ``RAW_PAIRS_SCHEMA`` (``stylear.raw/1``): text-image pairs as found, image bytes undecoded.
-* ``CURATED_SCHEMA`` (``stylear.curated/1``): training records, raw or stylized.
+* ``CURATED_SCHEMA`` (``stylear.curated/2``): training records, raw, stylized or proxy (version 2 added
+  the ``proxy`` source; ``PROXY_CURATED_SCHEMA`` is it plus proxy data's subject columns).
 * ``SAM_MASKS_SCHEMA`` (``stylear.sam_masks/1``): per reference image, the kept-region mask and the
   image with its salient content removed.
 * ``TOKEN_SHARDS_SCHEMA`` (``stylear.token_shards/1``): tokenised prompts and VQ image tokens.
 * ``ERRORS_SCHEMA`` (``stylear.errors/1``): one row per record a stage skipped, and why.
+* ``PREFERENCE_PAIRS_SCHEMA`` (``stylear.preference_pairs/1``): DPO preference pairs.
+* ``EVAL_SAMPLES_SCHEMA`` / ``EVAL_METRICS_SCHEMA`` (``stylear.eval_samples/1``, ``stylear.eval_metrics/1``):
+  style evaluation's samples with their scores, and each variant's mean scores.
 
 A column may restrict its values with the field metadata key ``choices`` (comma separated),
 checked by :func:`validate_table`.
@@ -48,12 +52,12 @@ RAW_PAIRS_SCHEMA = _versioned(
 )
 
 CURATED_SCHEMA = _versioned(
-    "stylear.curated/1",
+    "stylear.curated/2",
     [
         pa.field("id", pa.string(), nullable=False),
         pa.field("prompt", pa.string(), nullable=False),
         pa.field("image", pa.binary(), nullable=False),  # PNG
-        pa.field("source", pa.string(), nullable=False, metadata=_choices("raw", "stylized")),
+        pa.field("source", pa.string(), nullable=False, metadata=_choices("raw", "stylized", "proxy")),
         pa.field("style_ref", pa.string(), nullable=True),  # id of the style reference (stylized rows)
         pa.field("clip_text_score", pa.float32(), nullable=True),
         pa.field("width", pa.int32(), nullable=False),
@@ -107,6 +111,82 @@ ERRORS_SCHEMA = _versioned(
     ],
 )
 
+PROXY_CURATED_SCHEMA = pa.schema(
+    [
+        *CURATED_SCHEMA,
+        pa.field("subject", pa.string(), nullable=False),
+        pa.field("identifier", pa.string(), nullable=False),
+        pa.field("dino_score", pa.float32(), nullable=True),
+        pa.field("clip_i_score", pa.float32(), nullable=True),
+    ],
+    metadata=CURATED_SCHEMA.metadata,
+)
+"""Proxy data's curated records: :data:`CURATED_SCHEMA` (same version, ``source = "proxy"``) plus the
+subject and its similarity scores."""
+
+PREFERENCE_PAIRS_SCHEMA = _versioned(
+    "stylear.preference_pairs/1",
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),  # with the style placeholders
+        pa.field("style_ref", pa.string(), nullable=True),
+        pa.field("style_image", pa.binary(), nullable=False),  # the reference, PNG
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("chosen_tokens", pa.list_(pa.int32()), nullable=False),  # Lumina layout, start to end
+        pa.field("rejected_tokens", pa.list_(pa.int32()), nullable=False),
+        pa.field("chosen_score", pa.float32(), nullable=False),
+        pa.field("rejected_score", pa.float32(), nullable=False),
+        pa.field("chosen_style_score", pa.float32(), nullable=False),
+        pa.field("chosen_text_score", pa.float32(), nullable=False),
+        pa.field("rejected_style_score", pa.float32(), nullable=False),
+        pa.field("rejected_text_score", pa.float32(), nullable=False),
+        pa.field("chosen_seed", pa.int64(), nullable=False),
+        pa.field("rejected_seed", pa.int64(), nullable=False),
+        pa.field("num_samples", pa.int32(), nullable=False),
+    ],
+)
+"""One preference pair per (prompt, style reference)."""
+
+EVAL_SCORE_COLUMNS = (
+    "code_style",
+    "code_style_other",
+    "code_margin",
+    "palette",
+    "palette_other",
+    "palette_margin",
+    "clip_style",
+    "clip_text",
+)
+
+EVAL_SAMPLES_SCHEMA = _versioned(
+    "stylear.eval_samples/1",
+    [
+        pa.field("variant", pa.string(), nullable=False),
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("style_ref", pa.string(), nullable=False),
+        pa.field("sample", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("image_path", pa.string(), nullable=False),  # relative to the output dir
+        pa.field("codes_path", pa.string(), nullable=False),  # false-colour code map, relative
+        *(pa.field(name, pa.float32(), nullable=False) for name in EVAL_SCORE_COLUMNS),
+    ],
+)
+"""One generated sample and its scores."""
+
+EVAL_METRICS_SCHEMA = _versioned(
+    "stylear.eval_metrics/1",
+    [
+        pa.field("variant", pa.string(), nullable=False),
+        pa.field("adapter", pa.string(), nullable=True),  # None for the base model
+        pa.field("samples", pa.int32(), nullable=False),
+        *(pa.field(name, pa.float32(), nullable=False) for name in EVAL_SCORE_COLUMNS),
+    ],
+)
+"""Mean scores of one variant over all its samples."""
+
 ALL_SCHEMAS: dict[str, pa.Schema] = {
     "raw": RAW_PAIRS_SCHEMA,
     "curated": CURATED_SCHEMA,
@@ -114,6 +194,9 @@ ALL_SCHEMAS: dict[str, pa.Schema] = {
     "token_shards": TOKEN_SHARDS_SCHEMA,
     "style_requests": STYLE_REQUESTS_SCHEMA,
     "errors": ERRORS_SCHEMA,
+    "preference_pairs": PREFERENCE_PAIRS_SCHEMA,
+    "eval_samples": EVAL_SAMPLES_SCHEMA,
+    "eval_metrics": EVAL_METRICS_SCHEMA,
 }
 
 TABLE_SCHEMAS: dict[str, pa.Schema] = {

@@ -45,14 +45,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from stylear_core.config import option
 from stylear_core.data.images import decode_image, encode_png
-from stylear_core.data.schemas import SCHEMA_VERSION_KEY, rows_to_table
+from stylear_core.data.schemas import EVAL_METRICS_SCHEMA, EVAL_SAMPLES_SCHEMA, rows_to_table
+from stylear_core.data.schemas import EVAL_SCORE_COLUMNS as SCORE_COLUMNS
 from stylear_core.data.synthetic import SyntheticStyleSet
 from stylear_core.devices import resolve_device
 from stylear_core.models.presets import ModelConfig
@@ -60,44 +60,7 @@ from stylear_core.models.presets import ModelConfig
 EVAL_FORMAT = "stylear.style_eval/1"
 EVALUATE_FORMAT = "stylear.evaluate/1"  # the evaluate stage's manifest
 BASE_VARIANT = "base"
-SCORE_COLUMNS = (
-    "code_style",
-    "code_style_other",
-    "code_margin",
-    "palette",
-    "palette_other",
-    "palette_margin",
-    "clip_style",
-    "clip_text",
-)
 PALETTE_BINS = 8  # per channel: 512 joint bins keep the synthetic palettes apart (4 merge vivid and pastel)
-
-EVAL_SAMPLES_SCHEMA = pa.schema(
-    [
-        pa.field("variant", pa.string(), nullable=False),
-        pa.field("pair_id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
-        pa.field("style_ref", pa.string(), nullable=False),
-        pa.field("sample", pa.int32(), nullable=False),
-        pa.field("seed", pa.int64(), nullable=False),
-        pa.field("image_path", pa.string(), nullable=False),  # relative to the output dir
-        pa.field("codes_path", pa.string(), nullable=False),  # false-colour code map, relative
-        *(pa.field(name, pa.float32(), nullable=False) for name in SCORE_COLUMNS),
-    ],
-    metadata={SCHEMA_VERSION_KEY: b"stylear.eval_samples/1"},
-)
-"""One generated sample and its scores."""
-
-EVAL_METRICS_SCHEMA = pa.schema(
-    [
-        pa.field("variant", pa.string(), nullable=False),
-        pa.field("adapter", pa.string(), nullable=True),  # None for the base model
-        pa.field("samples", pa.int32(), nullable=False),
-        *(pa.field(name, pa.float32(), nullable=False) for name in SCORE_COLUMNS),
-    ],
-    metadata={SCHEMA_VERSION_KEY: b"stylear.eval_metrics/1"},
-)
-"""Mean scores of one variant over all its samples."""
 
 
 @dataclass

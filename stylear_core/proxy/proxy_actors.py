@@ -27,10 +27,7 @@ from stylear_core.proxy.supervisor import SupervisorConfig, SupervisorSampler
 
 log = logging.getLogger(__name__)
 
-CURATED_SOURCE = (
-    "stylized"  # CURATED_SCHEMA's `source` has no "proxy" choice yet; style_ref names the subject
-)
-TOKEN_SOURCE = "proxy"
+PROXY_SOURCE = "proxy"  # the ``source`` of proxy rows, curated and tokenized alike
 GENERATE_STAGE = "generate"
 SUBJECT_FILTER_STAGE = "subject_filter"
 PROMPT_FILTER_STAGE = "prompt_filter"
@@ -110,7 +107,7 @@ class ProxyGenerateActor:
                 "id": pa.array(ids, pa.string()),
                 "prompt": pa.array(prompts, pa.string()),
                 "image": pa.array(images, pa.binary()),
-                "source": pa.array([CURATED_SOURCE] * n, pa.string()),
+                "source": pa.array([PROXY_SOURCE] * n, pa.string()),
                 "style_ref": pa.array(subjects, pa.string()),
                 "clip_text_score": pa.nulls(n, pa.float32()),
                 "width": pa.array([side if good else None for good in ok], pa.int32()),
@@ -216,13 +213,12 @@ class SubjectFilterActor:
 def with_token_source(batch: pa.Table) -> pa.Table:
     """Curated proxy rows -> the tokenizer's input ``{id, prompt, image, source = "proxy"}``."""
     table = batch.select(["id", "prompt", "image"])
-    return table.append_column("source", pa.array([TOKEN_SOURCE] * table.num_rows, pa.string()))
+    return table.append_column("source", pa.array([PROXY_SOURCE] * table.num_rows, pa.string()))
 
 
 __all__ = [
-    "CURATED_SOURCE",
     "GENERATION_STAGES",
-    "TOKEN_SOURCE",
+    "PROXY_SOURCE",
     "ProxyFilterConfig",
     "ProxyGenerateActor",
     "SubjectFilterActor",

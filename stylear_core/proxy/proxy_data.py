@@ -22,13 +22,13 @@ diffusion supervisor generates of the subject under many prompts. This module bu
 Output directory (the curation layout; tables in the formats of :mod:`stylear_core.data.schemas`)::
 
     output_dir/
-      curated/   stylear.curated/1 records + proxy columns (subject, identifier, dino_score, clip_i_score)
+      curated/   stylear.curated/2 records + proxy columns (subject, identifier, dino_score, clip_i_score)
       tokens/    stylear.token_shards/1, source "proxy", text prompts with the identifier
       errors/    stylear.errors/1: failed generations and filtered images (with their scores)
       manifest.json   format stylear.proxy_generate/1: status, subjects (name, identifier, class noun), summary
 
-Curated rows carry ``source = "stylized"`` and ``style_ref = <subject name>``: the curated schema's
-``source`` does not allow ``"proxy"`` yet (:data:`CURATED_SOURCE`). Reruns do only missing work: ids
+Curated rows carry ``source = "proxy"`` and ``style_ref = <subject name>``
+(:data:`~stylear_core.data.schemas.PROXY_CURATED_SCHEMA`). Reruns do only missing work: ids
 already in ``curated/`` or recorded in ``errors/`` are not generated again, and curated ids already
 tokenized are not tokenized again.
 """
@@ -61,7 +61,12 @@ from stylear_core.data.passes import (
     write_pass,
     written_ids,
 )
-from stylear_core.data.schemas import CURATED_SCHEMA, TOKEN_SHARDS_SCHEMA, schema_version
+from stylear_core.data.schemas import (
+    CURATED_SCHEMA,
+    PROXY_CURATED_SCHEMA,
+    TOKEN_SHARDS_SCHEMA,
+    schema_version,
+)
 from stylear_core.models.presets import ModelConfig
 from stylear_core.proxy.prompts import ACTION_TEMPLATES, CONTEXT_TEMPLATES, STYLE_TEMPLATES
 from stylear_core.proxy.proxy_actors import (
@@ -82,17 +87,6 @@ log = logging.getLogger(__name__)
 
 PROXY_FORMAT = "stylear.proxy_generate/1"
 
-PROXY_CURATED_SCHEMA = pa.schema(
-    [
-        *CURATED_SCHEMA,
-        pa.field("subject", pa.string(), nullable=False),
-        pa.field("identifier", pa.string(), nullable=False),
-        pa.field("dino_score", pa.float32(), nullable=True),
-        pa.field("clip_i_score", pa.float32(), nullable=True),
-    ],
-    metadata=CURATED_SCHEMA.metadata,
-)
-"""Curated records (``stylear.curated/1``, whose readers allow extra columns) plus the proxy columns."""
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -363,7 +357,6 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
 
 
 __all__ = [
-    "PROXY_CURATED_SCHEMA",
     "PROXY_FORMAT",
     "ProxyDataRun",
     "ProxyGenerateConfig",

@@ -28,7 +28,7 @@ import torch
 from stylear_core.config import option
 from stylear_core.data.images import decode_image
 from stylear_core.data.layout import ImageTokenLayout
-from stylear_core.data.schemas import SCHEMA_VERSION_KEY, rows_to_table
+from stylear_core.data.schemas import PREFERENCE_PAIRS_SCHEMA, rows_to_table
 from stylear_core.data.synthetic import SyntheticStyleSet
 from stylear_core.data.tokenizer import style_prompt_ids
 from stylear_core.devices import resolve_device
@@ -42,31 +42,6 @@ from stylear_core.models.presets import (
     build_vqgan,
 )
 from stylear_core.training.export import load_adapter
-
-PREFERENCE_PAIRS_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
-        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),  # with the style placeholders
-        pa.field("style_ref", pa.string(), nullable=True),
-        pa.field("style_image", pa.binary(), nullable=False),  # the reference, PNG
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("chosen_tokens", pa.list_(pa.int32()), nullable=False),  # Lumina layout, start to end
-        pa.field("rejected_tokens", pa.list_(pa.int32()), nullable=False),
-        pa.field("chosen_score", pa.float32(), nullable=False),
-        pa.field("rejected_score", pa.float32(), nullable=False),
-        pa.field("chosen_style_score", pa.float32(), nullable=False),
-        pa.field("chosen_text_score", pa.float32(), nullable=False),
-        pa.field("rejected_style_score", pa.float32(), nullable=False),
-        pa.field("rejected_text_score", pa.float32(), nullable=False),
-        pa.field("chosen_seed", pa.int64(), nullable=False),
-        pa.field("rejected_seed", pa.int64(), nullable=False),
-        pa.field("num_samples", pa.int32(), nullable=False),
-    ],
-    metadata={SCHEMA_VERSION_KEY: b"stylear.preference_pairs/1"},
-)
-"""One preference pair per (prompt, style reference)."""
 
 
 @dataclass

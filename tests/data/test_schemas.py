@@ -10,6 +10,7 @@ from stylear_core.data.schemas import (
     ALL_SCHEMAS,
     CURATED_SCHEMA,
     ERRORS_SCHEMA,
+    PROXY_CURATED_SCHEMA,
     RAW_PAIRS_SCHEMA,
     SAM_MASKS_SCHEMA,
     TOKEN_SHARDS_SCHEMA,
@@ -40,8 +41,26 @@ def curated_row(**overrides):
 def test_every_schema_is_versioned_and_distinct():
     versions = {name: schema_version(schema) for name, schema in ALL_SCHEMAS.items()}
     assert versions["raw"] == "stylear.raw/1"
-    assert all(v and v.startswith("stylear.") and v.endswith("/1") for v in versions.values())
+    assert versions["curated"] == "stylear.curated/2"  # version 2: the proxy source
+    assert all(
+        v and v.startswith("stylear.") and v.endswith("/2" if name == "curated" else "/1")
+        for name, v in versions.items()
+    )
     assert len(set(versions.values())) == len(versions)
+
+
+def test_curated_records_may_come_from_proxy_data():
+    table = rows_to_table([curated_row(source="proxy", style_ref="robot")], CURATED_SCHEMA)
+    validate_table(table, CURATED_SCHEMA)
+    assert table.column("source").to_pylist() == ["proxy"]
+    # Proxy data's curated table is the curated format (same version) plus its subject columns.
+    assert schema_version(PROXY_CURATED_SCHEMA) == schema_version(CURATED_SCHEMA)
+    assert PROXY_CURATED_SCHEMA.names[: len(CURATED_SCHEMA.names)] == CURATED_SCHEMA.names
+    proxy = rows_to_table(
+        [curated_row(source="proxy", subject="robot", identifier="olis", dino_score=0.7, clip_i_score=None)],
+        PROXY_CURATED_SCHEMA,
+    )
+    validate_table(proxy, CURATED_SCHEMA)
 
 
 def test_expected_column_types():

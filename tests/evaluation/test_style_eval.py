@@ -15,11 +15,9 @@ from PIL import Image
 
 from stylear_core.config import to_dict
 from stylear_core.data.images import decode_image, encode_png
-from stylear_core.data.schemas import schema_version
+from stylear_core.data.schemas import EVAL_METRICS_SCHEMA, EVAL_SAMPLES_SCHEMA, schema_version
 from stylear_core.data.synthetic import PALETTES, StyleSpec, render, sample_content
 from stylear_core.evaluation.style_eval import (
-    EVAL_METRICS_SCHEMA,
-    EVAL_SAMPLES_SCHEMA,
     SCORE_COLUMNS,
     EvalSamplingConfig,
     HeldPairsConfig,

@@ -210,9 +210,7 @@ def test_job_generates_filters_and_tokenizes_proxy_data_under_ray(ray_session, r
         # Ray Data actors generated and scored exactly what this process did.
         assert row["dino_score"] == pytest.approx(local_scores[row["id"]], abs=1e-5)
         assert (
-            row["dino_score"] >= threshold
-            and row["style_ref"] == row["subject"]
-            and row["source"] == "stylized"
+            row["dino_score"] >= threshold and row["style_ref"] == row["subject"] and row["source"] == "proxy"
         )
         assert decode_image(row["image"]).size == (64, 64)
     assert set(errors.column("stage").to_pylist()) == {"subject_filter"}

@@ -9,11 +9,10 @@ import torch
 
 from stylear_core.data.images import decode_image
 from stylear_core.data.layout import ImageTokenLayout
-from stylear_core.data.schemas import validate_table
+from stylear_core.data.schemas import PREFERENCE_PAIRS_SCHEMA, validate_table
 from stylear_core.inference.engine import decode_images
 from stylear_core.runs import read_manifest
 from stylear_core.training.preferences import (
-    PREFERENCE_PAIRS_SCHEMA,
     PreferencePairSampler,
     PreferenceSamplingConfig,
     synthetic_style_requests,
