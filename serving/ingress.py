@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
@@ -215,22 +215,38 @@ class StyleARIngress:
     async def _call_model(
         self, method: str, *args: Any, adapter: str | None = None, timeout: float | None = None
     ):
+        """Call ``method`` on a model replica within ``timeout`` (capped by ``request_timeout_s``).
+
+        A call whose replica died under it (process killed, node lost) is sent once more: the router
+        has dropped the dead replica by then, and every model method may run twice (a generation
+        gives the same image for the same seed). Timeouts (504, the call is cancelled on the replica),
+        back-pressure (503) and errors the model raised (500) are never retried.
+        """
         timeout = min(timeout or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
         handle = self.model.options(multiplexed_model_id=adapter) if adapter else self.model
-        response = getattr(handle, method).remote(*args)
-        try:
-            return await asyncio.wait_for(response, timeout=timeout)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise ApiError(504, f"the model did not answer within {timeout:g} s", None) from None
-        except BackPressureError:
-            raise ApiError(503, "the model is at capacity; retry later", None) from None
-        except RayTaskError:
-            log.exception("the model deployment raised")
-            raise ApiError(500, "internal error", None) from None
-        except (RayServeException, RayError) as e:  # replica died, deployment unavailable, ...
-            log.warning("model call failed: %s", e)
-            raise ApiError(503, "the model is unavailable; retry later", None) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for attempt in (1, 2):
+            response = getattr(handle, method).remote(*args)
+            try:
+                return await asyncio.wait_for(response, timeout=max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise ApiError(504, f"the model did not answer within {timeout:g} s", None) from None
+            except BackPressureError:
+                raise ApiError(503, "the model is at capacity; retry later", None) from None
+            except RayTaskError:
+                log.exception("the model deployment raised")
+                raise ApiError(500, "internal error", None) from None
+            except RayActorError as e:  # the replica's process died or cannot be reached
+                if attempt == 1:
+                    log.warning("model replica lost during %s (%s); retrying once", method, type(e).__name__)
+                    continue
+                log.warning("model call failed again after a lost replica: %s", e)
+                raise ApiError(503, "the model is unavailable; retry later", None) from None
+            except (RayServeException, RayError) as e:  # deployment unavailable, ...
+                log.warning("model call failed: %s", e)
+                raise ApiError(503, "the model is unavailable; retry later", None) from None
 
     async def _generate(self, job: GenerationJob, options: GenerationOptions) -> Response:
         outcome: JobOutcome = await self._call_model(

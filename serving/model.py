@@ -10,6 +10,11 @@ copied into the slot before their batch, so switching adapters never reloads the
 Torch work runs on one worker thread so the replica's event loop keeps answering (stats, health,
 queueing the next batch) while a batch decodes. Per-request problems come back as
 :class:`JobOutcome` errors, never as exceptions, so one bad request cannot fail its batch.
+
+A caller that gives up (the ingress cancels the call when its client times out) cancels
+:meth:`StyleARModelDeployment.generate`; that sets the request's cancel event, which the decode
+thread reads between steps: its preparation and VQ decode are skipped, and a batch whose every request
+is cancelled stops decoding, so the replica moves on to the next batch.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import random
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -27,6 +34,7 @@ from typing import Any
 
 import torch
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from torch import nn
 
 from serving.config import ServingConfig
@@ -63,8 +71,20 @@ from stylear_core.training.export import base_model_id
 
 log = logging.getLogger("ray.serve")
 
+
+def _replica_id() -> str | None:
+    """This Serve replica's id (``None`` when the class is built outside Ray Serve)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        return None
+
+
 # Engine field names -> the HTTP API's.
 API_FIELDS = {"cfg_scale": "cfg", "style": "image"}
+
+# What a cancelled request's slot in a batch holds; its caller is gone, so no one receives it.
+CANCELLED = JobOutcome.failure(499, "cancelled by the caller", None)
 
 
 @dataclass(eq=False)
@@ -86,6 +106,10 @@ class LoadedAdapter:
         callback, self.on_unload = self.on_unload, None
         if callback is not None:
             callback(self.name)
+
+
+# One request in a ``serve.batch``: the job, its adapter and the event its caller's cancellation sets.
+BatchItem = tuple[GenerationJob, LoadedAdapter | None, threading.Event]
 
 
 @serve.deployment(name="StyleARModel", max_ongoing_requests=32, health_check_period_s=10)
@@ -133,12 +157,14 @@ class StyleARModelDeployment:
         )
         self.num_style_tokens = resampler.num_queries
         self.base_builds = 1  # the base model is built here and only here
+        self.replica_id = _replica_id()
         self.base_model = base_model_id(model_cfg)  # what adapter manifests must name as their base
         self.build_seconds = time.perf_counter() - started
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stylear-decode")
         self._batch_sizes: deque[int] = deque(maxlen=self.cfg.stats_window)
         self._adapter_loads: Counter[str] = Counter()
         self._requests = 0
+        self._cancelled = 0
         self._failures: Counter[int] = Counter()
         self._resident: set[str] = set()
 
@@ -176,23 +202,33 @@ class StyleARModelDeployment:
     # --- requests -----------------------------------------------------------------------------
 
     async def generate(self, job: GenerationJob) -> JobOutcome:
-        """Generate one image (merged with concurrent requests into one decode batch)."""
+        """Generate one image (merged with concurrent requests into one decode batch).
+
+        Cancelling the call (``DeploymentResponse.cancel()``) stops the request's work on the replica.
+        """
         self._requests += 1
-        adapter = None
-        if job.adapter:
-            try:
-                adapter = await self.get_adapter(job.adapter)
-            except AdapterNotFoundError as e:
-                return self._fail(404, str(e), "adapter")
-            except (AdapterError, ValueError, OSError) as e:
-                log.warning("adapter %s failed to load: %s", job.adapter, e)
-                return self._fail(422, f"adapter {job.adapter!r} cannot be used: {e}", "adapter")
-        return await self.generate_batch((job, adapter))
+        cancel = threading.Event()
+        try:
+            adapter = None
+            if job.adapter:
+                try:
+                    adapter = await self.get_adapter(job.adapter)
+                except AdapterNotFoundError as e:
+                    return self._fail(404, str(e), "adapter")
+                except (AdapterError, ValueError, OSError) as e:
+                    log.warning("adapter %s failed to load: %s", job.adapter, e)
+                    return self._fail(422, f"adapter {job.adapter!r} cannot be used: {e}", "adapter")
+            return await self.generate_batch((job, adapter, cancel))
+        except asyncio.CancelledError:
+            # Ray Serve cancels this coroutine when the caller cancels; the batch it joined runs on in
+            # the decode thread (``serve.batch`` only drops requests cancelled before their batch
+            # starts), so tell that thread through the event.
+            cancel.set()
+            self._cancelled += 1
+            raise
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
-    async def generate_batch(
-        self, items: list[tuple[GenerationJob, LoadedAdapter | None]]
-    ) -> list[JobOutcome]:
+    async def generate_batch(self, items: list[BatchItem]) -> list[JobOutcome]:
         """The batched half of :meth:`generate`: runs the whole batch on the decode thread."""
         self._batch_sizes.append(len(items))
         loop = asyncio.get_running_loop()
@@ -245,10 +281,10 @@ class StyleARModelDeployment:
                 f"the prompt names none of adapter {job.adapter!r}'s subjects ({', '.join(identifiers)})",
             )
 
-    def _run_batch(self, items: list[tuple[GenerationJob, LoadedAdapter | None]]) -> list[JobOutcome]:
+    def _run_batch(self, items: list[BatchItem]) -> list[JobOutcome]:
         outcomes: list[JobOutcome | None] = [None] * len(items)
         groups: dict[str | None, list[int]] = {}
-        for i, (_, adapter) in enumerate(items):
+        for i, (_, adapter, _) in enumerate(items):
             groups.setdefault(adapter.name if adapter else None, []).append(i)
         for members in groups.values():
             adapter = items[members[0]][1]
@@ -263,18 +299,28 @@ class StyleARModelDeployment:
 
     def _run_group(
         self,
-        items: list[tuple[GenerationJob, LoadedAdapter | None]],
+        items: list[BatchItem],
         members: list[int],
         adapter: LoadedAdapter | None,
         outcomes: list[JobOutcome | None],
     ) -> None:
+        live = []
+        for i in members:
+            if items[i][2].is_set():  # the caller is gone: nobody reads this outcome
+                outcomes[i] = CANCELLED
+            else:
+                live.append(i)
+        if not live:
+            return
         if self.slot.active != (adapter.name if adapter else None):
             self.slot.activate(adapter.weights if adapter else None)
         ready: list[tuple[int, GenerationRequest]] = []
-        for i in members:
-            job = items[i][0]
+        for i in live:
+            job, _, cancel = items[i]
             try:
-                ready.append((i, self._prepare(job, adapter)))
+                request = self._prepare(job, adapter)
+                request.cancel = cancel
+                ready.append((i, request))
             except ImageDecodeError as e:
                 outcomes[i] = self._fail(400, str(e), "image")
             except (GenerationRequestError, StyleRequestError) as e:
@@ -285,20 +331,32 @@ class StyleARModelDeployment:
         if not ready:
             return
         results = self.engine.generate([request for _, request in ready])
-        for (i, _), result in zip(ready, results):
+        for (i, request), result in zip(ready, results):
+            if result is None or request.cancelled:  # cancelled during the decode: skip the VQ decode
+                outcomes[i] = CANCELLED
+                continue
             (image,) = decode_images(self.vq, result.layout, result.tokens.unsqueeze(0))
             outcomes[i] = JobOutcome(png=encode_png(image), seed=result.seed)
 
     # --- observability --------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Counters of this replica: recent batch sizes, requests, failures by status, adapter loads."""
+        """Counters of this replica: recent batch sizes, requests, cancellations, decode steps, failures, adapters.
+
+        ``cancelled`` counts calls their caller cancelled; ``decode`` the engine's steps run and skipped
+        (see :class:`stylear_core.inference.engine.DecodeCounters`); ``replica`` and ``pid`` say which
+        replica answered.
+        """
         sizes = list(self._batch_sizes)
         return {
+            "replica": self.replica_id,
+            "pid": os.getpid(),
             "batch_sizes": sizes,
             "max_batch_size_seen": max(sizes, default=0),
             "batches": len(sizes),
             "requests": self._requests,
+            "cancelled": self._cancelled,
+            "decode": self.engine.counters.as_dict(),
             "failures": {str(k): v for k, v in self._failures.items()},
             "adapter_loads": dict(self._adapter_loads),
             "resident_adapters": sorted(self._resident),
