@@ -2,8 +2,9 @@
 
 The same dataclass is the ``args:`` block of an application in ``serving/serve_config.yaml`` (what
 ``serve deploy`` reads) and the file ``python -m serving --config`` loads; presets live in
-``serving/configs/{tiny,lumina7b}.yaml``. Replica counts, autoscaling and ``max_ongoing_requests``
-are Ray Serve deployment options and live in the serve config's ``deployments:`` list instead.
+``serving/configs/{tiny,lumina7b}.yaml``. Replica counts, autoscaling, ``max_ongoing_requests`` and
+``max_queued_requests`` are Ray Serve deployment options and live in the serve config's
+``deployments:`` list instead.
 """
 
 from __future__ import annotations
@@ -48,6 +49,23 @@ class ServingConfig:
     max_prompt_chars: int = option(2000, "longest prompt, in characters")
     max_side: int = option(1024, "largest height or width a request may ask for, in pixels")
     stats_window: int = option(1000, "how many recent batch sizes the model deployment remembers")
+    min_timeout_s: float = option(1.0, "shortest timeout_s a request may ask for (422 below; 0: no floor)")
+    body_read_timeout_s: float = option(
+        10.0, "a request body must arrive within this many seconds, else 408 (frees the ingress slot)"
+    )
+    retry_after_s: int = option(
+        2, "Retry-After seconds sent with every 429/503 (the ingress's and its queue-full answers)"
+    )
+    auth_token_env: str = option(
+        "STYLEAR_API_TOKEN", "environment variable holding the API bearer token (empty: not read)"
+    )
+    auth_token_file: str = option("", "file holding the API bearer token, e.g. a mounted secret (wins)")
+    auth_required: bool = option(
+        False, "refuse to start without an API token (set where the proxy binds beyond 127.0.0.1)"
+    )
+    cors_origins: list[str] = option(
+        [], "browser origins allowed to call the API (CORS), e.g. https://app.example; empty: no CORS"
+    )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first unusable setting."""
@@ -76,3 +94,20 @@ class ServingConfig:
             raise ConfigError("sam.checkpoint: a local SAM checkpoint is needed (or set sam_enabled: false)")
         if self.sam_default and not self.sam_enabled:
             raise ConfigError("sam_default: cannot default to SAM cleaning with sam_enabled: false")
+        self._validate_http()
+
+    def _validate_http(self) -> None:
+        if not 0 <= self.min_timeout_s <= self.request_timeout_s:
+            raise ConfigError(f"min_timeout_s: must be in [0, request_timeout_s], got {self.min_timeout_s}")
+        if self.body_read_timeout_s <= 0:
+            raise ConfigError(f"body_read_timeout_s: must be positive, got {self.body_read_timeout_s}")
+        if self.retry_after_s < 0:
+            raise ConfigError(f"retry_after_s: must be >= 0, got {self.retry_after_s}")
+        if self.auth_required and not (self.auth_token_env or self.auth_token_file):
+            raise ConfigError("auth_required: set auth_token_env or auth_token_file (where the token is)")
+        for origin in self.cors_origins:
+            # An origin is scheme://host[:port] with no path; a trailing slash never matches a browser's.
+            if origin != "*" and (
+                "://" not in origin or origin.endswith("/") or "/" in origin.split("://", 1)[1]
+            ):
+                raise ConfigError(f"cors_origins: {origin!r} is not an origin like https://app.example")

@@ -1,12 +1,21 @@
 """What crosses the wire: HTTP request options, the job the ingress hands the model, and its outcome.
 
 Every client error is an :class:`ApiError` answered as ``{"error": <message>, "field": <name>}``
-with a 4xx status; ``field`` names the request field at fault (``body`` / ``content-type`` for
-the envelope itself).
+(:class:`ErrorBody`) with a 4xx status; ``field`` names the request field at fault (``body`` /
+``content-type`` / ``authorization`` for the envelope itself).
+
+Request options are validated strictly, the same way for both encodings: an integer field takes
+an integer (not ``true``, not ``3.0``), a number field a finite number, a boolean ``true``/``false``.
+JSON bodies are checked in pydantic's strict mode; multipart form fields, which are all text, are
+first read by :func:`form_values` (decimal digits for integers, a decimal number for numbers,
+``true``/``false`` for booleans) and then checked the same way.
 """
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,19 +24,50 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from stylear_core.inference.adapters import ADAPTER_NAME_PATTERN
 from stylear_core.inference.engine import LUMINA_CFG_SCALE, LUMINA_IMAGE_TOP_K
 
+# Longest integer / number text a form field may hold: far beyond every field's range, far below
+# Python's 4300-digit limit on int() (which raises ValueError, not a validation error).
+MAX_NUMBER_CHARS = 40
+_INT_TEXT = re.compile(r"-?[0-9]+")
+_FLOAT_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
 
 class ApiError(Exception):
-    """A request the service refuses: HTTP ``status``, a message, and the field at fault."""
+    """A request the service refuses: HTTP ``status``, a message, the field at fault, extra headers.
 
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    The ingress's handler adds ``Retry-After`` to every 429/503 that does not carry one.
+    """
+
+    def __init__(
+        self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         """The JSON body of the error response."""
         return {"error": self.message, "field": self.field}
+
+
+class ErrorBody(BaseModel):
+    """Every error the service answers (4xx/5xx) has this JSON body."""
+
+    error: str = Field(description="what went wrong, for a person to read")
+    field: str | None = Field(
+        description="the request field at fault (body, content-type, authorization for the envelope)"
+    )
+
+
+class GeneratedImage(BaseModel):
+    """The answer to a generation with ``response_format=base64``."""
+
+    image: str = Field(description="the PNG, base64-encoded")
+    seed: int = Field(description="the sampling seed used (send it back to get the same image)")
+    width: int
+    height: int
+    adapter: str | None = Field(description="the LoRA adapter used, if any")
 
 
 class GenerationOptions(BaseModel):
@@ -36,30 +76,42 @@ class GenerationOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, description="what to draw")
-    height: int | None = Field(None, ge=32, description="image height in pixels, multiple of 32")
-    width: int | None = Field(None, ge=32, description="image width in pixels, multiple of 32")
-    cfg: float = Field(LUMINA_CFG_SCALE, ge=0.0, le=50.0, description="classifier-free guidance scale")
+    height: int | None = Field(
+        None, ge=32, multiple_of=32, description="image height in pixels, multiple of 32"
+    )
+    width: int | None = Field(
+        None, ge=32, multiple_of=32, description="image width in pixels, multiple of 32"
+    )
+    cfg: float = Field(
+        LUMINA_CFG_SCALE, ge=0.0, le=50.0, allow_inf_nan=False, description="classifier-free guidance scale"
+    )
     top_k: int = Field(
         LUMINA_IMAGE_TOP_K, ge=1, le=1 << 20, description="image top-k (clamped to the codebook)"
     )
-    temperature: float = Field(1.0, ge=0.0, le=5.0, description="sampling temperature (0: greedy)")
+    temperature: float = Field(
+        1.0, ge=0.0, le=5.0, allow_inf_nan=False, description="sampling temperature (0: greedy)"
+    )
     seed: int | None = Field(None, ge=0, lt=2**63, description="sampling seed (random if absent)")
-    adapter: str | None = Field(None, description="name of a LoRA adapter under the adapters root")
+    adapter: str | None = Field(
+        None, max_length=64, description="name of a LoRA adapter under the adapters root (GET /v1/adapters)"
+    )
     response_format: Literal["png", "base64"] = Field("png", description="PNG bytes or JSON with base64 PNG")
-    timeout_s: float | None = Field(None, gt=0.0, description="give up after this many seconds (504)")
+    timeout_s: float | None = Field(
+        None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="give up after this many seconds (504); at least the server's min_timeout_s (422 below)",
+    )
 
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the prompt is blank")
-        return value
-
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_32(cls, value: int | None) -> int | None:
-        if value is not None and value % 32:
-            raise ValueError(f"{value} is not a multiple of 32")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates ("\ud800" in JSON) reach no tokenizer
+            raise ValueError("the prompt is not valid Unicode text") from None
         return value
 
     @field_validator("adapter")
@@ -67,7 +119,7 @@ class GenerationOptions(BaseModel):
     def _adapter_name(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        if not ADAPTER_NAME_PATTERN.match(value):
+        if not ADAPTER_NAME_PATTERN.fullmatch(value):  # fullmatch: "$" alone lets a trailing newline in
             raise ValueError("an adapter name is 1-64 letters, digits, '.', '_' or '-'")
         return value
 
@@ -76,7 +128,9 @@ class StyleOptions(GenerationOptions):
     """Options of ``POST /v1/generate/style``; the reference comes as the ``image`` field."""
 
     image: str | None = Field(None, description="base64 reference image (JSON bodies; multipart: a file)")
-    noise_strength: float | None = Field(None, ge=0.0, le=2.0, description="style-token noise std")
+    noise_strength: float | None = Field(
+        None, ge=0.0, le=2.0, allow_inf_nan=False, description="style-token noise std"
+    )
     sam: bool | None = Field(None, description="strip the reference's content with SAM first")
 
 
@@ -84,17 +138,94 @@ class SubjectOptions(GenerationOptions):
     """Options of ``POST /v1/generate/subject``: a prompt naming the subject's identifier, and its adapter."""
 
 
+def _scalar_kind(annotation: Any) -> type | None:
+    """``int``, ``float`` or ``bool`` when a field holds one of those (or None), else None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else None
+    return annotation if annotation in (int, float, bool) else None
+
+
+def form_values(model: type[BaseModel], data: dict[str, str]) -> dict[str, Any]:
+    """Multipart text fields read as the types ``model`` declares, strictly; a 422 names a field that is not.
+
+    Integers are decimal digits (``-?[0-9]+``; no ``3.0``, ``1_000``, ``+3`` or spaces), numbers are
+    finite decimals, booleans ``true``/``false`` (any case). Other fields stay text.
+    """
+    values: dict[str, Any] = {}
+    for name, text in data.items():
+        field = model.model_fields.get(name)
+        kind = _scalar_kind(field.annotation) if field is not None else None
+        if kind is None:
+            values[name] = text
+        elif kind is bool:
+            if text.lower() not in ("true", "false"):
+                raise ApiError(422, f"{name}: expected true or false", name)
+            values[name] = text.lower() == "true"
+        elif len(text) > MAX_NUMBER_CHARS:
+            raise ApiError(422, f"{name}: a number of more than {MAX_NUMBER_CHARS} characters", name)
+        elif kind is int:
+            if not _INT_TEXT.fullmatch(text):
+                raise ApiError(422, f"{name}: expected an integer (decimal digits)", name)
+            values[name] = int(text)
+        else:
+            number = float(text) if _FLOAT_TEXT.fullmatch(text) else None
+            if number is None or number in (float("inf"), float("-inf")):
+                raise ApiError(422, f"{name}: expected a finite decimal number", name)
+            values[name] = number
+    return values
+
+
 def parse_options(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
-    """Validate ``data`` against ``model``; the first problem becomes a 422 :class:`ApiError` naming its field."""
+    """Validate ``data`` strictly against ``model``; the first problem becomes a 422 :class:`ApiError` naming its field."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=True)
     except ValidationError as e:
-        first = e.errors()[0]
+        first = e.errors(include_url=False, include_input=False)[0]
         field = ".".join(str(p) for p in first["loc"]) or "body"
         message = first["msg"]
         if first["type"] == "extra_forbidden":
             message = f"unknown field {field!r}"
         raise ApiError(422, f"{field}: {message}", field) from None
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A property schema with its ``anyOf [X, null]`` folded to X: an absent form field is the null."""
+    branches = schema.get("anyOf")
+    if not branches:
+        return schema
+    kept = [b for b in branches if b.get("type") != "null"]
+    if len(kept) != 1:
+        return schema
+    folded = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
+    return {**kept[0], **folded}
+
+
+def request_body_openapi(model: type[BaseModel], *, file_field: str | None = None) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of an endpoint taking ``model`` as JSON or as a multipart form.
+
+    ``file_field`` names the field that is base64 text in JSON and a file part in a form; it is
+    required in both (the endpoint answers 422 without it).
+    """
+    json_schema = model.model_json_schema()
+    form_schema = {
+        "type": "object",
+        "properties": {name: _without_null(prop) for name, prop in json_schema["properties"].items()},
+        "required": list(json_schema.get("required", [])),
+        "additionalProperties": False,
+    }
+    content: dict[str, Any] = {"application/json": {"schema": json_schema}}
+    if file_field is not None:
+        json_schema["required"] = [*json_schema.get("required", []), file_field]
+        json_schema["properties"][file_field] = _without_null(json_schema["properties"][file_field])
+        form_schema["required"].append(file_field)
+        form_schema["properties"][file_field] = {
+            "type": "string",
+            "format": "binary",
+            "description": "the reference image file (PNG, JPEG or WebP)",
+        }
+    content["multipart/form-data"] = {"schema": form_schema}
+    return {"required": True, "content": content}
 
 
 @dataclass
