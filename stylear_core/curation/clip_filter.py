@@ -13,15 +13,14 @@ failed stylization) pass through unscored.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from stylear_core.config import option
+from stylear_core.data.batch_columns import Batch, batch_to_table, batch_values
 from stylear_core.data.images import ImageDecodeError, decode_image
 from stylear_core.devices import resolve_device
 
@@ -40,21 +39,6 @@ class ClipFilterConfig:
     batch_size: int = option(32, "images per CLIP forward pass")
     device: str = option("auto", "torch device; auto = cuda if available else cpu")
     seed: int = option(0, "seed of the random initialisation when no checkpoint is given")
-
-
-# Ray Data batches: pyarrow tables or dicts of numpy arrays. Kept here (not shared with the Ray-side
-# module) so the filter imports without Ray, e.g. on a GPU box that has only the model libraries.
-Batch = pa.Table | Mapping[str, Any]
-
-
-def _to_table(batch: Batch) -> pa.Table:
-    if isinstance(batch, pa.Table):
-        return batch
-    return pa.table({k: (v.tolist() if isinstance(v, np.ndarray) else list(v)) for k, v in batch.items()})
-
-
-def _values(table: pa.Table, name: str) -> list[Any]:
-    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
 
 
 class ClipFilter:
@@ -90,12 +74,12 @@ class ClipFilter:
 
     def __call__(self, batch: Batch) -> pa.Table:
         """Score a batch; see the class docstring for the columns."""
-        table = _to_table(batch)
+        table = batch_to_table(batch)
         n = table.num_rows
-        prompts = _values(table, "prompt")
-        images = _values(table, "image")
-        errors = _values(table, "error")
-        stages = _values(table, "error_stage")
+        prompts = batch_values(table, "prompt", n)
+        images = batch_values(table, "image", n)
+        errors = batch_values(table, "error", n)
+        stages = batch_values(table, "error_stage", n)
         scores = np.full(n, np.nan, dtype=np.float32)
 
         rows, decoded = [], []

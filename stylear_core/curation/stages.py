@@ -14,40 +14,14 @@ when they first run.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
+
+from stylear_core.data.batch_columns import Batch, batch_to_table, batch_values
 
 # ---------------------------------------------------------------------------------------------
 # Row functions and actor wrappers (run inside Ray Data tasks / actors)
-
-
-Batch = pa.Table | Mapping[str, Any]
-"""A Ray Data batch as a UDF receives it: a pyarrow table, or a dict of numpy arrays (or lists)."""
-
-
-def batch_columns(batch: Batch) -> list[str]:
-    """The column names of a batch."""
-    return batch.column_names if isinstance(batch, pa.Table) else list(batch)
-
-
-def batch_values(batch: Batch, name: str, n: int) -> list[Any]:
-    """Column ``name`` of a batch as Python values (``n`` Nones when the batch has no such column)."""
-    if name not in batch_columns(batch):
-        return [None] * n
-    values = batch[name]
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return values.to_pylist()
-    return values.tolist() if isinstance(values, np.ndarray) else list(values)
-
-
-def batch_to_table(batch: Batch) -> pa.Table:
-    """A batch as a pyarrow table (a table is returned as is, so its column types are kept)."""
-    if isinstance(batch, pa.Table):
-        return batch
-    return pa.table({k: (v.tolist() if isinstance(v, np.ndarray) else list(v)) for k, v in batch.items()})
 
 
 def normalize_raw_batch(batch: Batch, max_pixels: int = 64_000_000) -> pa.Table:

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from stylear_core.config import option
+from stylear_core.data.batch_columns import column_values
 from stylear_core.data.images import ImageDecodeError, decode_image, encode_png
 from stylear_core.devices import resolve_device
 
@@ -155,13 +156,6 @@ def per_row_style_pipeline_class() -> type:
     return PerRowStyleSDXLPipeline
 
 
-def _as_list(values: Any) -> list[Any]:
-    """A batch column (numpy array, pyarrow array, or sequence) as Python values."""
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return values.to_pylist()
-    return values.tolist() if isinstance(values, np.ndarray) else list(values)
-
-
 class Stylizer:
     """Batch callable (a Ray Data actor): ``{id, prompt, style_image[, seed, style_ref]}`` -> stylized rows.
 
@@ -231,13 +225,13 @@ class Stylizer:
 
     def __call__(self, batch: Mapping[str, Any] | pa.Table) -> pa.Table:
         """Stylize a batch (dict of columns or a pyarrow table); see the class docstring for the columns."""
-        ids = [str(i) for i in _as_list(batch["id"])]
-        prompts = _as_list(batch["prompt"])
-        style_bytes = _as_list(batch["style_image"])
+        ids = [str(i) for i in column_values(batch["id"])]
+        prompts = column_values(batch["prompt"])
+        style_bytes = column_values(batch["style_image"])
         n = len(ids)
         columns = batch.column_names if isinstance(batch, pa.Table) else batch
-        seeds_in = _as_list(batch["seed"]) if "seed" in columns else [None] * n
-        style_refs = _as_list(batch["style_ref"]) if "style_ref" in columns else [None] * n
+        seeds_in = column_values(batch["seed"]) if "seed" in columns else [None] * n
+        style_refs = column_values(batch["style_ref"]) if "style_ref" in columns else [None] * n
         seeds = [
             int(s)
             if s is not None and not (isinstance(s, float) and np.isnan(s))

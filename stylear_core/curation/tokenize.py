@@ -16,17 +16,17 @@ Chameleon tokenizer of ``tokenizer_path`` / ``backbone_path``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
 
 from stylear_core.config import option
+from stylear_core.data.batch_columns import Batch, batch_values
 from stylear_core.data.images import ImageDecodeError, center_crop_resize, decode_image, to_tensor
 from stylear_core.data.layout import ImageTokenLayout, TokenVocab
 from stylear_core.data.tokenizer import style_prompt_ids, text_prompt_ids
@@ -65,20 +65,6 @@ def token_vocab(model: ModelConfig) -> TokenVocab:
         if vocabulary_map:
             return vocab_from_vocabulary_map(vocabulary_map, int(config["vocab_size"]))
     return TokenVocab()
-
-
-# Ray Data batches: pyarrow tables or dicts of numpy arrays. Kept here (not shared with the Ray-side
-# module) so the tokenizer imports without Ray, e.g. on a GPU box that has only the model libraries.
-Batch = pa.Table | Mapping[str, Any]
-
-
-def _values(batch: Batch, name: str, n: int) -> list[Any]:
-    if name not in (batch.column_names if isinstance(batch, pa.Table) else batch):
-        return [None] * n
-    values = batch[name]
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return values.to_pylist()
-    return values.tolist() if isinstance(values, np.ndarray) else list(values)
 
 
 class TokenizeActor:
@@ -121,11 +107,11 @@ class TokenizeActor:
 
     def __call__(self, batch: Batch) -> pa.Table:
         """Tokenize a batch; see the class docstring for the columns."""
-        ids = [str(i) for i in _values(batch, "id", len(batch["id"]))]
+        ids = [str(i) for i in batch_values(batch, "id", len(batch["id"]))]
         n = len(ids)
-        prompts = _values(batch, "prompt", n)
-        images = _values(batch, "image", n)
-        sources = [s or "raw" for s in _values(batch, "source", n)]
+        prompts = batch_values(batch, "prompt", n)
+        images = batch_values(batch, "image", n)
+        sources = [s or "raw" for s in batch_values(batch, "source", n)]
         prompt_ids: list[list[int]] = [[] for _ in range(n)]
         image_ids: list[list[int]] = [[] for _ in range(n)]
         errors: list[str | None] = [None] * n

@@ -13,13 +13,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from stylear_core.config import option
+from stylear_core.data.batch_columns import Batch, batch_num_rows, batch_to_table, batch_values
 from stylear_core.data.images import ImageDecodeError, decode_image, encode_png
 from stylear_core.evaluation.metric_models import SubjectMetricsConfig, build_metric_models
 from stylear_core.evaluation.metrics import paired_cosine, subject_similarity
@@ -47,23 +47,6 @@ class ProxyFilterConfig:
     models: SubjectMetricsConfig = option(SubjectMetricsConfig, "the DINO and CLIP feature extractors")
 
 
-Batch = pa.Table | Mapping[str, Any]
-
-
-def _column(batch: Batch, name: str, n: int) -> list[Any]:
-    names = batch.column_names if isinstance(batch, pa.Table) else list(batch)
-    if name not in names:
-        return [None] * n
-    values = batch[name]
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return values.to_pylist()
-    return values.tolist() if isinstance(values, np.ndarray) else list(values)
-
-
-def _num_rows(batch: Batch) -> int:
-    return batch.num_rows if isinstance(batch, pa.Table) else len(batch["id"])
-
-
 class ProxyGenerateActor:
     """Ray Data actor: generation rows -> proxy images from each row's subject supervisor (:class:`SupervisorSampler`).
 
@@ -79,11 +62,11 @@ class ProxyGenerateActor:
 
     def __call__(self, batch: Batch) -> pa.Table:
         """Generate a batch of rows (see the class docstring for the columns)."""
-        n = _num_rows(batch)
-        ids = [str(i) for i in _column(batch, "id", n)]
-        subjects = _column(batch, "subject", n)
-        prompts = _column(batch, "prompt", n)
-        seeds = [int(s) for s in _column(batch, "seed", n)]
+        n = batch_num_rows(batch)
+        ids = [str(i) for i in batch_values(batch, "id", n)]
+        subjects = batch_values(batch, "subject", n)
+        prompts = batch_values(batch, "prompt", n)
+        seeds = [int(s) for s in batch_values(batch, "seed", n)]
         images: list[bytes | None] = [None] * n
         errors: list[str | None] = [None] * n
         groups: dict[str, list[int]] = {}
@@ -114,8 +97,8 @@ class ProxyGenerateActor:
                 "height": pa.array([side if good else None for good in ok], pa.int32()),
                 "seed": pa.array(seeds, pa.int64()),
                 "subject": pa.array(subjects, pa.string()),
-                "identifier": pa.array(_column(batch, "identifier", n), pa.string()),
-                "plain_prompt": pa.array(_column(batch, "plain_prompt", n), pa.string()),
+                "identifier": pa.array(batch_values(batch, "identifier", n), pa.string()),
+                "plain_prompt": pa.array(batch_values(batch, "plain_prompt", n), pa.string()),
                 "error": pa.array(errors, pa.string()),
                 "error_stage": pa.array([None if good else GENERATE_STAGE for good in ok], pa.string()),
             }
@@ -151,17 +134,13 @@ class SubjectFilterActor:
 
     def __call__(self, batch: Batch) -> pa.Table:
         """Score and filter a batch (see the class docstring for the columns)."""
-        table = (
-            batch
-            if isinstance(batch, pa.Table)
-            else pa.table({k: _column(batch, k, _num_rows(batch)) for k in batch})
-        )
+        table = batch_to_table(batch)
         n = table.num_rows
-        errors = _column(table, "error", n)
-        stages = _column(table, "error_stage", n)
-        subjects = _column(table, "subject", n)
-        plain = _column(table, "plain_prompt", n)
-        images = _column(table, "image", n)
+        errors = batch_values(table, "error", n)
+        stages = batch_values(table, "error_stage", n)
+        subjects = batch_values(table, "subject", n)
+        plain = batch_values(table, "plain_prompt", n)
+        images = batch_values(table, "image", n)
         scores = {name: np.full(n, np.nan, dtype=np.float32) for name in ("dino", "clip_i", "clip_t")}
         rows, decoded = [], []
         for k in range(n):
