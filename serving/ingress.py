@@ -575,7 +575,13 @@ class StyleARIngress:
         options, reference = await self.reader.read(request, StyleOptions)
         if reference is None:
             raise ApiError(422, "image: a style reference image is required", "image")
-        check_reference(reference, self.cfg.max_upload_bytes, self.cfg.max_reference_pixels)
+        check_reference(
+            reference,
+            self.cfg.max_upload_bytes,
+            self.cfg.max_reference_pixels,
+            self.cfg.max_reference_side,
+            self.cfg.max_reference_aspect,
+        )
         use_sam = self.cfg.sam_default if options.sam is None else options.sam
         if use_sam and not self.cfg.sam_enabled:
             raise ApiError(422, "sam: SAM cleaning is not enabled on this server", "sam")

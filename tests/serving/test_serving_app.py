@@ -60,6 +60,7 @@ def url(ray_session, tmp_path_factory):
         "max_prompt_chars=200",
         "max_adapters_per_replica=1",
         "batch_wait_timeout_s=0.2",
+        "min_timeout_s=0",  # lets a test time a request out within one tiny decode
     ]
     app = build_app({"config_file": "serving/configs/tiny.yaml", "overrides": overrides})
     port = free_port()
