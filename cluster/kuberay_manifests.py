@@ -136,7 +136,19 @@ def _volume_mounts() -> list[dict[str, Any]]:
     ]
 
 
-def _container(name: str, image: str, cpu: str, memory: str, gpus: int, ports: list[dict]) -> dict:
+# The serving preset requires an API token (serving/configs/lumina7b.yaml: auth_required); the RayService's
+# pods read it from this Secret: kubectl create secret generic stylear-api-token --from-literal=token=...
+API_TOKEN_SECRET = {"name": "stylear-api-token", "key": "token"}
+API_TOKEN_ENV = "STYLEAR_API_TOKEN"
+
+
+def _api_token_env() -> dict[str, Any]:
+    return {"name": API_TOKEN_ENV, "valueFrom": {"secretKeyRef": dict(API_TOKEN_SECRET)}}
+
+
+def _container(
+    name: str, image: str, cpu: str, memory: str, gpus: int, ports: list[dict], serve: bool = False
+) -> dict:
     # Ray reads its CPU/GPU/memory counts from the limits; requests == limits keeps pods Guaranteed.
     amounts: dict[str, Any] = {"cpu": cpu, "memory": memory}
     if gpus:
@@ -146,7 +158,11 @@ def _container(name: str, image: str, cpu: str, memory: str, gpus: int, ports: l
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "resources": {"limits": dict(amounts), "requests": dict(amounts)},
-        "env": [{"name": k, "value": v} for k, v in _project_env_vars().items()],
+        "env": [
+            *({"name": k, "value": v} for k, v in _project_env_vars().items()),
+            # Serve replicas (the ingress among them) inherit the node's environment.
+            *([_api_token_env()] if serve else []),
+        ],
         "volumeMounts": _volume_mounts(),
         # Lets Ray drain the node's tasks before Kubernetes kills the pod.
         "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
@@ -176,16 +192,16 @@ def head_group_spec(image: str, serve: bool = False) -> dict[str, Any]:
     ]
     if serve:
         ports.append({"containerPort": SERVE_PORT, "name": "serve"})
-    container = _container("ray-head", image, "8", "32Gi", 0, ports)
+    container = _container("ray-head", image, "8", "32Gi", 0, ports, serve=serve)
     return {
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
         "template": {"spec": _pod_spec(container, "8Gi", "m7i.4xlarge", gpu=False)},
     }
 
 
-def worker_group_spec(group: WorkerGroup, image: str) -> dict[str, Any]:
+def worker_group_spec(group: WorkerGroup, image: str, serve: bool = False) -> dict[str, Any]:
     """A GPU worker group; starts at ``min_replicas`` and the in-tree autoscaler grows it to the max."""
-    container = _container("ray-worker", image, group.cpu, group.memory, group.gpus, [])
+    container = _container("ray-worker", image, group.cpu, group.memory, group.gpus, [], serve=serve)
     return {
         "groupName": group.name,
         "replicas": group.min_replicas,
@@ -205,7 +221,7 @@ def ray_cluster_spec(groups: tuple[WorkerGroup, ...], image: str, serve: bool = 
         # KubeRay >= 1.5.1 creates the token Secret and injects it into every Ray container.
         "authOptions": {"mode": "token"},
         "headGroupSpec": head_group_spec(image, serve=serve),
-        "workerGroupSpecs": [worker_group_spec(g, image) for g in groups],
+        "workerGroupSpecs": [worker_group_spec(g, image, serve=serve) for g in groups],
     }
 
 

@@ -392,6 +392,22 @@ def test_rayservice_embeds_the_serve_config(tmp_path: Path):
     assert {"containerPort": km.SERVE_PORT, "name": "serve"} in head["ports"]
 
 
+def test_rayservice_pods_get_the_api_token_the_serving_preset_requires():
+    from serving.config import ServingConfig
+    from stylear_core.config import load_config
+
+    preset = load_config(ServingConfig, REPO_ROOT / "serving" / "configs" / "lumina7b.yaml")
+    assert preset.auth_required and preset.auth_token_env == km.API_TOKEN_ENV
+    cluster = yaml.safe_load(RENDERED["rayservice.yaml"])["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in pods:
+        (container,) = pod["template"]["spec"]["containers"]
+        token = [e for e in container["env"] if e["name"] == km.API_TOKEN_ENV]
+        assert token == [{"name": km.API_TOKEN_ENV, "valueFrom": {"secretKeyRef": km.API_TOKEN_SECRET}}]
+    job = yaml.safe_load(RENDERED[km.STAGES[0].filename])  # batch stages serve nothing: no token
+    assert km.API_TOKEN_ENV not in str(job)
+
+
 @not_yet_served
 def test_committed_rayservice_serves_real_import_paths():
     doc = yaml.safe_load((km.KUBERAY_DIR / "rayservice.yaml").read_text())
