@@ -34,7 +34,12 @@ def url(ray_session):
     from stylear_core.config import to_dict
 
     config = to_dict(
-        serving_config({"config_file": "serving/configs/tiny.yaml", "overrides": ["sam_enabled=false"]})
+        serving_config(
+            {
+                "config_file": "serving/configs/tiny.yaml",
+                "overrides": ["sam_enabled=false", "min_timeout_s=0"],
+            }
+        )
     )
     model = StyleARModelDeployment.options(num_replicas=MODEL_REPLICAS).bind(config)
     port = free_port()
