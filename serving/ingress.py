@@ -29,14 +29,7 @@ Auth and CORS: with a token configured (``auth_token_env`` / ``auth_token_file``
 # No `from __future__ import annotations`: FastAPI under serve.ingress must see real annotation objects.
 import asyncio
 import base64
-import binascii
-import hmac
-import json
 import logging
-import os
-import re
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -47,47 +40,27 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartParser
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serving.auth import BearerTokenAuth, load_api_token
 from serving.config import ServingConfig
+from serving.openapi import GENERATION_RESPONSES, READ_RESPONSES, document_bearer_auth, error_responses
+from serving.requests import RequestReader, check_reference
 from serving.schemas import (
     ApiError,
-    ErrorBody,
-    GeneratedImage,
     GenerationJob,
     GenerationOptions,
     JobOutcome,
     StyleOptions,
     SubjectOptions,
-    form_values,
-    parse_options,
     request_body_openapi,
 )
-from stylear_core.config import ConfigError, from_dict
-from stylear_core.data.images import (
-    WEB_FORMATS,
-    ImageDecodeError,
-    ImageLimitError,
-    UnsupportedImageFormatError,
-    probe_image,
-)
+from stylear_core.config import from_dict
 
 log = logging.getLogger("ray.serve")
 
-# Room for the form fields and multipart framing beside the largest allowed upload.
-BODY_SLACK_BYTES = 64 * 1024
-MAX_FORM_FIELDS = 32
 # Requests waiting at each HTTP proxy for an ingress slot; past it the proxy answers 503 at once.
 INGRESS_MAX_QUEUED_REQUESTS = 64
-# Paths answered without the API token: load balancers and orchestrators probe them.
-PUBLIC_PATHS = frozenset({"/healthz"})
-# RFC 6750 token characters; a short token is guessable.
-TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
-MIN_TOKEN_CHARS = 16
 
 api = FastAPI(
     title="StyleAR generation",
@@ -124,335 +97,6 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=500, content={"error": "internal error", "field": None})
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The request body, refusing (413) one whose declared or actual size exceeds ``limit``.
-
-    The whole body must arrive within ``timeout_s`` (408 otherwise): a client trickling bytes holds
-    an ingress slot, and enough of them would hold every slot (``/healthz`` included).
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ApiError(400, "invalid Content-Length", "content-length")
-        size = int(declared[:20])  # more digits than that is over any limit anyway
-        if size > limit or len(declared) > 20:
-            raise ApiError(413, f"request body of {declared[:20]} bytes exceeds {limit}", "body")
-
-    async def collect() -> bytes:
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise ApiError(413, f"request body exceeds {limit} bytes", "body")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    try:
-        return await asyncio.wait_for(collect(), timeout=timeout_s)
-    except asyncio.TimeoutError:
-        raise ApiError(408, f"body: not received within {timeout_s:g} s", "body") from None
-    except ClientDisconnect:
-        raise ApiError(400, "body: the client disconnected before sending it", "body") from None
-
-
-MAX_JSON_NUMBER_CHARS = 40
-
-
-class _UnparsedNumber:
-    """A JSON number too long or too large to be a value of any field (every field refuses it)."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text[:20]
-
-    def __repr__(self) -> str:
-        return f"{self.text}..."
-
-
-def _parse_json_int(text: str) -> Any:
-    # Python's int() refuses more than 4300 digits with a ValueError; leave such a number unparsed so
-    # validation names its field (a 422), as for any other value of the wrong type.
-    return int(text) if len(text) <= MAX_JSON_NUMBER_CHARS else _UnparsedNumber(text)
-
-
-def _parse_json_float(text: str) -> Any:
-    number = float(text)
-    return number if abs(number) != float("inf") else _UnparsedNumber(text)  # 1e999 overflows to inf
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    """A JSON body as a dict: malformed, non-standard (NaN) or too deeply nested JSON is a 400 naming ``body``."""
-    try:
-        data = json.loads(
-            body,
-            parse_int=_parse_json_int,
-            parse_float=_parse_json_float,
-            parse_constant=_reject_constant,
-        )
-    except RecursionError:
-        raise ApiError(400, "body: JSON nested too deeply", "body") from None
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ApiError(400, f"body: invalid JSON ({e})", "body") from None
-    if not isinstance(data, dict):
-        raise ApiError(422, "body: expected a JSON object", "body")
-    return data
-
-
-def check_reference(
-    data: bytes,
-    max_bytes: int,
-    max_pixels: int,
-    max_side: int = ServingConfig.max_reference_side,
-    max_aspect: float = ServingConfig.max_reference_aspect,
-) -> bytes:
-    """Reference bytes whose header shows an accepted image within the limits, else a 4xx naming ``image``.
-
-    Only the header is read (a few milliseconds whatever the upload declares), so this runs inline on
-    the event loop. The pixels are decoded once, on the model replica's decode thread, where data
-    that does not decode (truncated, corrupt) is a 400 naming ``image``. Statuses: empty 422; over
-    the byte, pixel or side limit 413; more elongated than the aspect-ratio limit 422; a known image
-    format other than PNG, JPEG or WebP 415 (the message lists those); anything else unreadable 400.
-    """
-    if not data:
-        raise ApiError(422, "image: the style reference is empty", "image")
-    if len(data) > max_bytes:
-        raise ApiError(413, f"image: {len(data)} bytes exceeds the {max_bytes}-byte limit", "image")
-    try:
-        probe_image(data, max_pixels, max_side=max_side, max_aspect=max_aspect, formats=WEB_FORMATS)
-    except UnsupportedImageFormatError as e:
-        raise ApiError(415, f"image: {e}", "image") from None
-    except ImageLimitError as e:
-        raise ApiError(422 if e.limit == "aspect" else 413, f"image: {e}", "image") from None
-    except ImageDecodeError as e:
-        raise ApiError(400, f"image: {e}", "image") from None
-    return data
-
-
-class RequestReader:
-    """Turns an HTTP request into validated options (+ reference bytes) under the configured limits."""
-
-    def __init__(self, cfg: ServingConfig) -> None:
-        self.cfg = cfg
-
-    async def read(
-        self, request: Request, model: type[GenerationOptions]
-    ) -> tuple[GenerationOptions, bytes | None]:
-        """Parse JSON or multipart into ``model``; the reference image (if any) as raw bytes."""
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        limit = self.cfg.max_upload_bytes * 4 // 3 + BODY_SLACK_BYTES  # base64 inflates by 4/3
-        if content_type == "application/json":
-            data, reference = await self._read_json(request, limit)
-        elif content_type == "multipart/form-data":
-            data, reference = await self._read_multipart(request, limit)
-            data = form_values(model, data)
-        else:
-            raise ApiError(
-                415, f"content type {content_type or '(none)'!r}: send application/json or multipart/form-data",
-                "content-type",
-            )  # fmt: skip
-        options = parse_options(model, data)
-        if options.timeout_s is not None and options.timeout_s < self.cfg.min_timeout_s:
-            raise ApiError(422, f"timeout_s: below the {self.cfg.min_timeout_s:g} s minimum", "timeout_s")
-        if len(options.prompt) > self.cfg.max_prompt_chars:
-            raise ApiError(422, f"prompt: longer than {self.cfg.max_prompt_chars} characters", "prompt")
-        for name in ("height", "width"):
-            value = getattr(options, name)
-            if value is not None and value > self.cfg.max_side:
-                raise ApiError(422, f"{name}: {value} exceeds the {self.cfg.max_side}-pixel limit", name)
-        return options, reference
-
-    async def _read_json(self, request: Request, limit: int) -> tuple[dict[str, Any], bytes | None]:
-        data = parse_json_object(await read_body(request, limit, self.cfg.body_read_timeout_s))
-        reference = None
-        encoded = data.get("image")
-        if encoded is not None:
-            if not isinstance(encoded, str):
-                raise ApiError(422, "image: expected a base64 string", "image")
-            if "," in encoded[:64] and encoded.startswith("data:"):
-                encoded = encoded.split(",", 1)[1]  # a data URL
-            try:
-                reference = base64.b64decode(encoded, validate=True)
-            except (binascii.Error, ValueError):
-                raise ApiError(400, "image: not valid base64", "image") from None
-            data = {k: v for k, v in data.items() if k != "image"}
-        return data, reference
-
-    async def _read_multipart(self, request: Request, limit: int) -> tuple[dict[str, Any], bytes | None]:
-        # The size limit and the read timeout hold before anything is parsed.
-        body = await read_body(request, limit, self.cfg.body_read_timeout_s)
-
-        async def chunks():
-            yield body
-
-        parser = MultiPartParser(request.headers, chunks(), max_files=2, max_fields=MAX_FORM_FIELDS)
-        try:
-            form = await parser.parse()
-        except Exception as e:  # starlette raises several parser error types for malformed bodies
-            raise ApiError(400, f"body: malformed multipart form ({e})", "body") from None
-        data: dict[str, Any] = {}
-        reference = None
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if key != "image":
-                    raise ApiError(422, f"{key}: unexpected file field (the reference goes in 'image')", key)
-                reference = await value.read()
-            elif key in data:
-                raise ApiError(422, f"{key}: given more than once", key)
-            else:
-                data[key] = value
-        return data, reference
-
-
-def load_api_token(cfg: ServingConfig, environ: Mapping[str, str] = os.environ) -> str | None:
-    """The bearer token every request must carry, or None when the service runs without auth.
-
-    Read from ``auth_token_file`` when set (a missing or empty file is an error), else from the
-    ``auth_token_env`` variable. Raises :class:`ConfigError` when ``auth_required`` and there is no
-    token, or when the token is shorter than 16 characters or not RFC 6750 token characters.
-    """
-    if cfg.auth_token_file:
-        try:
-            token = Path(cfg.auth_token_file).read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"auth_token_file: cannot read {cfg.auth_token_file} ({e.strerror})") from None
-        if not token:
-            raise ConfigError(f"auth_token_file: {cfg.auth_token_file} is empty")
-    else:
-        token = environ.get(cfg.auth_token_env, "").strip() if cfg.auth_token_env else ""
-    if not token:
-        if cfg.auth_required:
-            where = (
-                f"the {cfg.auth_token_env} environment variable" if cfg.auth_token_env else "auth_token_file"
-            )
-            raise ConfigError(
-                f"auth_required: no API token; set {where} (or auth_token_file) on the cluster, "
-                "or auth_required: false to serve without auth"
-            )
-        return None
-    if len(token) < MIN_TOKEN_CHARS or not TOKEN_PATTERN.fullmatch(token):
-        raise ConfigError(
-            f"API token: need at least {MIN_TOKEN_CHARS} characters of A-Z a-z 0-9 . _ ~ + / - (then = padding)"
-        )
-    return token
-
-
-class BearerTokenAuth:
-    """ASGI middleware: every HTTP request but ``public_paths`` needs ``Authorization: Bearer <token>``.
-
-    Anything else gets a 401 ``{"error", "field": "authorization"}`` with ``WWW-Authenticate: Bearer``
-    before the body is read. Tokens are compared in constant time.
-    """
-
-    def __init__(self, app: ASGIApp, token: str, public_paths: frozenset[str] = PUBLIC_PATHS) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode()
-        self.public_paths = public_paths
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
-        if path in self.public_paths:
-            await self.app(scope, receive, send)
-            return
-        given = [v for k, v in scope["headers"] if k == b"authorization"]
-        # Same-length compare of the whole header value; the scheme is case-insensitive (RFC 7235).
-        value = given[0] if len(given) == 1 else b""
-        if value[:7].lower() == b"bearer ":
-            value = b"Bearer " + value[7:]
-        if hmac.compare_digest(value, self.expected):
-            await self.app(scope, receive, send)
-            return
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        challenge = 'Bearer error="invalid_token"' if given else "Bearer"
-        message = "invalid API token" if given else "missing API token: send Authorization: Bearer <token>"
-        response = JSONResponse(
-            {"error": message, "field": "authorization"},
-            status_code=401,
-            headers={"WWW-Authenticate": challenge},
-        )
-        await response(scope, receive, send)
-
-
-def _document_bearer_auth(app: FastAPI) -> None:
-    """Make ``app``'s OpenAPI say that every operation but the public ones needs the bearer token (or 401)."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = build()
-            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-            schemes["bearerAuth"] = {"type": "http", "scheme": "bearer"}
-            for path, operations in schema["paths"].items():
-                for operation in operations.values():
-                    if path in PUBLIC_PATHS:
-                        operation["security"] = []
-                        continue
-                    operation["security"] = [{"bearerAuth": []}]
-                    operation["responses"]["401"] = {
-                        "description": ERROR_DESCRIPTIONS[401],
-                        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
-                        },
-                    }
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-ERROR_DESCRIPTIONS = {
-    400: "Malformed request: body not valid JSON or multipart, an unreadable image, or bad base64.",
-    401: "Missing or wrong API token (`Authorization: Bearer <token>`).",
-    404: "Unknown adapter.",
-    408: "The request body did not arrive within the server's body_read_timeout_s "
-    "(or the proxy's request_timeout_s passed).",
-    413: "The body or the reference image is over the size limits.",
-    415: "Content type other than JSON or multipart, or an image format other than PNG, JPEG or WebP.",
-    422: "A field fails validation; `field` names it.",
-    429: "Too many requests queued; retry after `Retry-After` seconds.",
-    500: "Unexpected server error (no internals are shown).",
-    503: "Overloaded (queues full) or no model replica available; retry after `Retry-After` seconds.",
-    504: "The model did not answer within timeout_s (or the server's request_timeout_s).",
-}
-_RETRY_AFTER = {"schema": {"type": "integer", "minimum": 0}, "description": "seconds to wait before retrying"}
-_TEXT = {"text/plain": {"schema": {"type": "string"}}}  # what Serve's HTTP proxy answers itself
-
-
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries for these error statuses, each with the :class:`ErrorBody` model."""
-    responses: dict[int | str, dict[str, Any]] = {}
-    for status in statuses:
-        entry: dict[str, Any] = {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[status]}
-        if status in (429, 503):
-            entry["headers"] = {"Retry-After": _RETRY_AFTER}
-        if status in (408, 429, 503):  # also answered by the proxy, in plain text
-            entry["content"] = _TEXT
-        responses[status] = entry
-    return responses
-
-
-GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "model": GeneratedImage,
-        "description": "The image: PNG bytes (seed in `X-Seed`), or JSON with `response_format=base64`.",
-        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-        "headers": {"X-Seed": {"schema": {"type": "string"}, "description": "the seed used (PNG answers)"}},
-    },
-    **error_responses(400, 404, 408, 413, 415, 422, 429, 500, 503, 504),
-}
-READ_RESPONSES = error_responses(408, 429, 500, 503, 504)
-
-
 @serve.deployment(
     name="StyleARIngress",
     max_ongoing_requests=64,
@@ -483,7 +127,7 @@ class StyleARIngress:
         app.state.retry_after_s = self.cfg.retry_after_s
         if self.token:
             app.add_middleware(BearerTokenAuth, token=self.token)
-            _document_bearer_auth(app)
+            document_bearer_auth(app)
         if self.cfg.cors_origins:  # added last, so outermost: preflights and 401s get CORS headers
             app.add_middleware(
                 CORSMiddleware,

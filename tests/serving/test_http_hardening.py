@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
 from cluster.local import free_port
 from serving.app import build_app, serving_config
 from serving.config import ServingConfig
-from serving.ingress import load_api_token
+from serving.auth import load_api_token
 from stylear_core.config import ConfigError
 from stylear_core.data.images import encode_png
 
