@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stylear_core.config import ConfigError, option
-from stylear_core.curation.sam import MaskerConfig
-from stylear_core.models.presets import ModelConfig
+from stylear_core.curation.masker_config import MaskerConfig
+from stylear_core.models.config import ModelConfig
 
 
 @dataclass

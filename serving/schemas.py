@@ -21,8 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from stylear_core.inference.adapters import ADAPTER_NAME_PATTERN
-from stylear_core.inference.engine import LUMINA_CFG_SCALE, LUMINA_IMAGE_TOP_K
+from stylear_core.inference.defaults import ADAPTER_NAME_PATTERN, LUMINA_CFG_SCALE, LUMINA_IMAGE_TOP_K
 
 # Longest integer / number text a form field may hold: far beyond every field's range, far below
 # Python's 4300-digit limit on int() (which raises ValueError, not a validation error).

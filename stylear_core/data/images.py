@@ -14,10 +14,13 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch loads only in the two tensor helpers: the HTTP ingress decodes headers only
+    import torch
 
 WEB_FORMATS = ("PNG", "JPEG", "WEBP")
 """The formats uploaded references may use (Pillow format ids): what the serving API documents."""
@@ -194,11 +197,15 @@ def center_crop_resize(img: Image.Image, height: int, width: int) -> Image.Image
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """RGB PIL images of one size -> float tensor ``(B, 3, H, W)`` scaled to [-1, 1] (the VQGAN's input range)."""
+    import torch
+
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     """Tensor ``(B, 3, H, W)`` in [-1, 1] -> RGB PIL images."""
+    import torch
+
     arr = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]

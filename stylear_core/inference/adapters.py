@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from stylear_core.inference.defaults import ADAPTER_NAME_PATTERN
 from stylear_core.models.lora import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -47,7 +47,6 @@ from stylear_core.training.export import ADAPTER_FORMAT, BACKBONE_WEIGHTS_NAME, 
 PLAIN_LORA_NAME = "lora.safetensors"
 RESAMPLER_NAME = RESAMPLER_WEIGHTS_NAME
 SLOT_ADAPTER_NAME = "serving_slot"
-ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class AdapterError(ValueError):

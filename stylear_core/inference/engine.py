@@ -49,12 +49,10 @@ from torch import nn
 from transformers import StaticCache
 
 from stylear_core.data.layout import ImageTokenLayout, LayoutError, TokenVocab
+from stylear_core.inference.defaults import LUMINA_CFG_SCALE, LUMINA_IMAGE_TOP_K
 from stylear_core.inference.sampling import BatchSampling, guided_logits, sample_codes
 from stylear_core.models.style_tokens import inject_style_tokens
 from stylear_core.models.vqgan import ChameleonVQGAN, decode_to_images
-
-LUMINA_CFG_SCALE = 4.0
-LUMINA_IMAGE_TOP_K = 2000
 
 
 class GenerationRequestError(ValueError):

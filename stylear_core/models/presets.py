@@ -8,12 +8,9 @@ ever downloaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
-from stylear_core.config import ConfigError, option
+from stylear_core.config import ConfigError
 from stylear_core.data.layout import TokenVocab
 from stylear_core.data.tokenizer import PromptTokenizer, load_prompt_tokenizer
 from stylear_core.models.backbone import (
@@ -25,6 +22,7 @@ from stylear_core.models.backbone import (
     vocab_from_vocabulary_map,
 )
 from stylear_core.models.clip import ClipScorer, StyleEncoder
+from stylear_core.models.config import ModelConfig
 from stylear_core.models.lora import add_lora, load_stylear_release
 from stylear_core.models.resampler import StyleResampler, tiny_resampler
 from stylear_core.models.stylear import StyleARModel
@@ -37,77 +35,6 @@ from stylear_core.models.vqgan import (
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class ModelConfig:
-    """Which StyleAR model to build: preset, local checkpoint paths, adapter and style-token settings."""
-
-    preset: Literal["tiny", "lumina7b"] = option(
-        "tiny", "tiny random models (CPU) or the real Lumina-mGPT-7B sizes"
-    )
-    backbone_path: str | None = option(
-        None, "local Hugging Face-format Lumina-mGPT dir (config.json + safetensors)"
-    )
-    tokenizer_path: str | None = option(
-        None, "local Chameleon/Lumina tokenizer dir (default: backbone_path; tiny: byte-level tokenizer)"
-    )
-    vqgan_ckpt: str | None = option(
-        None, "Chameleon vqgan.ckpt (taming layout), or its tensors-only .safetensors conversion"
-    )
-    vqgan_yaml: str | None = option(None, "Chameleon vqgan.yaml (default: Chameleon's sizes)")
-    clip_checkpoint: str | None = option(None, "local open_clip ViT-H-14 weights file or dir")
-    stylear_release: str | None = option(
-        None, "dir with StyleAR's released model.safetensors (LoRA) + image_proj.pth"
-    )
-    prompt_template: Literal["auto", "lumina", "stylear_release"] = option(
-        "auto",
-        "style-prompt wording and placeholder: lumina (resolution template, <reserved08896>), "
-        "stylear_release (the release's 'Instant style Generation ... S* ...', S* = id 16393); "
-        "auto = stylear_release when stylear_release is set, else lumina",
-    )
-    lora_rank: int = option(4, "LoRA rank on q/k/v/o, MLP down_proj and lm_head")
-    lora_alpha: float = option(4.0, "LoRA alpha (scaling = alpha / rank)")
-    lora_dropout: float = option(0.0, "dropout on the LoRA input")
-    num_style_tokens: int = option(
-        16, "style tokens per image = placeholder ids per prompt (resampler queries)"
-    )
-    noise_strength_train: float = option(0.1, "std of the Gaussian noise added to style tokens in training")
-    noise_strength_infer: float = option(0.3, "std of the Gaussian noise added to style tokens at inference")
-    image_size: int = option(768, "generated / trained image side in pixels (multiple of 32)")
-    trainable: Literal["lora", "full"] = option("lora", "train LoRA factors only, or the whole backbone")
-    gradient_checkpointing: bool = option(False, "recompute decoder layers in the backward pass")
-    dtype: Literal["float32", "bfloat16", "float16"] = option(
-        "float32", "parameter dtype of the built models"
-    )
-    seed: int = option(0, "seed of the random initialisation (tiny preset, missing checkpoints)")
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first field that cannot build a model."""
-        if self.num_style_tokens <= 0:
-            raise ConfigError(f"num_style_tokens: must be positive, got {self.num_style_tokens}")
-        if self.image_size <= 0 or self.image_size % 32:
-            raise ConfigError(f"image_size: {self.image_size} is not a positive multiple of 32")
-        if self.lora_rank <= 0:
-            raise ConfigError(f"lora_rank: must be positive, got {self.lora_rank}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
-        for name in ("noise_strength_train", "noise_strength_infer"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.stylear_release and self.trainable != "lora":
-            raise ConfigError("stylear_release: the release is a LoRA adapter; it needs trainable: lora")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def resolved_prompt_template(self) -> str:
-        """``prompt_template`` with ``auto`` resolved: released weights get the wording they were trained on."""
-        if self.prompt_template == "auto":
-            return "stylear_release" if self.stylear_release else "lumina"
-        return self.prompt_template
 
 
 def build_backbone(
