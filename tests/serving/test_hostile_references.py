@@ -15,23 +15,16 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from cluster.local import free_port
 from serving.app import build_app
 from stylear_core.data.images import encode_png
 from stylear_core.data.synthetic import corrupt_bytes
 
 
 @pytest.fixture(scope="module")
-def url(ray_session):
-    from ray import serve
+def url(serve_on_loopback):
 
     app = build_app({"config_file": "serving/configs/tiny.yaml"})  # 8 MiB, 4096^2 px, 8192 px side, 4:1
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app, name="stylear-hostile", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.delete("stylear-hostile")
-    serve.shutdown()
+    return serve_on_loopback(app, "stylear-hostile")
 
 
 @pytest.fixture

@@ -26,10 +26,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from cluster.local import free_port
 from serving.app import build_app, serving_config
-from serving.config import ServingConfig
 from serving.auth import load_api_token
+from serving.config import ServingConfig
 from stylear_core.config import ConfigError
 from stylear_core.data.images import encode_png
 
@@ -40,8 +39,7 @@ LOAD_REQUESTS = 200
 
 
 @pytest.fixture(scope="module")
-def url(ray_session, tmp_path_factory):
-    from ray import serve
+def url(serve_on_loopback, tmp_path_factory):
 
     token_file = tmp_path_factory.mktemp("secret") / "token"
     token_file.write_text(TOKEN + "\n")  # secrets often end in a newline
@@ -61,12 +59,7 @@ def url(ray_session, tmp_path_factory):
         ingress_options={"max_queued_requests": 256, "ray_actor_options": {"num_cpus": 0.5}},
         model_options={"max_queued_requests": 256, "ray_actor_options": {"num_cpus": 0.5}},
     )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app, name="stylear-hardened", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.delete("stylear-hardened")
-    serve.shutdown()
+    return serve_on_loopback(app, "stylear-hardened")
 
 
 @pytest.fixture

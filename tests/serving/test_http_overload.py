@@ -14,7 +14,6 @@ import time
 import httpx
 import pytest
 
-from cluster.local import free_port
 from serving.app import build_app
 
 BODY_READ_TIMEOUT_S = 2.0
@@ -24,8 +23,7 @@ REQUEST_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def port(ray_session):
-    from ray import serve
+def url(serve_on_loopback):
 
     overrides = [
         "sam_enabled=false",
@@ -49,17 +47,12 @@ def port(ray_session):
             "ray_actor_options": {"num_cpus": 0.5},
         },
     )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app, name="stylear-small", route_prefix="/")
-    yield port
-    serve.delete("stylear-small")
-    serve.shutdown()
+    return serve_on_loopback(app, "stylear-small")
 
 
 @pytest.fixture
-def url(port):
-    return f"http://127.0.0.1:{port}"
+def port(url):
+    return int(url.rsplit(":", 1)[1])
 
 
 def test_overload_gets_fast_503s_with_retry_after_and_no_other_server_error(url):

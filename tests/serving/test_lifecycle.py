@@ -15,7 +15,6 @@ import time
 import httpx
 import pytest
 
-from cluster.local import free_port
 from serving.app import serving_config
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.models.backbone import tiny_vocab
@@ -26,8 +25,7 @@ LONG_SIDE = 512  # the tiny config's max_side: the longest decode a request can 
 
 
 @pytest.fixture(scope="module")
-def url(ray_session):
-    from ray import serve
+def url(serve_on_loopback):
 
     from serving.ingress import StyleARIngress
     from serving.model import StyleARModelDeployment
@@ -42,12 +40,7 @@ def url(ray_session):
         )
     )
     model = StyleARModelDeployment.options(num_replicas=MODEL_REPLICAS).bind(config)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(StyleARIngress.bind(model, config), name="stylear-lifecycle", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.delete("stylear-lifecycle")
-    serve.shutdown()
+    return serve_on_loopback(StyleARIngress.bind(model, config), "stylear-lifecycle")
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from cluster.local import free_port
 from serving.app import build_app
 from stylear_core.data.images import encode_png
 from stylear_core.inference.adapters import write_adapter_dir
@@ -48,8 +47,7 @@ def write_adapters(root) -> None:
 
 
 @pytest.fixture(scope="module")
-def url(ray_session, tmp_path_factory):
-    from ray import serve
+def url(serve_on_loopback, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("adapters")
     write_adapters(root)
@@ -63,12 +61,7 @@ def url(ray_session, tmp_path_factory):
         "min_timeout_s=0",  # lets a test time a request out within one tiny decode
     ]
     app = build_app({"config_file": "serving/configs/tiny.yaml", "overrides": overrides})
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app, name="stylear-test", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.delete("stylear-test")
-    serve.shutdown()
+    return serve_on_loopback(app, "stylear-test")
 
 
 @pytest.fixture
