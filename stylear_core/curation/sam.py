@@ -316,6 +316,22 @@ class StyleRegionMasker:
         out = self.clean(image)
         return out.mask_png, out.kept_fraction, out.image
 
+    def content_reference(
+        self, image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)
+    ) -> Image.Image:
+        """The salient content cut out of ``image``: the pixels :meth:`clean` removes, the rest ``background``.
+
+        The complement of :meth:`clean`'s image (same region, halo included), for StyleAR's released
+        inference, which subtracts this cut-out's CLIP features from the reference's. The background is
+        a flat neutral colour (white, as a SAM cut-out is usually shown) so it adds no style of its own.
+        """
+        image = image.convert("RGB")
+        removed, _ = self.removed_region(image)
+        out = np.empty((image.height, image.width, 3), dtype=np.uint8)
+        out[:] = background
+        out[removed] = np.asarray(image)[removed]
+        return Image.fromarray(out, "RGB")
+
     def __call__(self, batch: Mapping[str, Any] | pa.Table) -> pa.Table:
         """Clean a batch of encoded reference images (dict of columns or a table); see the class docstring."""
         ids = [str(i) for i in _as_list(batch["id"])]

@@ -1,10 +1,18 @@
 """StyleAR's style path at request time: reference image bytes -> style tokens for the engine.
 
 bytes -> :func:`decode_image` (format, pixel count, sides and aspect ratio checked on the header,
-then shrunk to the working side) -> optional SAM cleaning (the curation stage's
-:class:`StyleRegionMasker`, which removes the reference's salient object so its content does not
-leak) -> frozen CLIP penultimate features -> the (adapter's) perceiver resampler -> ``N`` style tokens
--> Gaussian "style-enhancing" noise of the requested strength, drawn from a per-request seed.
+then shrunk to the working side) -> optional SAM -> frozen CLIP penultimate features -> the
+(adapter's) perceiver resampler -> ``N`` style tokens -> Gaussian "style-enhancing" noise of the
+requested strength, drawn from a per-request seed.
+
+SAM keeps the reference's salient object from leaking its content into the style, in one of two modes:
+
+- ``mask``: the curation stage's :class:`StyleRegionMasker` removes the object from the reference
+  image (filled from the surrounding pixels) before it is encoded;
+- ``subtract``: StyleAR's released inference. The reference ``e0`` and the content SAM cut out of it
+  ``e1`` (the object on a neutral background) are encoded in one CLIP batch, and the tokens are
+  ``(1 - mix) * R(e0) + mix * R(e0 - subtract * e1)`` (:func:`subtract_content_style_tokens`,
+  0.8 / 0.8 as released), before the same noise as in ``mask`` mode.
 
 Shrinking right after decoding bounds everything after it (SAM's masks, the halo dilation, the fill,
 CLIP's preprocessing) by the working side, whatever the upload's size: neither SAM (which resizes its
@@ -15,6 +23,7 @@ to 224 for ViT-H/14 and centre-crops) looks at more pixels than that.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -22,10 +31,13 @@ from torch import nn
 
 from stylear_core.data.images import WEB_FORMATS, decode_image
 from stylear_core.models.clip import StyleEncoder
-from stylear_core.models.style_tokens import add_style_noise
+from stylear_core.models.style_tokens import add_style_noise, subtract_content_style_tokens
 
 # Style noise draws from its own stream, so it does not share random numbers with token sampling.
 STYLE_NOISE_SEED_OFFSET = 0x5EED_57A1
+
+SamMode = Literal["mask", "subtract"]
+SAM_MODES: tuple[str, ...] = ("mask", "subtract")
 
 
 class StyleRequestError(ValueError):
@@ -42,8 +54,11 @@ class ReferenceStyleEncoder:
 
     Takes the frozen :class:`StyleEncoder`, the base resampler (an adapter may bring its own, passed
     per call), an optional SAM masker (anything with ``clean_reference(pil) -> (mask, fraction,
-    pil)``), the limits a reference must meet (largest pixel count, longer side and aspect ratio, the
-    accepted formats) and the working side references are shrunk to before anything else runs.
+    pil)`` for ``mask`` mode and ``content_reference(pil) -> pil`` for ``subtract`` mode), the limits a
+    reference must meet (largest pixel count, longer side and aspect ratio, the accepted formats), the
+    working side references are shrunk to before anything else runs, and the ``subtract`` mode's
+    weights (``subtract_weight`` scales the content features taken from the reference's, ``mix_weight``
+    is the share of the content-free tokens in the mix).
     """
 
     def __init__(
@@ -57,6 +72,8 @@ class ReferenceStyleEncoder:
         max_aspect: float | None = 4.0,
         formats: Sequence[str] | None = WEB_FORMATS,
         working_side: int | None = 1024,
+        subtract_weight: float = 0.8,
+        mix_weight: float = 0.8,
     ) -> None:
         self.style_encoder = style_encoder
         self.resampler = resampler
@@ -66,6 +83,8 @@ class ReferenceStyleEncoder:
         self.max_aspect = max_aspect
         self.formats = formats
         self.working_side = working_side
+        self.subtract_weight = subtract_weight
+        self.mix_weight = mix_weight
 
     def load(self, data: bytes) -> Image.Image:
         """Reference bytes -> RGB image no larger than the working side.
@@ -88,6 +107,24 @@ class ReferenceStyleEncoder:
             raise StyleRequestError("sam", "SAM cleaning is not enabled on this server")
         return self.masker.clean_reference(image)[2]
 
+    def content(self, image: Image.Image) -> Image.Image:
+        """The reference's salient content as SAM cuts it out (object pixels on a neutral background)."""
+        if self.masker is None:
+            raise StyleRequestError("sam", "SAM is not enabled on this server")
+        return self.masker.content_reference(image)
+
+    @staticmethod
+    def _add_noise(
+        tokens: torch.Tensor, noise_strengths: Sequence[float], seeds: Sequence[int]
+    ) -> torch.Tensor:
+        """Each row's noise from its own stream (the request's seed, offset): the same in every SAM mode."""
+        rows = []
+        for row, strength, seed in zip(tokens, noise_strengths, seeds):
+            gen = torch.Generator(device=row.device)
+            gen.manual_seed((int(seed) + STYLE_NOISE_SEED_OFFSET) % 2**63)
+            rows.append(add_style_noise(row.unsqueeze(0), float(strength), gen))
+        return torch.cat(rows)
+
     @torch.inference_mode()
     def style_tokens(
         self,
@@ -101,12 +138,37 @@ class ReferenceStyleEncoder:
         features = self.style_encoder.encode(list(images))
         param = next(resampler.parameters())
         tokens = resampler(features.to(device=param.device, dtype=param.dtype))
-        rows = []
-        for row, strength, seed in zip(tokens, noise_strengths, seeds):
-            gen = torch.Generator(device=row.device)
-            gen.manual_seed((int(seed) + STYLE_NOISE_SEED_OFFSET) % 2**63)
-            rows.append(add_style_noise(row.unsqueeze(0), float(strength), gen))
-        return torch.cat(rows)
+        return self._add_noise(tokens, noise_strengths, seeds)
+
+    @torch.inference_mode()
+    def subtracted_style_tokens(
+        self,
+        images: Sequence[Image.Image],
+        contents: Sequence[Image.Image],
+        noise_strengths: Sequence[float],
+        seeds: Sequence[int],
+        resampler: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Style tokens ``(B, N, hidden)`` with each reference's content subtracted in CLIP-feature space.
+
+        References and their content cut-outs go through CLIP as one batch; then
+        :func:`subtract_content_style_tokens` with this encoder's weights, then the noise as in
+        :meth:`style_tokens`.
+        """
+        if len(images) != len(contents):
+            raise ValueError(f"{len(images)} references but {len(contents)} content images")
+        resampler = resampler or self.resampler
+        features = self.style_encoder.encode([*images, *contents])
+        param = next(resampler.parameters())
+        features = features.to(device=param.device, dtype=param.dtype)
+        tokens = subtract_content_style_tokens(
+            resampler,
+            features[: len(images)],
+            features[len(images) :],
+            subtract=self.subtract_weight,
+            mix=self.mix_weight,
+        )
+        return self._add_noise(tokens, noise_strengths, seeds)
 
     def __call__(
         self,
@@ -115,9 +177,21 @@ class ReferenceStyleEncoder:
         noise_strength: float,
         seed: int,
         resampler: nn.Module | None = None,
+        sam_mode: SamMode = "mask",
     ) -> torch.Tensor:
-        """One reference's bytes -> style tokens ``(N, hidden)`` (decode, optional SAM, CLIP, resampler, noise)."""
+        """One reference's bytes -> style tokens ``(N, hidden)`` (decode, optional SAM, CLIP, resampler, noise).
+
+        ``sam_mode`` (used when ``use_sam``): ``mask`` encodes the reference with its content removed,
+        ``subtract`` subtracts the content's CLIP features as StyleAR's release does (module docstring).
+        """
+        if sam_mode not in SAM_MODES:
+            raise StyleRequestError(
+                "sam_mode", f"unknown SAM mode {sam_mode!r} (known: {', '.join(SAM_MODES)})"
+            )
         image = self.load(data)
+        if use_sam and sam_mode == "subtract":
+            content = self.content(image)
+            return self.subtracted_style_tokens([image], [content], [noise_strength], [seed], resampler)[0]
         if use_sam:
             image = self.clean(image)
         return self.style_tokens([image], [noise_strength], [seed], resampler)[0]

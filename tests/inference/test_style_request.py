@@ -6,6 +6,7 @@ import io
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -73,6 +74,71 @@ def test_sam_cleaning_changes_what_is_encoded(parts):
     cleaned = style(data, use_sam=True, noise_strength=0.0, seed=0)
     assert cleaned.shape == plain.shape
     assert not torch.allclose(cleaned, plain)
+
+
+def test_content_cut_out_is_the_complement_of_the_cleaned_reference(parts):
+    _, _, masker = parts
+    image = Image.open(io.BytesIO(reference_png())).convert("RGB")
+    removed, _ = masker.removed_region(image)
+    content = np.asarray(masker.content_reference(image))
+    pixels = np.asarray(image)
+    assert removed.any() and not removed.all()
+    assert np.array_equal(content[removed], pixels[removed])  # the object's own pixels
+    assert (content[~removed] == 255).all()  # a flat neutral background elsewhere
+    cleaned = np.asarray(masker.clean_reference(image)[2])
+    assert np.array_equal(cleaned[~removed], pixels[~removed])  # masking keeps exactly the other part
+
+
+def test_subtract_mode_is_the_released_mix_of_resampled_features_plus_the_same_noise(parts):
+    encoder, resampler, masker = parts
+    style = ReferenceStyleEncoder(encoder, resampler, masker)
+    data = reference_png()
+    image = style.load(data)
+    with torch.no_grad():
+        e0 = encoder.encode([image])
+        e1 = encoder.encode([masker.content_reference(image)])
+        expected = (0.2 * resampler(e0) + 0.8 * resampler(e0 - 0.8 * e1))[0]
+    clean = style(data, use_sam=True, noise_strength=0.0, seed=3, sam_mode="subtract")
+    torch.testing.assert_close(clean, expected, atol=1e-5, rtol=1e-5)
+    # The noise is the mask path's: same strength and seed -> the same draw added.
+    noisy = style(data, use_sam=True, noise_strength=0.3, seed=3, sam_mode="subtract")
+    noise_alone = style(data, use_sam=False, noise_strength=0.3, seed=3) - style(
+        data, use_sam=False, noise_strength=0.0, seed=3
+    )
+    torch.testing.assert_close(noisy - clean, noise_alone, atol=1e-5, rtol=1e-5)
+    # Mask mode is what it was: the cleaned image, encoded.
+    masked = style(data, use_sam=True, noise_strength=0.0, seed=3, sam_mode="mask")
+    assert torch.equal(masked, style(data, use_sam=True, noise_strength=0.0, seed=3))
+    with torch.no_grad():
+        assert torch.equal(masked, resampler(encoder.encode([style.clean(image)]))[0])
+    assert not torch.allclose(masked, clean, atol=1e-4)
+
+
+def test_subtract_mode_honours_its_weights_and_needs_sam(parts):
+    encoder, resampler, masker = parts
+    data = reference_png()
+    style = ReferenceStyleEncoder(encoder, resampler, masker, subtract_weight=0.5, mix_weight=0.3)
+    image = style.load(data)
+    with torch.no_grad():
+        e0 = encoder.encode([image])
+        e1 = encoder.encode([masker.content_reference(image)])
+        expected = (0.7 * resampler(e0) + 0.3 * resampler(e0 - 0.5 * e1))[0]
+    got = style(data, use_sam=True, noise_strength=0.0, seed=0, sam_mode="subtract")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # mix 0: the plain reference's tokens, whatever is subtracted.
+    plain = ReferenceStyleEncoder(encoder, resampler, masker, mix_weight=0.0)
+    torch.testing.assert_close(
+        plain(data, use_sam=True, noise_strength=0.0, seed=0, sam_mode="subtract"),
+        plain(data, use_sam=False, noise_strength=0.0, seed=0),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    with pytest.raises(StyleRequestError) as err:
+        ReferenceStyleEncoder(encoder, resampler)(data, True, 0.0, 0, sam_mode="subtract")
+    assert err.value.field == "sam"
+    with pytest.raises(StyleRequestError) as err:
+        style(data, use_sam=True, noise_strength=0.0, seed=0, sam_mode="bogus")
+    assert err.value.field == "sam_mode"
 
 
 def test_an_adapter_resampler_replaces_the_base_one(parts):
