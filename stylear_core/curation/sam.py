@@ -29,25 +29,14 @@ import torch
 from PIL import Image, ImageFilter
 
 from stylear_core.curation.masker_config import MaskerConfig
+from stylear_core.data.batch_columns import column_values
 from stylear_core.data.images import ImageDecodeError, decode_image, encode_png
+from stylear_core.data.schemas import MASKER_OUTPUT_SCHEMA
 from stylear_core.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
 SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b")
-
-
-# What the masker returns per batch: the SAM-masks columns plus diagnostics (nulls on failed rows).
-MASKER_OUTPUT_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string()),
-        pa.field("mask", pa.binary()),
-        pa.field("kept_fraction", pa.float32()),
-        pa.field("cleaned_image", pa.binary()),
-        pa.field("used_fallback", pa.bool_()),
-        pa.field("error", pa.string()),
-    ]
-)
 
 
 def build_sam(model_type: str, checkpoint: str | Path) -> torch.nn.Module:
@@ -233,13 +222,6 @@ def _dilate(removed: np.ndarray, pixels: int) -> np.ndarray:
     return _grow_along(_grow_along(removed, pixels, 0), pixels, 1)
 
 
-def _as_list(values: Any) -> list[Any]:
-    """A batch column (numpy array, pyarrow array, or sequence) as Python values."""
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return values.to_pylist()
-    return values.tolist() if isinstance(values, np.ndarray) else list(values)
-
-
 @dataclass(frozen=True)
 class CleanedReference:
     """A reference with its content removed: kept mask (PNG, 255 = kept), kept fraction, image."""
@@ -334,8 +316,8 @@ class StyleRegionMasker:
 
     def __call__(self, batch: Mapping[str, Any] | pa.Table) -> pa.Table:
         """Clean a batch of encoded reference images (dict of columns or a table); see the class docstring."""
-        ids = [str(i) for i in _as_list(batch["id"])]
-        images = _as_list(batch["image"])
+        ids = [str(i) for i in column_values(batch["id"])]
+        images = column_values(batch["image"])
         masks, fractions, cleaned, fallbacks, errors = [], [], [], [], []
         for row_id, data in zip(ids, images):
             try:

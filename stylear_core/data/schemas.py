@@ -9,6 +9,9 @@ nothing but pyarrow. The formats, in the order data flows:
   the ``proxy`` source; ``PROXY_CURATED_SCHEMA`` is it plus proxy data's subject columns).
 * ``SAM_MASKS_SCHEMA`` (``stylear.sam_masks/1``): per reference image, the kept-region mask and the
   image with its salient content removed.
+* ``STYLIZER_OUTPUT_SCHEMA`` and ``MASKER_OUTPUT_SCHEMA`` (unversioned, never written as is): what the
+  stylizer's and the SAM masker's batch callables return, the columns of a stylized curated row or of
+  ``SAM_MASKS_SCHEMA``, each with nulls on failed rows and the reason in ``error``.
 * ``TOKEN_SHARDS_SCHEMA`` (``stylear.token_shards/1``): tokenised prompts and VQ image tokens.
 * ``ERRORS_SCHEMA`` (``stylear.errors/1``): one row per record a stage skipped, and why.
 * ``PREFERENCE_PAIRS_SCHEMA`` (``stylear.preference_pairs/1``): DPO preference pairs.
@@ -76,6 +79,19 @@ SAM_MASKS_SCHEMA = _versioned(
     ],
 )
 
+MASKER_OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("mask", pa.binary()),
+        pa.field("kept_fraction", pa.float32()),
+        pa.field("cleaned_image", pa.binary()),
+        pa.field("used_fallback", pa.bool_()),
+        pa.field("error", pa.string()),
+    ]
+)
+"""What the SAM masker returns per batch: the ``SAM_MASKS_SCHEMA`` columns plus diagnostics (nulls on
+failed rows)."""
+
 TOKEN_SHARDS_SCHEMA = _versioned(
     "stylear.token_shards/1",
     [
@@ -100,6 +116,21 @@ STYLE_REQUESTS_SCHEMA = _versioned(
     ],
 )
 """(prompt, style reference) rows: the stylizer's input, and the held-out rows DPO samples preferences on."""
+
+STYLIZER_OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("seed", pa.int64()),
+        pa.field("style_ref", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("source", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
+"""What the stylizer returns per batch: the curated columns of a stylized row plus ``error``."""
 
 ERRORS_SCHEMA = _versioned(
     "stylear.errors/1",

@@ -16,6 +16,11 @@ from pathlib import Path
 import torch
 
 from stylear_core.curation.stylizer import StylizerConfig
+from stylear_core.testing.tiny_stylizer import (
+    build_tiny_sdxl_stylizer_dir,
+    prompt_words,
+    write_tiny_clip_tokenizer_files,
+)
 
 
 def build_tiny_sdxl_dir(path: str | Path, seed: int = 0) -> Path:
@@ -24,8 +29,6 @@ def build_tiny_sdxl_dir(path: str | Path, seed: int = 0) -> Path:
     The pipeline is the curation stylizer's tiny SDXL (:func:`build_tiny_sdxl_stylizer_dir`: the real
     components at toy sizes, 64 px images as 8x8 latents), moved out of its stylizer layout.
     """
-    from stylear_core.curation.stylizer import build_tiny_sdxl_stylizer_dir
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-") as tmp:
@@ -48,8 +51,6 @@ def build_tiny_sd3_dir(path: str | Path, seed: int = 0) -> Path:
         StableDiffusion3Pipeline,
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from stylear_core.curation.stylizer import prompt_words, write_tiny_clip_tokenizer_files
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -120,8 +121,6 @@ def tiny_stylizer_dir(cache_dir: str | Path, seed: int = 0) -> StylizerConfig:
 
     Returns a config whose paths point at it; later calls (and concurrent builders) reuse the first complete build.
     """
-    from stylear_core.curation.stylizer import build_tiny_sdxl_stylizer_dir
-
     root = Path(cache_dir) / f"tiny_sdxl_stylizer_seed{seed}"
     paths = {"pipeline_path": str(root / "sdxl"), "ip_adapter_path": str(root / "ip_adapter")}
     if not (root / "sdxl" / "model_index.json").is_file():

@@ -12,7 +12,6 @@ import torch
 from PIL import Image, ImageFilter
 
 from stylear_core.curation.sam import (
-    MASKER_OUTPUT_SCHEMA,
     MaskerConfig,
     StyleRegionMasker,
     _dilate,
@@ -22,6 +21,7 @@ from stylear_core.curation.sam import (
     select_content_mask,
     tiny_sam,
 )
+from stylear_core.data.schemas import MASKER_OUTPUT_SCHEMA
 from stylear_core.data.synthetic import ContentSpec, ObjectSpec, StyleSpec, corrupt_bytes, render
 
 

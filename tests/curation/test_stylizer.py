@@ -12,15 +12,14 @@ import pytest
 from PIL import Image
 
 from stylear_core.curation.stylizer import (
-    STYLIZER_OUTPUT_SCHEMA,
     Stylizer,
     StylizerConfig,
-    build_tiny_sdxl_stylizer_dir,
     instantstyle_scale,
     row_seed,
 )
-from stylear_core.data.schemas import CURATED_SCHEMA, conform_table
+from stylear_core.data.schemas import CURATED_SCHEMA, STYLIZER_OUTPUT_SCHEMA, conform_table
 from stylear_core.data.synthetic import SyntheticStyleSet, corrupt_bytes
+from stylear_core.testing.tiny_stylizer import build_tiny_sdxl_stylizer_dir
 
 
 @pytest.fixture(scope="module")
