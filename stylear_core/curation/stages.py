@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from stylear_core.data.batch_columns import Batch, batch_to_table, batch_values
+from stylear_core.data.batch_columns import Batch, batch_num_rows, batch_to_table, batch_values
 
 # ---------------------------------------------------------------------------------------------
 # Row functions and actor wrappers (run inside Ray Data tasks / actors)
@@ -32,8 +32,8 @@ def normalize_raw_batch(batch: Batch, max_pixels: int = 64_000_000) -> pa.Table:
     """
     from stylear_core.data.images import ImageDecodeError, decode_image, encode_png
 
-    ids = [str(i) for i in batch_values(batch, "id", len(batch["id"]))]
-    n = len(ids)
+    n = batch_num_rows(batch)
+    ids = [str(i) for i in batch_values(batch, "id", n)]
     prompts = batch_values(batch, "prompt", n)
     images = batch_values(batch, "image", n)
     out_images: list[bytes | None] = [None] * n
