@@ -9,6 +9,7 @@ The same dataclass is the ``args:`` block of an application in ``serving/serve_c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +26,17 @@ class ServingConfig:
     sam: MaskerConfig = option(MaskerConfig, "the SAM masker that strips a style reference's content")
     sam_enabled: bool = option(True, "build SAM so requests can ask for reference cleaning")
     sam_default: bool = option(True, "clean style references with SAM when a request does not say")
+    sam_mode_default: Literal["auto", "mask", "subtract"] = option(
+        "auto",
+        "how SAM strips a reference's content when a request does not say: mask (remove the object "
+        "before encoding) or subtract (StyleAR's release: subtract the object's CLIP features); "
+        "auto = subtract when the model uses the release's prompt template, else mask",
+        choices=("auto", "mask", "subtract"),
+    )
+    sam_subtract_weight: float = option(0.8, "subtract mode: e0 - w * e1 on the CLIP features (release: 0.8)")
+    sam_mix_weight: float = option(
+        0.8, "subtract mode: share of the content-free tokens, (1-w)*R(e0) + w*R(e0-...) (release: 0.8)"
+    )
     device: Literal["auto", "cpu", "cuda"] = option("auto", "model replica device (auto: cuda if present)")
     cuda_graphs: bool = option(True, "capture the decode step in a CUDA graph (CUDA only)")
     torch_threads: int = option(0, "torch CPU threads in the model replica (0: torch's default)")
@@ -94,7 +106,18 @@ class ServingConfig:
             raise ConfigError("sam.checkpoint: a local SAM checkpoint is needed (or set sam_enabled: false)")
         if self.sam_default and not self.sam_enabled:
             raise ConfigError("sam_default: cannot default to SAM cleaning with sam_enabled: false")
+        if not math.isfinite(self.sam_subtract_weight):
+            raise ConfigError(f"sam_subtract_weight: must be finite, got {self.sam_subtract_weight}")
+        if not 0 <= self.sam_mix_weight <= 1:
+            raise ConfigError(f"sam_mix_weight: must be in [0, 1], got {self.sam_mix_weight}")
         self._validate_http()
+
+    @property
+    def resolved_sam_mode_default(self) -> str:
+        """``sam_mode_default`` with ``auto`` resolved: released weights get the release's subtraction."""
+        if self.sam_mode_default == "auto":
+            return "subtract" if self.model.resolved_prompt_template == "stylear_release" else "mask"
+        return self.sam_mode_default
 
     def _validate_http(self) -> None:
         if not 0 <= self.min_timeout_s <= self.request_timeout_s:

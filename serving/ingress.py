@@ -229,8 +229,14 @@ class StyleARIngress:
         use_sam = self.cfg.sam_default if options.sam is None else options.sam
         if use_sam and not self.cfg.sam_enabled:
             raise ApiError(422, "sam: SAM cleaning is not enabled on this server", "sam")
+        sam_mode = options.sam_mode or self.cfg.resolved_sam_mode_default
         job = self._job(
-            "style", options, reference=reference, noise_strength=options.noise_strength, sam=use_sam
+            "style",
+            options,
+            reference=reference,
+            noise_strength=options.noise_strength,
+            sam=use_sam,
+            sam_mode=sam_mode,
         )
         return await self._generate(job, options)
 

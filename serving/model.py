@@ -254,7 +254,16 @@ class StyleARModelDeployment:
                 job.noise_strength if job.noise_strength is not None else self.cfg.model.noise_strength_infer
             )
             resampler = adapter.resampler if adapter is not None else None
-            style = self.style(job.reference, job.sam, strength, seed, resampler)
+            style = self.style(
+                job.reference,
+                job.sam,
+                strength,
+                seed,
+                resampler,
+                sam_mode=job.sam_mode,
+                subtract_weight=self.cfg.sam_subtract_weight,
+                mix_weight=self.cfg.sam_mix_weight,
+            )
         else:
             self._check_subject_prompt(job, adapter)
             ids = text_prompt_ids(self.tokenizer, job.prompt, job.height, job.width)

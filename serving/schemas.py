@@ -131,6 +131,12 @@ class StyleOptions(GenerationOptions):
         None, ge=0.0, le=2.0, allow_inf_nan=False, description="style-token noise std"
     )
     sam: bool | None = Field(None, description="strip the reference's content with SAM first")
+    sam_mode: Literal["mask", "subtract"] | None = Field(
+        None,
+        description="how SAM strips the content (with sam): mask = remove the object from the reference "
+        "before encoding; subtract = subtract the object's CLIP features from the reference's, as "
+        "StyleAR's release does (absent: the server's sam_mode_default)",
+    )
 
 
 class SubjectOptions(GenerationOptions):
@@ -243,6 +249,7 @@ class GenerationJob:
     reference: bytes | None = None
     noise_strength: float | None = None
     sam: bool = False
+    sam_mode: Literal["mask", "subtract"] = "mask"
 
 
 @dataclass

@@ -148,12 +148,14 @@ class ReferenceStyleEncoder:
         noise_strengths: Sequence[float],
         seeds: Sequence[int],
         resampler: nn.Module | None = None,
+        subtract_weight: float | None = None,
+        mix_weight: float | None = None,
     ) -> torch.Tensor:
         """Style tokens ``(B, N, hidden)`` with each reference's content subtracted in CLIP-feature space.
 
         References and their content cut-outs go through CLIP as one batch; then
-        :func:`subtract_content_style_tokens` with this encoder's weights, then the noise as in
-        :meth:`style_tokens`.
+        :func:`subtract_content_style_tokens` with the given weights (None: this encoder's), then the
+        noise as in :meth:`style_tokens`.
         """
         if len(images) != len(contents):
             raise ValueError(f"{len(images)} references but {len(contents)} content images")
@@ -165,8 +167,8 @@ class ReferenceStyleEncoder:
             resampler,
             features[: len(images)],
             features[len(images) :],
-            subtract=self.subtract_weight,
-            mix=self.mix_weight,
+            subtract=self.subtract_weight if subtract_weight is None else subtract_weight,
+            mix=self.mix_weight if mix_weight is None else mix_weight,
         )
         return self._add_noise(tokens, noise_strengths, seeds)
 
@@ -178,11 +180,14 @@ class ReferenceStyleEncoder:
         seed: int,
         resampler: nn.Module | None = None,
         sam_mode: SamMode = "mask",
+        subtract_weight: float | None = None,
+        mix_weight: float | None = None,
     ) -> torch.Tensor:
         """One reference's bytes -> style tokens ``(N, hidden)`` (decode, optional SAM, CLIP, resampler, noise).
 
         ``sam_mode`` (used when ``use_sam``): ``mask`` encodes the reference with its content removed,
-        ``subtract`` subtracts the content's CLIP features as StyleAR's release does (module docstring).
+        ``subtract`` subtracts the content's CLIP features as StyleAR's release does (module docstring),
+        with ``subtract_weight`` / ``mix_weight`` (None: this encoder's).
         """
         if sam_mode not in SAM_MODES:
             raise StyleRequestError(
@@ -191,7 +196,9 @@ class ReferenceStyleEncoder:
         image = self.load(data)
         if use_sam and sam_mode == "subtract":
             content = self.content(image)
-            return self.subtracted_style_tokens([image], [content], [noise_strength], [seed], resampler)[0]
+            return self.subtracted_style_tokens(
+                [image], [content], [noise_strength], [seed], resampler, subtract_weight, mix_weight
+            )[0]
         if use_sam:
             image = self.clean(image)
         return self.style_tokens([image], [noise_strength], [seed], resampler)[0]

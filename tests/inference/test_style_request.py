@@ -125,6 +125,10 @@ def test_subtract_mode_honours_its_weights_and_needs_sam(parts):
         expected = (0.7 * resampler(e0) + 0.3 * resampler(e0 - 0.5 * e1))[0]
     got = style(data, use_sam=True, noise_strength=0.0, seed=0, sam_mode="subtract")
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # Per-call weights win over the encoder's.
+    default = ReferenceStyleEncoder(encoder, resampler, masker)
+    overridden = default(data, True, 0.0, 0, sam_mode="subtract", subtract_weight=0.5, mix_weight=0.3)
+    torch.testing.assert_close(overridden, expected, atol=1e-5, rtol=1e-5)
     # mix 0: the plain reference's tokens, whatever is subtracted.
     plain = ReferenceStyleEncoder(encoder, resampler, masker, mix_weight=0.0)
     torch.testing.assert_close(
