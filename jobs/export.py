@@ -3,7 +3,8 @@
 Takes the adapter a training stage exported (``adapter``, ``stylear.adapter/1``), the name to serve it
 under, the evaluation stage's metrics (attached to its manifest) and a serving config to extend. The
 adapter's probe is rerun through the serving path (base model + LoRA slot, see
-:mod:`stylear_core.evaluation.adapter_parity`) on a Ray task; past ``tolerance`` the stage fails.
+:mod:`stylear_core.evaluation.adapter_parity`) on a Ray task; past ``tolerance`` the stage fails. The
+copy under the adapters root appears in one step (:func:`stylear_core.adapters.publish.publish_adapter`).
 Gives::
 
     <output_dir>/adapters/<name>/     the adapter files + manifest (name, source, parity, evaluation)
@@ -19,15 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from stylear_core.adapters.format import check_adapter_name
+from stylear_core.adapters.publish import check_parity, publish_adapter
 from stylear_core.config import from_dict, load_config, option, parse_job_args, to_dict
 from stylear_core.evaluation.adapter_parity import served_adapter_parity
-from stylear_core.inference.adapters import check_adapter_name
 from stylear_core.models.presets import ModelConfig
 from stylear_core.ray_connection import connect_ray
 from stylear_core.runs import read_manifest, write_manifest
@@ -80,17 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if cfg.gpus else "cpu"
     check = ray.remote(served_adapter_parity).options(num_cpus=cfg.cpus, num_gpus=cfg.gpus)
     parity = float(ray.get(check.remote(model, str(source), slot_rank, device)))
-    if not parity <= cfg.tolerance:
-        raise RuntimeError(
-            f"{source}: served adapter differs from the trained one by {parity:.3g} > {cfg.tolerance}"
-        )
+    check_parity(parity, cfg.tolerance, source)
 
     out = Path(cfg.output_dir.format(run_dir=cfg.run_dir)).resolve()
     root = out / "adapters"
-    target = root / cfg.name
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(source, target)
     evaluation = {}
     eval_file = Path(cfg.evaluation.format(run_dir=cfg.run_dir)) / "metrics.json" if cfg.evaluation else None
     if eval_file is not None and eval_file.is_file():
@@ -101,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
     published = {k: v for k, v in manifest.items() if k not in ("format", "written_at")}
     published.update(name=cfg.name, source=str(source), served_parity=parity, evaluation=evaluation)
-    write_manifest(target, manifest["format"], **published)
+    target = publish_adapter(source, root, cfg.name, manifest={**published, "format": manifest["format"]})
 
     serving = dataclasses.replace(serving, model=model, adapters_root=str(root), adapter_slot_rank=slot_rank)
     serving.validate()

@@ -39,19 +39,13 @@ from torch import nn
 
 from serving.config import ServingConfig
 from serving.schemas import GenerationJob, JobOutcome
+from stylear_core.adapters.format import AdapterError, AdapterNotFoundError, base_model_id
+from stylear_core.adapters.io import AdapterWeights, adapter_path, list_adapters, read_adapter_dir
 from stylear_core.config import from_dict
 from stylear_core.data.images import ImageDecodeError, encode_png
 from stylear_core.data.tokenizer import style_prompt_ids, text_prompt_ids, unconditional_prompt_ids
 from stylear_core.devices import resolve_device
-from stylear_core.inference.adapters import (
-    AdapterError,
-    AdapterNotFoundError,
-    AdapterSlot,
-    AdapterWeights,
-    adapter_path,
-    list_adapters,
-    read_adapter_dir,
-)
+from stylear_core.inference.adapters import AdapterSlot
 from stylear_core.inference.engine import (
     GenerationRequest,
     GenerationRequestError,
@@ -67,7 +61,6 @@ from stylear_core.models.presets import (
     build_vqgan,
 )
 from stylear_core.models.resampler import load_image_proj
-from stylear_core.training.export import base_model_id
 
 log = logging.getLogger("ray.serve")
 

@@ -1,7 +1,7 @@
 """Does the served adapter compute what the trained one did? The export probe, rerun on the serving path.
 
 A training run's adapter directory holds a probe (``probe.safetensors``: one training batch and the
-logits / log-probs the trained model gave on it, see :mod:`stylear_core.training.export`). Serving
+logits / log-probs the trained model gave on it, see :mod:`stylear_core.adapters.probe`). Serving
 does not load adapters the way training built them: it copies the LoRA factors into one peft slot of
 a fixed rank with the ``alpha / r`` scaling folded into ``B`` (:class:`~stylear_core.inference.adapters.AdapterSlot`)
 and loads the adapter's resampler into a copy of the base resampler. :func:`served_adapter_parity`
@@ -25,11 +25,13 @@ def served_adapter_parity(
     through the serving path (fresh base backbone + :class:`AdapterSlot` of ``slot_rank`` filled by
     :func:`read_adapter_dir`, the adapter's resampler). Raises ``ValueError`` for a full-backbone
     artefact, which the slot cannot serve."""
-    from stylear_core.inference.adapters import AdapterSlot, read_adapter_dir
+    from stylear_core.adapters.format import BACKBONE_WEIGHTS_NAME
+    from stylear_core.adapters.io import read_adapter_dir
+    from stylear_core.adapters.probe import verify_adapter
+    from stylear_core.inference.adapters import AdapterSlot
     from stylear_core.models.presets import build_backbone, build_resampler, build_style_encoder
     from stylear_core.models.resampler import load_image_proj
     from stylear_core.models.stylear import StyleARModel
-    from stylear_core.training.export import BACKBONE_WEIGHTS_NAME, verify_adapter
 
     adapter_dir = Path(adapter_dir)
     if (adapter_dir / BACKBONE_WEIGHTS_NAME).is_file():

@@ -234,6 +234,7 @@ def evaluate_variant(
     ``reference_view``), ``reference_codes_png`` (the reference's code map) and ``style_png`` (the
     reference as given).
     """
+    from stylear_core.adapters.io import load_adapter
     from stylear_core.data.layout import ImageTokenLayout
     from stylear_core.data.tokenizer import style_prompt_ids, unconditional_prompt_ids
     from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine, decode_images
@@ -245,7 +246,6 @@ def evaluate_variant(
         build_vqgan,
     )
     from stylear_core.models.vqgan import encode_images
-    from stylear_core.training.export import load_adapter
 
     dev = resolve_device(device)
     stylear = build_stylear_model(model, dev)

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from stylear_core.adapters.io import load_adapter
 from stylear_core.config import ConfigError, from_dict, option
 from stylear_core.data.images import decode_image, encode_png
 from stylear_core.data.tokenizer import text_prompt_ids, unconditional_prompt_ids
@@ -39,7 +40,6 @@ from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngi
 from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_stylear_model, build_vqgan
 from stylear_core.proxy.supervisor import SupervisorConfig, SupervisorSampler, TunedSubject
 from stylear_core.runs import read_manifest
-from stylear_core.training.export import load_adapter
 
 EVAL_FORMAT = "stylear.evaluate_subject/1"
 METRIC_NAMES = ("dino", "clip_i", "clip_t")

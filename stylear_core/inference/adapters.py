@@ -1,15 +1,8 @@
 """Many style / subject LoRA adapters on one base model, swapped by copying weights into one peft LoRA slot.
 
-An adapter is a directory under an adapters root (the ``adapter/`` directory a training run exports,
-:mod:`stylear_core.training.export`, copied or linked there under the adapter's name)::
-
-    <root>/<name>/manifest.json                      {"format": "stylear.adapter/1", "kind": "style" | "subject",
-                                                       "subjects": [{"identifier": "sks", "class_noun": "dog"}], ...}
-    <root>/<name>/adapter_model.safetensors          peft LoRA factors (+ adapter_config.json: r, lora_alpha)
-                 (or lora.safetensors, same keys)     ... or StyleAR's release model.safetensors
-    <root>/<name>/resampler.safetensors              optional: the adapter's own resampler (or image_proj.pth)
-
-:func:`read_adapter_dir` is the one place that knows this layout. The base model gets one peft LoRA
+Adapters are directories under an adapters root in the layout of :mod:`stylear_core.adapters.format`,
+read into :class:`~stylear_core.adapters.io.AdapterWeights` by
+:func:`~stylear_core.adapters.io.read_adapter_dir`. The base model gets one peft LoRA
 layer set (:class:`AdapterSlot`, rank ``slot_rank`` on StyleAR's targets) when it is built;
 activating an adapter copies its factors into that slot (zero-padded to the slot rank, its
 ``alpha / r`` scaling folded into ``B``), and "no adapter" zeroes ``B``. The base weights are never
@@ -19,210 +12,14 @@ and the copy costs a few MB per switch.
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from stylear_core.inference.defaults import ADAPTER_NAME_PATTERN
-from stylear_core.models.lora import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    DEFAULT_ADAPTER,
-    PEFT_KEY_PREFIX,
-    RELEASE_IMAGE_PROJ_NAME,
-    RELEASE_LORA_NAME,
-    add_lora,
-    convert_release_lora,
-    save_lora,
-)
-from stylear_core.runs import MANIFEST, write_manifest
-from stylear_core.training.export import ADAPTER_FORMAT, BACKBONE_WEIGHTS_NAME, RESAMPLER_WEIGHTS_NAME
+from stylear_core.adapters.format import AdapterError
+from stylear_core.adapters.io import AdapterWeights
+from stylear_core.models.lora import add_lora
 
-PLAIN_LORA_NAME = "lora.safetensors"
-RESAMPLER_NAME = RESAMPLER_WEIGHTS_NAME
 SLOT_ADAPTER_NAME = "serving_slot"
-
-
-class AdapterError(ValueError):
-    """An adapter cannot be used (bad name, bad files, does not fit the model); the message says why."""
-
-
-class AdapterNotFoundError(AdapterError, LookupError):
-    """No adapter of that name under the adapters root."""
-
-
-@dataclass
-class AdapterWeights:
-    """One adapter read from disk: LoRA factors in the slot's key layout, optional resampler state, manifest.
-
-    ``lora`` maps peft names ``<module>.lora_A.weight`` ``(r, in)`` and ``<module>.lora_B.weight``
-    ``(out, r)`` to tensors, with the adapter's scaling already multiplied into ``B``.
-    """
-
-    name: str
-    lora: dict[str, torch.Tensor]
-    rank: int
-    resampler_state: dict[str, torch.Tensor] | None = None
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> AdapterWeights:
-        """The same adapter with its tensors on ``device`` (LoRA factors cast to ``dtype`` if given)."""
-        lora = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in self.lora.items()}
-        return AdapterWeights(self.name, lora, self.rank, self.resampler_state, self.manifest)
-
-
-def check_adapter_name(name: str) -> str:
-    """``name`` if it is a plain directory name (letters, digits, ``._-``; no paths), else :class:`AdapterError`."""
-    if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.match(name):
-        raise AdapterError(f"adapter name {name!r} must be 1-64 of letters, digits, '.', '_' or '-'")
-    return name
-
-
-def adapter_path(root: str | Path | None, name: str) -> Path:
-    """The directory of adapter ``name``; raises :class:`AdapterNotFoundError` if it has no weights."""
-    check_adapter_name(name)
-    if not root:
-        raise AdapterNotFoundError(f"adapter {name!r} not found: no adapters root is configured")
-    path = Path(root) / name
-    if not _weights_file(path):
-        raise AdapterNotFoundError(f"adapter {name!r} not found under {root}")
-    return path
-
-
-def _weights_file(path: Path) -> Path | None:
-    for file_name in (ADAPTER_WEIGHTS_NAME, PLAIN_LORA_NAME, RELEASE_LORA_NAME):
-        if (path / file_name).is_file():
-            return path / file_name
-    return None
-
-
-def read_manifest_of(path: Path) -> dict[str, Any]:
-    """The adapter's ``manifest.json`` (empty if it has none)."""
-    file = path / MANIFEST
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise AdapterError(f"{file}: the manifest must be a JSON object")
-    return data
-
-
-def list_adapters(root: str | Path | None) -> list[dict[str, Any]]:
-    """Every adapter under ``root``: ``{"name", "kind", "subjects", "format"}`` sorted by name."""
-    if not root or not Path(root).is_dir():
-        return []
-    out = []
-    for path in sorted(Path(root).iterdir()):
-        if not path.is_dir() or not ADAPTER_NAME_PATTERN.match(path.name) or not _weights_file(path):
-            continue
-        try:
-            manifest = read_manifest_of(path)
-        except AdapterError:
-            manifest = {}
-        out.append(
-            {
-                "name": path.name,
-                "kind": manifest.get("kind", "unknown"),
-                "subjects": manifest.get("subjects", []),
-                "format": manifest.get("format"),
-            }
-        )
-    return out
-
-
-def _lora_scaling(config: dict[str, Any]) -> tuple[int, float]:
-    rank = int(config.get("r", config.get("rank", 0)))
-    if rank <= 0:
-        raise AdapterError(f"adapter config has no positive rank: {config}")
-    alpha = float(config.get("lora_alpha", config.get("alpha", rank)))
-    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return rank, scaling
-
-
-def read_adapter_dir(path: str | Path, name: str | None = None) -> AdapterWeights:
-    """Read one adapter directory (see the module docstring) into :class:`AdapterWeights` on the CPU.
-
-    Raises :class:`AdapterNotFoundError` when the directory holds no weights file and
-    :class:`AdapterError` when a file is malformed.
-    """
-    path = Path(path)
-    name = name or path.name
-    weights = _weights_file(path)
-    if weights is None:
-        raise AdapterNotFoundError(
-            f"{path}: no {ADAPTER_WEIGHTS_NAME}, {PLAIN_LORA_NAME} or {RELEASE_LORA_NAME}"
-        )
-    if (path / BACKBONE_WEIGHTS_NAME).is_file():
-        raise AdapterError(
-            f"{path}: a fully fine-tuned backbone, not a LoRA adapter; serve it as its own base model"
-        )
-    manifest = read_manifest_of(path)
-    try:
-        tensors = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise AdapterError(f"{weights}: unreadable safetensors ({e})") from None
-    if weights.name == RELEASE_LORA_NAME:
-        lora, rank = convert_release_lora(tensors)
-        scaling = 1.0  # the release applies x @ A @ B unscaled
-    else:
-        config_file = path / ADAPTER_CONFIG_NAME
-        config = json.loads(config_file.read_text()) if config_file.is_file() else manifest.get("lora", {})
-        rank, scaling = _lora_scaling(config)
-        lora = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in tensors.items()}
-    for key, tensor in lora.items():
-        if not key.endswith((".lora_A.weight", ".lora_B.weight")) or tensor.ndim != 2:
-            raise AdapterError(f"{weights}: {key!r} is not a LoRA factor")
-        if key.endswith(".lora_B.weight"):
-            lora[key] = tensor.float() * scaling
-    resampler_state = None
-    for file_name in (RESAMPLER_NAME, RELEASE_IMAGE_PROJ_NAME):
-        file = path / file_name
-        if file.is_file():
-            if file.suffix == ".safetensors":
-                resampler_state = load_file(str(file))
-            else:
-                resampler_state = torch.load(file, map_location="cpu", weights_only=True)
-            break
-    return AdapterWeights(name=name, lora=lora, rank=rank, resampler_state=resampler_state, manifest=manifest)
-
-
-def write_adapter_dir(
-    directory: str | Path,
-    backbone: nn.Module,
-    kind: str,
-    adapter_name: str = DEFAULT_ADAPTER,
-    subjects: list[dict[str, str]] | None = None,
-    resampler: nn.Module | None = None,
-    **manifest_fields: Any,
-) -> Path:
-    """Write ``backbone``'s LoRA adapter ``adapter_name`` (and ``resampler``) as a servable adapter dir.
-
-    ``kind`` is ``style`` or ``subject``; ``subjects`` lists ``{"identifier", "class_noun"}`` for subject
-    adapters. Returns the directory.
-    """
-    directory = Path(directory)
-    save_lora(backbone, directory, adapter_name)
-    if resampler is not None:
-        state = {k: v.detach().cpu().contiguous() for k, v in resampler.state_dict().items()}
-        save_file(state, str(directory / RESAMPLER_NAME))
-    write_manifest(
-        directory,
-        ADAPTER_FORMAT,
-        kind=kind,
-        subjects=list(subjects or []),
-        status="complete",
-        **manifest_fields,
-    )
-    return directory
 
 
 class AdapterSlot:

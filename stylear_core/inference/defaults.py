@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
+# The adapter name rule lives with the adapter format; the HTTP layer reads it from here.
+from stylear_core.adapters.format import ADAPTER_NAME_PATTERN
 
 # Lumina-mGPT's published sampling defaults (its inference_solver): CFG scale and image top-k.
 LUMINA_CFG_SCALE = 4.0
 LUMINA_IMAGE_TOP_K = 2000
 
-# A served adapter's name is one path component under the adapters root.
-ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+__all__ = ["ADAPTER_NAME_PATTERN", "LUMINA_CFG_SCALE", "LUMINA_IMAGE_TOP_K"]

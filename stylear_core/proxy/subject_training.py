@@ -14,10 +14,7 @@ adapters root reads. ``<output_dir>/manifest.json`` (``stylear.train_subject/1``
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +23,7 @@ from typing import Any
 import pyarrow.dataset as pads
 import torch
 
+from stylear_core.adapters.publish import publish_adapter
 from stylear_core.config import option, to_dict
 from stylear_core.models.presets import ModelConfig
 from stylear_core.proxy.proxy_data import proxy_subject_entries, resolve_run_path
@@ -45,7 +43,7 @@ class SubjectSFTObjective(StyleSFTObjective):
     Takes the model block. The loss is next-token cross-entropy on the image tokens given the text
     prompt (the identifier names the subject); only the backbone's LoRA (or, under ``trainable: full``,
     the backbone) trains. The exported adapter's probe is text-only, so
-    :func:`~stylear_core.training.export.verify_adapter` checks a reload as for style adapters.
+    :func:`~stylear_core.adapters.probe.verify_adapter` checks a reload as for style adapters.
     """
 
     name = "subject_sft"
@@ -102,24 +100,6 @@ def rows_per_subject(files: Sequence[str], subjects: Sequence[Mapping[str, str]]
     if empty:
         raise ValueError(f"no proxy rows name subject(s) {empty}; the token shards cannot teach them")
     return counts
-
-
-def publish_adapter(adapter_dir: str | Path, adapters_root: str | Path, name: str) -> Path:
-    """Copy an adapter directory to ``<adapters_root>/<name>`` (replacing an older one in one rename), so a
-    server watching the root never sees a half-copied adapter. Returns the published directory."""
-    root = Path(adapters_root)
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / name
-    tmp = root / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-    shutil.copytree(adapter_dir, tmp)
-    old = None
-    if target.exists():
-        old = root / f".{name}.{uuid.uuid4().hex[:8]}.old"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 @dataclass

@@ -9,7 +9,7 @@
 * :mod:`~stylear_core.training.deepspeed_config`, :mod:`~stylear_core.training.schedule`: engine
   config, warmup + cosine LR;
 * :mod:`~stylear_core.training.checkpoint`, :mod:`~stylear_core.training.export`: checkpoint layout,
-  the serving artefact (LoRA + resampler safetensors, probe, manifest) and its loader;
+  the trained model (or final checkpoint) turned into an adapter (:mod:`stylear_core.adapters`);
 * :mod:`~stylear_core.training.metrics`: per-step JSONL log and progress bar;
 * :mod:`~stylear_core.training.preferences`: K samples per (prompt, style), CLIP-ranked pairs;
 * :mod:`~stylear_core.training.synthetic_shards`: token shards of the procedural style set.

@@ -38,10 +38,12 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from stylear_core.adapters.format import ADAPTER_DIRNAME
+from stylear_core.adapters.probe import write_probe
 from stylear_core.config import ConfigError, option
 from stylear_core.training.checkpoint import TrainState, load_training_checkpoint, save_training_checkpoint
 from stylear_core.training.deepspeed_config import build_deepspeed_config, resolve_precision
-from stylear_core.training.export import ADAPTER_DIRNAME, gathered_parameters, write_probe
+from stylear_core.training.export import gathered_parameters
 from stylear_core.training.metrics import METRICS_LOG_NAME, MetricsLogCallback, ThroughputMeter
 from stylear_core.training.schedule import warmup_cosine_scheduler
 

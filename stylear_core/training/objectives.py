@@ -20,6 +20,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from stylear_core.adapters.io import load_adapter
+from stylear_core.adapters.probe import make_probe, probe_outputs, probe_style_tokens
 from stylear_core.data.images import to_pil
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.models.lora import (
@@ -32,13 +34,7 @@ from stylear_core.models.lora import (
 from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_stylear_model, build_vqgan
 from stylear_core.models.stylear import StyleARModel
 from stylear_core.training.batches import PreferenceBatchCollate, TokenBatchCollate
-from stylear_core.training.export import (
-    export_adapter,
-    load_adapter,
-    make_probe,
-    probe_outputs,
-    probe_style_tokens,
-)
+from stylear_core.training.export import export_adapter
 from stylear_core.training.losses import dpo_loss
 
 REFERENCE_ADAPTER = "reference"

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from stylear_core.adapters.io import load_adapter
 from stylear_core.config import option
 from stylear_core.data.images import decode_image
 from stylear_core.data.layout import ImageTokenLayout
@@ -41,7 +42,6 @@ from stylear_core.models.presets import (
     build_stylear_model,
     build_vqgan,
 )
-from stylear_core.training.export import load_adapter
 
 
 @dataclass

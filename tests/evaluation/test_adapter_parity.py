@@ -11,20 +11,16 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from serving.config import ServingConfig
+from stylear_core.adapters.format import ADAPTER_FORMAT
+from stylear_core.adapters.io import list_adapters
+from stylear_core.adapters.probe import make_probe, probe_outputs, write_probe
 from stylear_core.config import load_config, to_dict
 from stylear_core.data.images import decode_image
 from stylear_core.evaluation.adapter_parity import served_adapter_parity
-from stylear_core.inference.adapters import list_adapters
 from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_stylear_model
 from stylear_core.runs import read_manifest, write_manifest
 from stylear_core.training.batches import TokenBatchCollate
-from stylear_core.training.export import (
-    ADAPTER_FORMAT,
-    export_adapter,
-    make_probe,
-    probe_outputs,
-    write_probe,
-)
+from stylear_core.training.export import export_adapter
 from stylear_core.training.synthetic_shards import synthetic_token_rows
 
 REPO = Path(__file__).resolve().parents[2]

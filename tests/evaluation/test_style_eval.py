@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from stylear_core.adapters.format import ADAPTER_FORMAT
 from stylear_core.config import to_dict
 from stylear_core.data.images import decode_image, encode_png
 from stylear_core.data.schemas import EVAL_METRICS_SCHEMA, EVAL_SAMPLES_SCHEMA, schema_version
@@ -35,7 +36,7 @@ from stylear_core.models.clip import ClipScorer
 from stylear_core.models.presets import ModelConfig, build_stylear_model, build_vqgan
 from stylear_core.models.vqgan import encode_images
 from stylear_core.runs import read_manifest, write_manifest
-from stylear_core.training.export import ADAPTER_FORMAT, export_adapter
+from stylear_core.training.export import export_adapter
 
 TINY = ModelConfig(preset="tiny", image_size=64, num_style_tokens=4, lora_rank=4, lora_alpha=4.0)
 SAMPLING = EvalSamplingConfig(samples_per_pair=2, top_k=64)

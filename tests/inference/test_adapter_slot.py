@@ -8,22 +8,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stylear_core.inference.adapters import (
-    AdapterError,
-    AdapterNotFoundError,
-    AdapterSlot,
+from stylear_core.adapters.format import AdapterError, AdapterNotFoundError, base_model_id
+from stylear_core.adapters.io import (
     adapter_path,
     list_adapters,
+    load_adapter,
     read_adapter_dir,
     write_adapter_dir,
 )
+from stylear_core.inference.adapters import AdapterSlot
 from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine
 from stylear_core.inference.reference import reference_generate
 from stylear_core.models.backbone import tiny_backbone, tiny_vocab
 from stylear_core.models.lora import RELEASE_LORA_NAME, add_lora, load_lora, load_stylear_release
 from stylear_core.models.presets import ModelConfig, build_backbone, build_resampler, build_stylear_model
 from stylear_core.models.resampler import load_image_proj, tiny_resampler
-from stylear_core.training.export import base_model_id, export_adapter, finalize_export, load_adapter
+from stylear_core.training.export import export_adapter, finalize_export
 
 VOCAB = tiny_vocab()
 

@@ -14,6 +14,10 @@ import pytest
 import torch
 
 from jobs import train_subject as job
+from stylear_core.adapters.format import ADAPTER_FORMAT
+from stylear_core.adapters.io import load_adapter
+from stylear_core.adapters.probe import verify_adapter
+from stylear_core.adapters.publish import publish_adapter
 from stylear_core.config import load_config
 from stylear_core.curation.tokenize import TokenizeActor, TokenizeConfig
 from stylear_core.data.images import decode_image
@@ -23,14 +27,12 @@ from stylear_core.proxy.proxy_data import PROXY_FORMAT, ProxyPromptConfig, proxy
 from stylear_core.proxy.subject_training import (
     SUBJECT_TRAIN_FORMAT,
     SubjectSFTObjective,
-    publish_adapter,
     rows_per_subject,
 )
 from stylear_core.proxy.subjects import write_synthetic_subjects
 from stylear_core.proxy.supervisor import TunedSubject
 from stylear_core.runs import read_manifest, write_manifest
 from stylear_core.training.batches import TokenBatchCollate
-from stylear_core.training.export import ADAPTER_FORMAT, load_adapter, verify_adapter
 from stylear_core.training.loop import group_digests
 from stylear_core.training.metrics import read_metrics_log
 

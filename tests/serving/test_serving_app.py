@@ -13,12 +13,12 @@ from PIL import Image, ImageDraw
 
 from serving.app import build_app
 from serving.config import ServingConfig
+from stylear_core.adapters.format import base_model_id
+from stylear_core.adapters.io import write_adapter_dir
 from stylear_core.config import ConfigError
 from stylear_core.data.images import encode_png
-from stylear_core.inference.adapters import write_adapter_dir
 from stylear_core.models.lora import add_lora
 from stylear_core.models.presets import ModelConfig, build_backbone, build_resampler, build_style_encoder
-from stylear_core.training.export import base_model_id
 
 TINY = ModelConfig(preset="tiny", image_size=64, num_style_tokens=4)
 MAX_UPLOAD = 200_000

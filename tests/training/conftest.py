@@ -10,13 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from stylear_core.adapters.format import ADAPTER_FORMAT
 from stylear_core.config import load_config, to_dict
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.data.schemas import PREFERENCE_PAIRS_SCHEMA, rows_to_table
 from stylear_core.models.backbone import tiny_vocab
 from stylear_core.models.presets import ModelConfig, build_stylear_model, tiny_vqgan_codebook_size
 from stylear_core.runs import write_manifest
-from stylear_core.training.export import ADAPTER_FORMAT, export_adapter
+from stylear_core.training.export import export_adapter
 from stylear_core.training.synthetic_shards import synthetic_token_rows, write_synthetic_token_shards
 
 REPO = Path(__file__).resolve().parents[2]

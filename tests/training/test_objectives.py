@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stylear_core.adapters.io import load_adapter
+from stylear_core.adapters.probe import verify_adapter, write_probe
 from stylear_core.data.images import to_pil
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.models.lora import DEFAULT_ADAPTER, lora_state_dict, set_lora_state_dict
 from stylear_core.models.presets import build_stylear_model, build_vqgan
-from stylear_core.training.export import load_adapter, verify_adapter, write_probe
 from stylear_core.training.objectives import REFERENCE_ADAPTER, StyleDPOObjective, StyleSFTObjective
 
 CPU = torch.device("cpu")

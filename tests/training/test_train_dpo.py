@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stylear_core.adapters.io import load_adapter
+from stylear_core.adapters.probe import verify_adapter
 from stylear_core.models.presets import build_stylear_model
 from stylear_core.runs import read_manifest
-from stylear_core.training.export import load_adapter, verify_adapter
 from stylear_core.training.loop import group_digests
 from stylear_core.training.metrics import read_metrics_log
 from stylear_core.training.objectives import StyleDPOObjective
