@@ -26,9 +26,8 @@ from pathlib import Path
 import yaml
 
 from stylear_core.adapters.format import check_adapter_name
-from stylear_core.adapters.publish import check_parity, publish_adapter
+from stylear_core.adapters.publish import check_parity, publish_adapter, served_parity_on_ray
 from stylear_core.config import from_dict, load_config, option, parse_job_args, to_dict
-from stylear_core.evaluation.adapter_parity import served_adapter_parity
 from stylear_core.models.presets import ModelConfig
 from stylear_core.ray_connection import connect_ray
 from stylear_core.runs import read_manifest, write_manifest
@@ -65,8 +64,6 @@ class Config:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_job_args(Config, argv, __doc__)
-    import ray
-
     from serving.config import ServingConfig
 
     source = Path(cfg.adapter.format(run_dir=cfg.run_dir)).resolve()
@@ -78,9 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     lora_rank = int((manifest.get("lora") or {}).get("r") or model.lora_rank)
     slot_rank = max(serving.adapter_slot_rank, lora_rank)
     connect_ray(cfg.ray_address, log_prefix="[export]")
-    device = "cuda" if cfg.gpus else "cpu"
-    check = ray.remote(served_adapter_parity).options(num_cpus=cfg.cpus, num_gpus=cfg.gpus)
-    parity = float(ray.get(check.remote(model, str(source), slot_rank, device)))
+    parity = served_parity_on_ray(model, source, slot_rank, cfg.cpus, cfg.gpus)
     check_parity(parity, cfg.tolerance, source)
 
     out = Path(cfg.output_dir.format(run_dir=cfg.run_dir)).resolve()

@@ -6,8 +6,10 @@ beside the target, is flushed to disk, and replaces the older adapter by renames
 leaves the older adapter as it was and removes its temporary directory. Hidden names (``.<name>...``)
 do not match :data:`~stylear_core.adapters.format.ADAPTER_NAME_PATTERN`, so a listing skips them.
 
-:func:`check_parity` is the export gate: the served adapter's probe difference
-(:func:`stylear_core.evaluation.adapter_parity.served_adapter_parity`) must be within a tolerance.
+:func:`check_parity` is the publish gate: the served adapter's probe difference
+(:func:`stylear_core.evaluation.adapter_parity.served_adapter_parity`, run on a Ray task by
+:func:`served_parity_on_ray`) must be within a tolerance. The export job and subject training both
+gate before they publish.
 """
 
 from __future__ import annotations
@@ -31,6 +33,20 @@ def check_parity(parity: float, tolerance: float, source: str | Path) -> float:
             f"{source}: served adapter differs from the trained one by {parity:.3g} > {tolerance}"
         )
     return parity
+
+
+def served_parity_on_ray(
+    model_cfg: Any, adapter_dir: str | Path, slot_rank: int, cpus: float = 1.0, gpus: float = 0.0
+) -> float:
+    """:func:`~stylear_core.evaluation.adapter_parity.served_adapter_parity` of ``adapter_dir`` on a Ray
+    task of ``cpus`` / ``gpus`` (the driver need not fit a second base model); ``ray.init`` first."""
+    import ray
+
+    from stylear_core.evaluation.adapter_parity import served_adapter_parity
+
+    device = "cuda" if gpus else "cpu"
+    check = ray.remote(served_adapter_parity).options(num_cpus=cpus, num_gpus=gpus)
+    return float(ray.get(check.remote(model_cfg, str(adapter_dir), slot_rank, device)))
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -8,8 +8,9 @@ tuned backbone) holds them all.
 
 The result is the serving artefact (``<output_dir>/adapter``, ``stylear.adapter/1``) with ``kind:
 subject`` and the subject list (name, identifier, class noun) in its manifest; with ``adapters_root``
-set it is also published as ``<adapters_root>/<adapter_name>``, the layout the serving application's
-adapters root reads. ``<output_dir>/manifest.json`` (``stylear.train_subject/1``) closes the stage.
+set it is also published as ``<adapters_root>/<adapter_name>`` once its probe, rerun through the serving
+path, is within ``parity_tolerance`` (:func:`~stylear_core.adapters.publish.check_parity`; LoRA
+adapters only): the layout the serving application's adapters root reads. ``<output_dir>/manifest.json`` (``stylear.train_subject/1``) closes the stage.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 import pyarrow.dataset as pads
 import torch
 
-from stylear_core.adapters.publish import publish_adapter
+from stylear_core.adapters.format import BACKBONE_WEIGHTS_NAME
+from stylear_core.adapters.publish import check_parity, publish_adapter, served_parity_on_ray
 from stylear_core.config import option, to_dict
 from stylear_core.models.presets import ModelConfig
 from stylear_core.proxy.proxy_data import proxy_subject_entries, resolve_run_path
@@ -114,6 +116,11 @@ class SubjectTrainConfig:
     ray: RayTrainConfig = option(RayTrainConfig, "workers, storage, failures")
     adapters_root: str = option("{run_dir}/adapters", "also publish the adapter here ('' = do not)")
     adapter_name: str = option("subjects", "name of the published adapter (the serving request's `adapter`)")
+    parity_tolerance: float = option(
+        1e-4, "largest allowed probe difference between trained and served adapter before publishing"
+    )
+    parity_cpus: float = option(1.0, "CPUs of the parity-check task")
+    parity_gpus: float = option(0.0, "GPUs of the parity-check task")
 
 
 def subject_training_summary(
@@ -150,12 +157,20 @@ def run_subject_training(cfg: SubjectTrainConfig) -> dict[str, Any]:
     adapter = export_training_outcome(
         outcome.checkpoint, out, cfg.model, outcome.metrics, kind=SUBJECT_ADAPTER_KIND, subjects=subjects
     )
-    published = None
+    published = parity = None
     if cfg.adapters_root:
+        if not (adapter / BACKBONE_WEIGHTS_NAME).is_file():
+            # The export job's gate: the probe rerun through the serving path, before publishing. A fully
+            # tuned backbone has no LoRA for the serving slot to check; it is published as before.
+            lora_rank = int(
+                ((read_manifest(adapter) or {}).get("lora") or {}).get("r") or cfg.model.lora_rank
+            )
+            parity = served_parity_on_ray(cfg.model, adapter, lora_rank, cfg.parity_cpus, cfg.parity_gpus)
+            check_parity(parity, cfg.parity_tolerance, adapter)
         published = publish_adapter(
             adapter, resolve_run_path(cfg.adapters_root, cfg.run_dir), cfg.adapter_name
         )
-    summary = subject_training_summary(outcome, adapter, published, counts)
+    summary = {**subject_training_summary(outcome, adapter, published, counts), "served_parity": parity}
     write_manifest(
         out, SUBJECT_TRAIN_FORMAT, status="complete", config=to_dict(cfg), subjects=subjects, summary=summary
     )

@@ -103,6 +103,7 @@ def test_two_subjects_are_tuned_into_one_subject_adapter(trained):
     run_dir, cfg, rows, summary = trained
     assert summary["status"] == "complete" and summary["steps"] == cfg.train.max_steps
     assert summary["rows_per_subject"] == {"mushroom": 4, "robot": 4}
+    assert summary["served_parity"] <= cfg.parity_tolerance  # published only after the serving-path check
     adapter = run_dir / "train_subject" / "adapter"
     manifest = read_manifest(adapter)
     assert manifest["format"] == ADAPTER_FORMAT and manifest["status"] == "complete"
