@@ -147,6 +147,8 @@ class StyleARModelDeployment:
             max_side=self.cfg.max_reference_side,
             max_aspect=self.cfg.max_reference_aspect,
             working_side=self.cfg.reference_working_side,
+            subtract_weight=self.cfg.sam_subtract_weight,
+            mix_weight=self.cfg.sam_mix_weight,
         )
         self.num_style_tokens = resampler.num_queries
         self.base_builds = 1  # the base model is built here and only here
@@ -247,16 +249,7 @@ class StyleARModelDeployment:
                 job.noise_strength if job.noise_strength is not None else self.cfg.model.noise_strength_infer
             )
             resampler = adapter.resampler if adapter is not None else None
-            style = self.style(
-                job.reference,
-                job.sam,
-                strength,
-                seed,
-                resampler,
-                sam_mode=job.sam_mode,
-                subtract_weight=self.cfg.sam_subtract_weight,
-                mix_weight=self.cfg.sam_mix_weight,
-            )
+            style = self.style(job.reference, job.sam, strength, seed, resampler, sam_mode=job.sam_mode)
         else:
             self._check_subject_prompt(job, adapter)
             ids = text_prompt_ids(self.tokenizer, job.prompt, job.height, job.width)
