@@ -10,6 +10,11 @@ A config class is a (nested) dataclass whose fields are declared with :func:`opt
 :func:`load_config` reads a YAML file into it and applies ``key=value`` overrides
 (``optim.lr=3e-4``, values parsed as YAML). Unknown keys and values of the wrong type are
 :class:`ConfigError` s that name the dotted key, so a misspelt YAML key never passes silently.
+
+A key that moved keeps working: a config class lists ``RENAMED_KEYS = {"old.dotted.key": "new.key"}``
+(or ``"old": ("new", convert)`` when the value changes shape), and the old key is read as the new one.
+Giving both is an error. :class:`Resources` is the one spelling of what a Ray task, actor or worker
+reserves.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -117,7 +122,71 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _pop_dotted(data: dict[str, Any], dotted: str) -> tuple[bool, Any, dict[str, Any]]:
+    """``(found, value, data without it)``; the mappings on the path are copied, never changed."""
+    head, _, rest = dotted.partition(".")
+    if head not in data:
+        return False, None, data
+    out = dict(data)
+    if not rest:
+        return True, out.pop(head), out
+    if not isinstance(data[head], dict):
+        return False, None, data
+    found, value, out[head] = _pop_dotted(data[head], rest)
+    if not out[head]:
+        del out[head]  # a block left empty means its defaults, as when it is absent
+    return (True, value, out) if found else (False, None, data)
+
+
+def _with_dotted(data: dict[str, Any], dotted: str, value: Any, key: str, new_key: str) -> dict[str, Any]:
+    """A copy of ``data`` with ``value`` at ``dotted``; :class:`ConfigError` when it is already set."""
+    head, _, rest = dotted.partition(".")
+    out = dict(data)
+    if not rest:
+        if head in out:
+            raise ConfigError(f"{key} is the old name of {new_key}: give only one of them")
+        out[head] = value
+        return out
+    child = out.get(head, {})
+    if not isinstance(child, dict):
+        raise ConfigError(f"{key}: cannot move it to {new_key}, {head} is not a mapping here")
+    out[head] = _with_dotted(child, rest, value, key, new_key)
+    return out
+
+
+def _apply_renamed_keys(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``data`` with the old keys ``cls.RENAMED_KEYS`` lists moved to their new place (and shape)."""
+    renamed: dict[str, str | tuple[str, Callable[[Any, str], Any]]] = getattr(cls, "RENAMED_KEYS", {})
+    seeded: set[str] = set()
+    for old, target in renamed.items():
+        new, convert = (target, None) if isinstance(target, str) else target
+        found, value, data = _pop_dotted(data, old)
+        if not found:
+            continue
+        key = prefix + old
+        head, _, rest = new.partition(".")
+        if rest and head not in data:
+            # The old key set one value of a block: the block's other values keep the field's default.
+            data = {**data, head: _field_default_mapping(cls, head)}
+            seeded.add(head)
+        if head in seeded:
+            data = {**data, head: {**data[head], rest: convert(value, key) if convert else value}}
+        else:
+            data = _with_dotted(data, new, convert(value, key) if convert else value, key, prefix + new)
+    return data
+
+
+def _field_default_mapping(cls: type, name: str) -> dict[str, Any]:
+    """The default of the dataclass-valued field ``name`` of ``cls`` as a mapping of its fields."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if not dataclasses.is_dataclass(default):
+        return {}
+    return {g.name: getattr(default, g.name) for g in dataclasses.fields(default)}
+
+
 def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    data = _apply_renamed_keys(cls, data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -213,7 +282,35 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         lines.append(
             f"  {prefix}{f.name} ({_type_name(tp)}, default {default!r}): {f.metadata.get('help', '')}"
         )
+    for old, target in getattr(cls, "RENAMED_KEYS", {}).items():
+        new = target if isinstance(target, str) else target[0]
+        lines.append(f"  {prefix}{old}: old name of {prefix}{new}, still read")
     return lines
+
+
+def bool_to_count(value: Any, key: str) -> float:
+    """An old on/off key read as a count (``true`` -> 1.0, ``false`` -> 0.0); as a ``RENAMED_KEYS`` converter."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected bool, got {value!r}")
+    return 1.0 if value else 0.0
+
+
+@dataclasses.dataclass
+class Resources:
+    """What one Ray task, actor or training worker reserves: CPUs and GPUs (a fraction shares a GPU)."""
+
+    cpus: float = option(1.0, "CPUs reserved")
+    gpus: float = option(0.0, "GPUs reserved (0 on CPU; a fraction shares one GPU)")
+
+    def validate(self) -> None:
+        """Neither count may be negative."""
+        for name in ("cpus", "gpus"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+
+    def ray_options(self) -> dict[str, float]:
+        """The ``num_cpus`` / ``num_gpus`` options of ``ray.remote(...).options`` and ``map_batches``."""
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus}
 
 
 def parse_job_args(cls: type[T], argv: Sequence[str] | None, description: str) -> T:
