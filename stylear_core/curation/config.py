@@ -36,7 +36,12 @@ class InputConfig:
 
 @dataclass
 class MixConfig:
-    """The raw : stylized ratio of the curated set."""
+    """The raw : stylized ratio of the curated set.
+
+    With raw pairs only (``stylize: false``, or no stylization requests) every readable raw pair is
+    curated. When requests were given but none came out stylized (all failed or were filtered), the
+    run stops with the reason rather than curating raw pairs only.
+    """
 
     ratio: float = option(3.0, "raw pairs per stylized pair in curated/ (StyleAR: about 3)")
     seed: int = option(0, "seed of the reproducible selection")
@@ -62,6 +67,11 @@ class CurationConfig:
     clip_filter: ClipFilterConfig = option(ClipFilterConfig, "CLIP prompt-adherence filter")
     sam: MaskerConfig = option(MaskerConfig, "SAM salient-content removal on style references")
     tokenize: TokenizeConfig = option(TokenizeConfig, "VQ tokenization of curated records")
+    stylize: bool = option(
+        True,
+        "stylize the requests and mix them with the raw pairs; false = curate the raw pairs alone (every "
+        "readable one; no requests read or drawn, references only from inputs.references_path)",
+    )
     mix: MixConfig = option(MixConfig, "raw : stylized mixing")
     stylize_pool: ActorPoolConfig = option(ActorPoolConfig(batch_size=4), "stylizer actors")
     clip_pool: ActorPoolConfig = option(ActorPoolConfig(batch_size=32), "CLIP filter actors")

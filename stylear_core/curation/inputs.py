@@ -95,13 +95,15 @@ def _references_from_requests(requests: InputTable) -> pa.Table:
     )
 
 
-def load_inputs(cfg: InputConfig) -> CurationInputs:
+def load_inputs(cfg: InputConfig, stylize: bool = True) -> CurationInputs:
     """The raw pairs, requests and references ``cfg`` names (synthetic ones for empty paths).
 
     A captioned image folder is read with :func:`~stylear_core.data.readers.read_raw_pairs`; parquet
     inputs stay on disk (only their schemas and ids are read here) and a missing or mistyped column
     is a :class:`~stylear_core.data.schemas.SchemaError` naming the file. With no references path,
     the references are the first ``style_image`` of each ``style_ref`` of the requests.
+    ``stylize=False`` (raw pairs only) gives no requests, not even synthetic ones, and references
+    only from ``cfg.references_path``.
     """
     from stylear_core.data.readers import CAPTION_FILES, read_raw_pairs
     from stylear_core.data.synthetic import SyntheticStyleSet
@@ -119,7 +121,9 @@ def load_inputs(cfg: InputConfig) -> CurationInputs:
     else:
         raw = _parquet_input("raw", cfg.raw_path, limit)
 
-    if cfg.requests_path:
+    if not stylize:
+        requests = InputTable("requests", "none (stylize: false)", _requests_table([]))
+    elif cfg.requests_path:
         requests = _parquet_input("requests", cfg.requests_path, limit)
     else:
         requests = InputTable(
@@ -130,6 +134,8 @@ def load_inputs(cfg: InputConfig) -> CurationInputs:
 
     if cfg.references_path:
         references = _parquet_input("references", cfg.references_path, limit)
+    elif not stylize:
+        references = InputTable("references", "none (stylize: false)", _references_from_requests(requests))
     elif not cfg.requests_path:
         refs = data.style_references(cfg.synthetic_styles)
         references = InputTable(

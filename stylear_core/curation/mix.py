@@ -1,5 +1,7 @@
 """Reproducible raw : stylized mixing of curated records (StyleAR: about 3 raw pairs per stylized one).
 
+With only one kind of pair (raw pairs alone, or stylized pairs alone) every pair of that kind is kept.
+
 Selection ranks each id by a keyed hash of ``(seed, id)`` and keeps the lowest-ranked ones, so it
 depends only on the id sets and the seed (not on their order or on how the data was split into
 blocks), and any worker can tell from an id alone whether it ranks among the first ``k``.
@@ -45,8 +47,12 @@ def mix_raw_and_stylized(
 
     Normally every stylized id is kept and ``round(ratio * len(stylized_ids))`` raw ids are sampled;
     when raw ids are too few for that, every raw id is kept and ``round(len(raw_ids) / ratio)``
-    stylized ids are sampled instead (at least one; with no raw id at all, every stylized id is kept).
-    Deterministic in ``seed`` and the id sets. Raises ``ValueError`` for a ratio <= 0 or a duplicated id.
+    stylized ids are sampled instead (at least one). When one side is empty no ratio is reachable and
+    every id of the other side is kept: raw pairs alone (a user's own data, or stylization switched
+    off) are the whole data set, and so are stylized pairs alone. Whether an empty stylized side was
+    expected is the caller's to judge (the curation pipeline stops when stylization was asked for and
+    made nothing). Deterministic in ``seed`` and the id sets. Raises ``ValueError`` for a ratio <= 0
+    or a duplicated id.
     """
     if not ratio > 0:
         raise ValueError(f"ratio must be positive, got {ratio}")
@@ -55,8 +61,10 @@ def mix_raw_and_stylized(
     for name, ids in (("raw", raw_ids), ("stylized", stylized_ids)):
         if len(set(ids)) != len(ids):
             raise ValueError(f"{name} ids contain duplicates")
-    if not raw_ids:  # no ratio is reachable: keep the stylized data rather than nothing
-        return MixSelection((), tuple(stylized_ids))
+    # No ratio is reachable with one side empty: keep the other side whole rather than nothing
+    # (``round(ratio * 0)`` raw ids would be none at all).
+    if not raw_ids or not stylized_ids:
+        return MixSelection(tuple(raw_ids), tuple(stylized_ids))
     wanted_raw = round(ratio * len(stylized_ids))
     if wanted_raw <= len(raw_ids):
         return MixSelection(_sample(raw_ids, wanted_raw, seed), tuple(stylized_ids))

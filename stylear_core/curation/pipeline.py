@@ -18,8 +18,11 @@ Passes, each a streaming Ray Data execution of class UDFs on actor pools
    and, in the same pass, the picked stylized pairs are copied from ``stylized/``, into
    ``curated/``. A raw row that turns out unreadable is recorded and the pick is redrawn without it
    (the pick ranks ids by a keyed hash, so earlier picks stay picked and the next-ranked id takes its
-   place) until every picked raw id is curated;
-4. **tokenize**: ``curated/`` -> :class:`~stylear_core.curation.tokenize.TokenizeActor` -> ``tokens/``.
+   place) until every picked raw id is curated. Raw pairs alone (``stylize: false``, or no request to
+   stylize) are curated whole; requests that all failed or were filtered stop the run with
+   :class:`NoStylizedPairsError` before anything is curated;
+4. **tokenize**: ``curated/`` -> :class:`~stylear_core.curation.tokenize.TokenizeActor` -> ``tokens/``
+   (prompt ids, image tokens and the working-size image the tokens encode).
 
 Output directory::
 
@@ -98,6 +101,14 @@ TOKENIZE_STAGES = ("tokenize",)
 REQUEST_COLUMNS = ("id", "prompt", "style_ref", "style_image", "seed")
 
 
+class NoStylizedPairsError(RuntimeError):
+    """Stylization was asked for (requests to stylize were given) but made no stylized pair.
+
+    Raised before anything is curated: the mix would otherwise hold raw pairs only, which is what
+    ``stylize: false`` asks for explicitly. The message counts the requests by the stage that dropped them.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # Passes
 
@@ -125,7 +136,7 @@ class CurationRun:
         cfg.validate()
         self.cfg = cfg
         self.out = Path(cfg.output_dir).resolve()
-        self.inputs = inputs or load_inputs(cfg.inputs)
+        self.inputs = inputs or load_inputs(cfg.inputs, stylize=cfg.stylize)
         self.passes: list[PassResult] = []
         self.read_errors: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -220,6 +231,8 @@ class CurationRun:
         """Requests (but the held-out ones) -> Stylizer -> ClipFilter -> ``stylized/`` (+ ``errors/``)."""
         t0 = time.time()
         source = self.inputs.requests
+        if not self.cfg.stylize:
+            return PassResult("stylize")
         held = self.held_requests()
         todo = [i for i in self._pending(source, "stylized", STYLIZE_STAGES) if i not in held]
         if not todo:
@@ -270,6 +283,8 @@ class CurationRun:
         pairs are curated once the raw pick is settled.
         """
         stylized = sorted(written_ids(table_dir(self.out, "stylized")))
+        if not stylized:
+            self._check_stylization_made_something()
         # Curated rows of both kinds share one id space: a raw id that names a request is unusable.
         raw_ids = self._usable_ids(self.inputs.raw, also_used=set(self.inputs.requests.ids()))
         selection = mix_raw_and_stylized([], stylized, self.cfg.mix.ratio, self.cfg.mix.seed)
@@ -300,6 +315,29 @@ class CurationRun:
             "stylized_pool": len(stylized),
         }
 
+    def _check_stylization_made_something(self) -> None:
+        """Raise :class:`NoStylizedPairsError` when requests were to be stylized and ``stylized/`` is empty."""
+        if not self.cfg.stylize:
+            return
+        held = self.held_requests()
+        asked = {i for i in self.inputs.requests.ids() if i not in held}
+        if not asked:
+            return  # nothing to stylize: the raw pairs are the whole data set
+        errors = read_table(table_dir(self.out, "errors"), ["id", "stage"])
+        dropped: Counter[str] = Counter()
+        if errors is not None:
+            for i, stage in zip(errors.column("id").to_pylist(), errors.column("stage").to_pylist()):
+                if i in asked and stage in STYLIZE_STAGES:
+                    dropped[stage] += 1
+        reasons = ", ".join(f"{stage}: {n}" for stage, n in sorted(dropped.items())) or "none recorded"
+        raise NoStylizedPairsError(
+            f"{len(asked)} stylization request(s) were given but no stylized pair was made (dropped by "
+            f"stage: {reasons}; see {table_dir(self.out, 'errors')}), so a raw : stylized mix at ratio "
+            f"{self.cfg.mix.ratio} cannot be curated. Fix the stylizer or clip_filter.threshold and curate "
+            "into a new output_dir (dropped requests are not retried), or set stylize=false to curate "
+            "the raw pairs alone."
+        )
+
     def tokenize_pass(self) -> PassResult:
         """``curated/`` -> TokenizeActor -> ``tokens/`` (+ ``errors/``)."""
         t0 = time.time()
@@ -321,13 +359,19 @@ class CurationRun:
         write_manifest(self.out, MANIFEST_FORMAT, status="running", config=to_dict(self.cfg))
         # SAM masks depend on nothing else: their pass runs in a second thread (Ray Data executes two
         # datasets at once) while stylize -> mix -> tokenize run in order here.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            side = pool.submit(lambda: [self.mask_pass(), self.preference_pass()])
-            self.passes.append(self.stylize_pass())
-            mix = self.mix_passes()
-            self.passes.append(self.tokenize_pass())
-            self.passes.extend(side.result())
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                side = pool.submit(lambda: [self.mask_pass(), self.preference_pass()])
+                self.passes.append(self.stylize_pass())
+                mix = self.mix_passes()
+                self.passes.append(self.tokenize_pass())
+                self.passes.extend(side.result())
+        except NoStylizedPairsError as e:
+            write_manifest(self.out, MANIFEST_FORMAT, status="failed", config=to_dict(self.cfg), error=str(e))
+            raise
         summary = self.summary(mix, time.time() - t0)
+        if summary["mix"]["mode"] == "empty":
+            log.warning("curated/ is empty: no readable raw pair and no stylized pair (see errors/)")
         write_manifest(
             self.out, MANIFEST_FORMAT, status="complete", config=to_dict(self.cfg), summary=summary,
             tables={name: schema_version(schema) for name, schema in TABLE_SCHEMAS.items()},
@@ -355,6 +399,10 @@ class CurationRun:
         totals["errors"] = err_table.num_rows if err_table is not None else 0
         curated = read_table(table_dir(self.out, "curated"), ["source"])
         sources = Counter(curated.column("source").to_pylist()) if curated is not None else Counter()
+        kinds = (bool(sources.get("raw")), bool(sources.get("stylized")))
+        mode = {(True, True): "mixed", (True, False): "raw_only", (False, True): "stylized_only"}.get(
+            kinds, "empty"
+        )
         rows_in = (
             count("stylize", "rows_in")
             + self.raw_in
@@ -381,6 +429,7 @@ class CurationRun:
                 "curated_stylized": sources.get("stylized", 0),
                 "ratio": sources["raw"] / sources["stylized"] if sources.get("stylized") else None,
                 "target_ratio": self.cfg.mix.ratio,
+                "mode": mode,  # mixed, raw_only, stylized_only or empty (what curated/ holds)
             },
             "totals": totals,
             "seconds": round(seconds, 2),
@@ -413,7 +462,8 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
         f"stylized {summary['stylized']}, filtered {summary['filtered']}, failed {summary['failed']} "
         f"{summary['errors_by_stage']}",
         f"written: curated {summary['written']}, masks {summary['masks_written']}, tokens {summary['tokens_written']}",
-        f"curated raw:stylized = {mix['curated_raw']}:{mix['curated_stylized']} = {ratio} (target {mix['target_ratio']})",
+        f"curated raw:stylized = {mix['curated_raw']}:{mix['curated_stylized']} = {ratio} "
+        f"(target {mix['target_ratio']}; {mix.get('mode', 'mixed').replace('_', ' ')})",
         f"totals {summary['totals']} in {summary['seconds']}s (passes: {summary['pass_seconds']})",
     ]
 
@@ -421,6 +471,7 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
 __all__ = [
     "MANIFEST_FORMAT",
     "CurationRun",
+    "NoStylizedPairsError",
     "preference_hold_out",
     "run_curation",
     "summary_lines",

@@ -48,9 +48,17 @@ def test_sample_is_spread_not_a_prefix():
         assert 0.22 < share < 0.38
 
 
+def test_raw_only_input_keeps_every_raw_pair():
+    # A user with only raw (prompt, image) pairs, or with stylization off: no ratio is reachable, and
+    # the raw pairs are the whole data set (the ratio rule alone would keep round(3 * 0) = 0 of them).
+    raw = ids("r", 40)
+    sel = mix_raw_and_stylized(raw, [], ratio=3.0, seed=0)
+    assert sel.raw_ids == tuple(raw) and sel.stylized_ids == ()
+    assert mix_raw_and_stylized([], []) == mix_raw_and_stylized([], [], ratio=0.5, seed=3)
+
+
 def test_edge_cases():
     assert mix_raw_and_stylized([], ids("s", 5)).stylized_ids == tuple(ids("s", 5))
-    assert mix_raw_and_stylized(ids("r", 5), []).raw_ids == ()
     tiny = mix_raw_and_stylized(ids("r", 2), ids("s", 10), ratio=3.0)
     assert len(tiny.raw_ids) == 2 and len(tiny.stylized_ids) == 1
     with pytest.raises(ValueError, match="positive"):
