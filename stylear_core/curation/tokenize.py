@@ -3,7 +3,8 @@
 :class:`TokenizeActor` decodes each image, centre-crops and resizes it to the model's square
 resolution (``model.image_size``), VQGAN-encodes the batch in chunks and writes the codes in the
 Lumina-mGPT layout (:meth:`ImageTokenLayout.encode`: image start, grid tokens, rows closed by the
-new-line token, image end). The prompt is tokenized with the model's prompt tokenizer in the
+new-line token, image end), with the cropped image itself as PNG (what ``style_source: image``
+training shows the style encoder). The prompt is tokenized with the model's prompt tokenizer in the
 format the trainer consumes: StyleAR's (``"... Given image style is S*..."`` with
 ``model.num_style_tokens`` placeholder ids, the default) or plain Lumina-mGPT text-to-image.
 
@@ -27,7 +28,13 @@ from PIL import Image
 
 from stylear_core.config import option
 from stylear_core.data.batch_columns import Batch, batch_values
-from stylear_core.data.images import ImageDecodeError, center_crop_resize, decode_image, to_tensor
+from stylear_core.data.images import (
+    ImageDecodeError,
+    center_crop_resize,
+    decode_image,
+    encode_png,
+    to_tensor,
+)
 from stylear_core.data.layout import ImageTokenLayout, TokenVocab
 from stylear_core.data.tokenizer import style_prompt_ids, text_prompt_ids
 from stylear_core.devices import resolve_device
@@ -73,10 +80,11 @@ class TokenizeActor:
     Takes the ``model`` block (preset, checkpoint paths, ``image_size``, ``num_style_tokens``) and a
     :class:`TokenizeConfig`; builds the VQGAN, the vocab and the prompt tokenizer once.
     ``__call__`` takes a batch (a pyarrow table or a dict of columns) with ``id``, ``prompt``, ``image`` (encoded bytes) and optionally
-    ``source`` and returns a ``pyarrow.Table`` with the ``stylear.token_shards/1`` columns
-    (``id, prompt, prompt_ids, image_tokens, height, width, source``) plus ``error`` /
-    ``error_stage``; a row whose image does not decode or whose prompt does not tokenize carries
-    its reason in ``error`` (and empty id lists) instead of failing the batch.
+    ``source`` and returns a ``pyarrow.Table`` with the ``stylear.token_shards/2`` columns
+    (``id, prompt, prompt_ids, image_tokens, height, width, source, image``: ``image`` is the PNG of the
+    working-size crop the tokens encode) plus ``error`` / ``error_stage``; a row whose image does not
+    decode or whose prompt does not tokenize carries its reason in ``error`` (and empty id lists and
+    image) instead of failing the batch.
     """
 
     def __init__(self, model: ModelConfig, cfg: TokenizeConfig | None = None) -> None:
@@ -95,13 +103,19 @@ class TokenizeActor:
             return style_prompt_ids(self.tokenizer, prompt, self.model.num_style_tokens, self.size, self.size)
         return text_prompt_ids(self.tokenizer, prompt, self.size, self.size)
 
+    def working_image(self, image: Image.Image) -> Image.Image:
+        """``image`` centre-cropped and resized to the model's square resolution (what the VQGAN encodes)."""
+        if image.size == (self.size, self.size):
+            return image
+        return center_crop_resize(image, self.size, self.size)
+
     @torch.inference_mode()
     def image_tokens(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> token ids ``(B, layout.num_tokens)``: crop/resize, VQGAN-encode in chunks, lay out."""
         chunks = []
         for start in range(0, len(images), self.cfg.encode_batch_size):
             part = images[start : start + self.cfg.encode_batch_size]
-            pixels = to_tensor([center_crop_resize(im, self.size, self.size) for im in part])
+            pixels = to_tensor([self.working_image(im) for im in part])
             chunks.append(self.vq.encode(pixels.to(self.device)).cpu())
         return self.layout.encode(torch.cat(chunks))
 
@@ -122,15 +136,18 @@ class TokenizeActor:
                 if not isinstance(prompts[k], str) or not prompts[k].strip():
                     raise ValueError("empty prompt")
                 prompt_ids[k] = self.prompt_ids(prompts[k])
-                decoded.append(decode_image(bytes(images[k] or b""), max_pixels=self.cfg.max_pixels))
+                image = decode_image(bytes(images[k] or b""), max_pixels=self.cfg.max_pixels)
+                decoded.append(self.working_image(image))
             except (ImageDecodeError, ValueError, KeyError) as e:
                 errors[k] = f"{type(e).__name__}: {e}"
                 continue
             rows.append(k)
+        pngs: list[bytes] = [b""] * n
         if rows:
             tokens = self.image_tokens(decoded).tolist()
-            for k, seq in zip(rows, tokens):
+            for k, seq, image in zip(rows, tokens, decoded):
                 image_ids[k] = seq
+                pngs[k] = encode_png(image)
 
         ok = [e is None for e in errors]
         return pa.table(
@@ -142,6 +159,7 @@ class TokenizeActor:
                 "height": pa.array([self.size if good else 0 for good in ok], pa.int32()),
                 "width": pa.array([self.size if good else 0 for good in ok], pa.int32()),
                 "source": pa.array(sources, pa.string()),
+                "image": pa.array(pngs, pa.binary()),
                 "error": pa.array(errors, pa.string()),
                 "error_stage": pa.array([None if good else STAGE for good in ok], pa.string()),
             }

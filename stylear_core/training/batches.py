@@ -32,9 +32,15 @@ except ImportError:  # a GPU box without Ray still runs the in-process benchmark
 
 from stylear_core.data.images import decode_image
 from stylear_core.data.layout import TokenVocab
+from stylear_core.data.schemas import SchemaError, require_parquet_columns
 from stylear_core.data.tokenizer import PromptTokenizer, style_prompt_ids, text_prompt_ids
 
 TOKEN_SHARD_COLUMNS = ("id", "prompt", "prompt_ids", "image_tokens", "height", "width")
+IMAGE_COLUMN_HINT = (
+    "SFT's style_source: image reads each row's image from the token shards, which curation writes "
+    "since stylear.token_shards/2: tokenize the curated set again with this version, or train with "
+    "style_source: vq_decode."
+)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +102,7 @@ def style_pixels_from_png(
 
 class TokenBatchCollate(NumpyBatchCollateFn):
     """Token-shard rows -> ``{prompt_ids, prompt_mask, image_tokens, image_mask, height, width, id_hash}``
-    (plus ``style_pixels`` when the rows carry an ``image`` column and ``preprocess`` is given).
+    (plus ``style_pixels``, from the rows' ``image`` column, when ``preprocess`` is given).
 
     Takes the model's ``vocab``, the prompt ``tokenizer``, ``num_style_tokens`` (0 for prompts without
     style tokens) and optionally the style encoder's PIL preprocessing.
@@ -140,7 +146,9 @@ class TokenBatchCollate(NumpyBatchCollateFn):
             "width": torch.tensor(widths, dtype=torch.long),
             "id_hash": torch.tensor([id_hash(i) for i in batch["id"]], dtype=torch.long),
         }
-        if self.preprocess is not None and "image" in batch:
+        if self.preprocess is not None:
+            if "image" not in batch:  # else the objective would look for a VQGAN it never built
+                raise SchemaError(f"token-shard rows carry no 'image' column. {IMAGE_COLUMN_HINT}")
             out["style_pixels"] = style_pixels_from_png(list(batch["image"]), self.preprocess)
         return out
 
@@ -203,6 +211,8 @@ def read_parquet_dataset(
     """
     import ray.data
 
+    if columns:  # a missing column (an older shard version) fails here with its file, not deep in Ray
+        require_parquet_columns(path, columns, {"image": IMAGE_COLUMN_HINT})
     ds = ray.data.read_parquet(path, columns=list(columns) if columns else None, file_extensions=["parquet"])
     if limit:
         ds = ds.limit(limit)

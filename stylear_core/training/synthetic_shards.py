@@ -2,15 +2,14 @@
 
 Draws :class:`SyntheticStyleSet` stylized pairs, encodes each image with the model block's VQGAN
 into the Lumina layout and its prompt with the StyleAR template (``num_style_tokens`` placeholders),
-and writes ``stylear.token_shards/1`` parquet, optionally with the PNG of each target in an extra
-``image`` column (the ``style_source: image`` input).
+and writes token-shard parquet (:data:`TOKEN_SHARDS_SCHEMA`, whose ``image`` column holds the PNG of
+each target: the ``style_source: image`` input).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -62,9 +61,11 @@ def write_synthetic_token_shards(
 ) -> Path:
     """Write :func:`synthetic_token_rows` as ``<path>/part-00000.parquet``; returns the file."""
     rows = synthetic_token_rows(model, count, seed)
-    table = rows_to_table(rows, TOKEN_SHARDS_SCHEMA, allow_extra_keys=True)
-    if with_images:
-        table = table.append_column("image", pa.array([r["image"] for r in rows], type=pa.binary()))
+    table = rows_to_table(rows, TOKEN_SHARDS_SCHEMA)  # the rows' PNG is the schema's image column
+    if not with_images:  # shards as written before the image column (token_shards/1)
+        table = table.drop_columns(["image"]).replace_schema_metadata(
+            {b"schema_version": b"stylear.token_shards/1"}
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path / "part-00000.parquet")

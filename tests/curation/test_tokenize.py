@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from stylear_core.curation.tokenize import TokenizeActor, TokenizeConfig, token_vocab
-from stylear_core.data.images import decode_image, encode_png
+from stylear_core.data.images import center_crop_resize, decode_image, encode_png
 from stylear_core.data.layout import ImageTokenLayout, TokenVocab
 from stylear_core.data.schemas import TOKEN_SHARDS_SCHEMA, conform_table
 from stylear_core.data.synthetic import SyntheticStyleSet, corrupt_bytes
@@ -19,8 +19,9 @@ from stylear_core.data.tokenizer import ByteTokenizer, style_prompt_ids, text_pr
 from stylear_core.models.backbone import chameleon_vocabulary_map, tiny_vocab
 from stylear_core.models.presets import ModelConfig, build_backbone
 from stylear_core.models.vqgan import encode_images, tiny_vqgan
+from stylear_core.testing.fixtures import tiny_model_cfg
 
-MODEL = ModelConfig(preset="tiny", image_size=64, num_style_tokens=4, seed=0)
+MODEL = tiny_model_cfg()
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,17 @@ def test_token_vocab_matches_the_backbone_vocab(tmp_path):
         vocab.grid_base,
     )
     assert token_vocab(ModelConfig(preset="lumina7b")) == TokenVocab()
+
+
+def test_rows_carry_the_working_size_image_they_encode(actor, rows):
+    out = actor(pa.Table.from_pylist(rows[:3] + [{**rows[3], "image": corrupt_bytes("random")}]))
+    pngs = out.column("image").to_pylist()
+    assert pngs[3] == b""  # the failed row
+    images = [decode_image(b) for b in pngs[:3]]
+    for image, row in zip(images, rows):
+        assert image.size == (64, 64)
+        assert image.tobytes() == center_crop_resize(decode_image(row["image"]), 64, 64).tobytes()
+    assert images[2].getcolors() == [(64 * 64, (0, 0, 250))]  # the wide image's centre square
+    layout = ImageTokenLayout.for_resolution(64, 64, actor.vocab)
+    codes = layout.decode(torch.tensor(out.column("image_tokens").to_pylist()[:3]))
+    assert codes.tolist() == encode_images(tiny_vqgan(seed=0), images, 64).tolist()

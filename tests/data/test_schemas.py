@@ -42,8 +42,10 @@ def test_every_schema_is_versioned_and_distinct():
     versions = {name: schema_version(schema) for name, schema in ALL_SCHEMAS.items()}
     assert versions["raw"] == "stylear.raw/1"
     assert versions["curated"] == "stylear.curated/2"  # version 2: the proxy source
+    assert versions["token_shards"] == "stylear.token_shards/2"  # version 2: the working-size image
+    second = {"curated", "token_shards"}
     assert all(
-        v and v.startswith("stylear.") and v.endswith("/2" if name == "curated" else "/1")
+        v and v.startswith("stylear.") and v.endswith("/2" if name in second else "/1")
         for name, v in versions.items()
     )
     assert len(set(versions.values())) == len(versions)
@@ -69,6 +71,8 @@ def test_expected_column_types():
     assert CURATED_SCHEMA.field("seed").type == pa.int64() and CURATED_SCHEMA.field("seed").nullable
     assert CURATED_SCHEMA.field("style_ref").nullable and not CURATED_SCHEMA.field("id").nullable
     assert TOKEN_SHARDS_SCHEMA.field("image_tokens").type == pa.list_(pa.int32())
+    assert TOKEN_SHARDS_SCHEMA.field("image").type == pa.binary()
+    assert not TOKEN_SHARDS_SCHEMA.field("image").nullable
     assert SAM_MASKS_SCHEMA.field("kept_fraction").type == pa.float32()
     assert ERRORS_SCHEMA.names == ["id", "stage", "reason", "input_ref"]
     assert RAW_PAIRS_SCHEMA.names == ["id", "prompt", "image"]
@@ -123,6 +127,7 @@ def test_conform_table_casts_compatible_types_and_checks_overflow():
             "height": pa.array([32], pa.int64()),
             "width": pa.array([32], pa.int64()),
             "source": pa.array(["raw"]),
+            "image": pa.array([b"\x89PNG"], pa.large_binary()),
             "error": pa.array([None], pa.string()),
         }
     )
