@@ -1,0 +1,73 @@
+"""Shared test fixtures: the tiny model block and tiny adapter artefacts the tests build on.
+
+Like diffusers' ``get_dummy_components``: one place says what "tiny" means, and a test that needs
+other values says which with overrides, e.g. ``tiny_model_cfg(lora_alpha=8.0)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stylear_core.adapters.format import ADAPTER_FORMAT
+from stylear_core.config import to_dict
+from stylear_core.models.config import ModelConfig
+from stylear_core.runs import write_manifest
+
+# 64 px images (an 8 x 8 latent grid) and 4 style tokens keep a forward pass of the tiny preset in
+# milliseconds on CPU; the LoRA sizes are the preset's defaults (rank 4, alpha 4).
+TINY_MODEL = ModelConfig(preset="tiny", image_size=64, num_style_tokens=4)
+
+
+def tiny_model_cfg(**overrides: Any) -> ModelConfig:
+    """The tiny preset's model block the tests share, with ``overrides`` (any :class:`ModelConfig` field)."""
+    return dataclasses.replace(TINY_MODEL, **overrides)
+
+
+def perturb_(params: Any, seed: int, scale: float = 0.05) -> None:
+    """Add seeded noise to ``params`` in place, in order (a stand-in for training: non-trivial weights)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def tiny_adapter(
+    directory: str | Path,
+    cfg: ModelConfig | None = None,
+    *,
+    model: Any = None,
+    perturb: Sequence[str] = ("lora",),
+    seed: int = 0,
+    kind: str = "style",
+    **manifest: Any,
+) -> Path:
+    """A tiny adapter artefact at ``directory`` as training exports it, with a complete manifest.
+
+    Takes the model block (default :func:`tiny_model_cfg`) or an already built ``model`` of it. The
+    parameter groups named in ``perturb`` (``lora``, ``resampler``, in that order) get seeded noise
+    first, from one generator seeded ``seed``. ``manifest`` adds fields (e.g. ``lora``, ``step``).
+    """
+    from stylear_core.models.presets import build_stylear_model
+    from stylear_core.training.export import export_adapter
+
+    cfg = cfg or tiny_model_cfg()
+    model = model if model is not None else build_stylear_model(cfg)
+    groups = {"lora": model.lora_parameters, "resampler": model.resampler.parameters}
+    unknown = sorted(set(perturb) - set(groups))
+    if unknown:
+        raise ValueError(f"perturb: unknown parameter group(s) {unknown}; known: {sorted(groups)}")
+    perturb_([p for name in groups if name in perturb for p in groups[name]()], seed)
+    directory = Path(directory)
+    export_adapter(model, directory)
+    write_manifest(
+        directory, ADAPTER_FORMAT, status="complete", model_config=to_dict(cfg), kind=kind, **manifest
+    )
+    return directory
+
+
+__all__ = ["TINY_MODEL", "perturb_", "tiny_adapter", "tiny_model_cfg"]
