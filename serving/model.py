@@ -1,7 +1,8 @@
 """The model deployment: one base model per replica, batched decoding, LoRA adapters on demand.
 
 A replica builds the backbone (with one empty LoRA slot), VQGAN, prompt tokenizer, CLIP style
-encoder, resampler and optionally SAM once. Requests arrive through :meth:`StyleARModelDeployment.generate`;
+encoder, resampler and optionally SAM once, as a :class:`~stylear_core.inference.generator.StyleARGenerator`
+(the front-end every generation path shares). Requests arrive through :meth:`StyleARModelDeployment.generate`;
 ``@serve.batch`` merges concurrent ones (Ray Serve splits batches by multiplexed model id, i.e. by
 adapter) and the engine decodes each resolution group as one CFG-batched decode. Adapters are
 loaded by ``serve.multiplexed`` (an LRU of ``max_adapters_per_replica``) as small weight sets and
@@ -20,7 +21,6 @@ is cancelled stops decoding, so the replica moves on to the next batch.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import random
@@ -35,32 +35,18 @@ from typing import Any
 import torch
 from ray import serve
 from ray.serve.exceptions import RayServeException
-from torch import nn
 
 from serving.config import ServingConfig
 from serving.schemas import GenerationJob, JobOutcome
 from stylear_core.adapters.format import AdapterError, AdapterNotFoundError, base_model_id
-from stylear_core.adapters.io import AdapterWeights, adapter_path, list_adapters, read_adapter_dir
+from stylear_core.adapters.io import adapter_path, list_adapters
 from stylear_core.config import from_dict
 from stylear_core.data.images import ImageDecodeError, encode_png
-from stylear_core.data.tokenizer import style_prompt_ids, text_prompt_ids, unconditional_prompt_ids
 from stylear_core.devices import resolve_device
-from stylear_core.inference.adapters import AdapterSlot
-from stylear_core.inference.engine import (
-    GenerationRequest,
-    GenerationRequestError,
-    ImageGenerationEngine,
-    decode_images,
-)
-from stylear_core.inference.style_request import ReferenceStyleEncoder, StyleRequestError
-from stylear_core.models.presets import (
-    build_backbone,
-    build_prompt_tokenizer,
-    build_resampler,
-    build_style_encoder,
-    build_vqgan,
-)
-from stylear_core.models.resampler import load_image_proj
+from stylear_core.inference.defaults import SamplingConfig
+from stylear_core.inference.engine import GenerationRequest, GenerationRequestError
+from stylear_core.inference.generator import ServedAdapter, StyleARGenerator
+from stylear_core.inference.style_request import StyleRequestError
 
 log = logging.getLogger("ray.serve")
 
@@ -81,14 +67,12 @@ CANCELLED = JobOutcome.failure(499, "cancelled by the caller", None)
 
 
 @dataclass(eq=False)
-class LoadedAdapter:
+class LoadedAdapter(ServedAdapter):
     """An adapter resident on a replica: its LoRA factors (on the model's device) and its own resampler, if any.
 
     ``serve.multiplexed`` calls ``__del__`` when it evicts the adapter; ``on_unload`` is then told once.
     """
 
-    weights: AdapterWeights
-    resampler: nn.Module | None
     on_unload: Callable[[str], None] | None = None
 
     @property
@@ -120,37 +104,32 @@ class StyleARModelDeployment:
         self.device = resolve_device(self.cfg.device)
         model_cfg = self.cfg.model
         started = time.perf_counter()
-        backbone, vocab = build_backbone(model_cfg, self.device)
-        self.slot = AdapterSlot(backbone, rank=self.cfg.adapter_slot_rank)
-        self.tokenizer = build_prompt_tokenizer(model_cfg, vocab)
-        self.engine = ImageGenerationEngine(
-            backbone,
-            vocab,
-            device=self.device,
-            cuda_graphs=self.cfg.cuda_graphs,
-            max_batch=self.cfg.max_batch_size,
-            uncond_prefix=unconditional_prompt_ids(self.tokenizer),
-        )
-        self.vq = build_vqgan(model_cfg, vocab, self.device)
-        encoder = build_style_encoder(model_cfg, self.device)
-        resampler = build_resampler(model_cfg, encoder.width, backbone.config.hidden_size, self.device).eval()
         masker = None
         if self.cfg.sam_enabled:
             from stylear_core.curation.sam import StyleRegionMasker
 
             masker = StyleRegionMasker.from_config(self.cfg.sam)
-        self.style = ReferenceStyleEncoder(
-            encoder,
-            resampler,
-            masker,
-            self.cfg.max_reference_pixels,
-            max_side=self.cfg.max_reference_side,
-            max_aspect=self.cfg.max_reference_aspect,
-            working_side=self.cfg.reference_working_side,
-            subtract_weight=self.cfg.sam_subtract_weight,
-            mix_weight=self.cfg.sam_mix_weight,
+        # The base model, its LoRA slot, tokenizer, engine, VQGAN and style path: one generator front-end,
+        # the same one evaluation, preference pairs and the export parity gate build.
+        self.generator = StyleARGenerator(
+            model_cfg,
+            device=self.device,
+            adapter_slot_rank=self.cfg.adapter_slot_rank,
+            max_batch=self.cfg.max_batch_size,
+            cuda_graphs=self.cfg.cuda_graphs,
+            masker=masker,
+            reference_limits={
+                "max_pixels": self.cfg.max_reference_pixels,
+                "max_side": self.cfg.max_reference_side,
+                "max_aspect": self.cfg.max_reference_aspect,
+                "working_side": self.cfg.reference_working_side,
+                "subtract_weight": self.cfg.sam_subtract_weight,
+                "mix_weight": self.cfg.sam_mix_weight,
+            },
         )
-        self.num_style_tokens = resampler.num_queries
+        self.engine = self.generator.engine
+        self.slot = self.generator.slot
+        self.style = self.generator.references
         self.base_builds = 1  # the base model is built here and only here
         self.replica_id = _replica_id()
         self.base_model = base_model_id(model_cfg)  # what adapter manifests must name as their base
@@ -177,18 +156,13 @@ class StyleARModelDeployment:
     # --- adapters -----------------------------------------------------------------------------
 
     def _read_adapter(self, name: str) -> LoadedAdapter:
-        weights = read_adapter_dir(adapter_path(self.cfg.adapters_root, name), name).to(self.device)
-        trained_on = weights.manifest.get("base_model")
+        read = self.generator.read_adapter(adapter_path(self.cfg.adapters_root, name), name)
+        trained_on = read.weights.manifest.get("base_model")
         if trained_on and trained_on != self.base_model:
             raise AdapterError(f"it was trained on {trained_on!r}; this replica serves {self.base_model!r}")
-        resampler = None
-        if weights.resampler_state is not None:
-            resampler = copy.deepcopy(self.style.resampler)
-            load_image_proj(weights.resampler_state, resampler)
-            resampler.eval()
         self._adapter_loads[name] += 1
         self._resident.add(name)
-        return LoadedAdapter(weights=weights, resampler=resampler, on_unload=self._resident.discard)
+        return LoadedAdapter(weights=read.weights, resampler=read.resampler, on_unload=self._resident.discard)
 
     def list_adapters(self) -> list[dict[str, Any]]:
         """Adapters on disk, each with whether this replica has it loaded."""
@@ -235,34 +209,23 @@ class StyleARModelDeployment:
 
     def _prepare(self, job: GenerationJob, adapter: LoadedAdapter | None) -> GenerationRequest:
         seed = job.seed if job.seed is not None else random.SystemRandom().randrange(2**63)
+        strength = (
+            job.noise_strength if job.noise_strength is not None else self.cfg.model.noise_strength_infer
+        )
+        sampling = SamplingConfig(
+            cfg_scale=job.cfg, top_k=job.top_k, temperature=job.temperature, noise_strength=strength
+        )
         style = None
         if job.kind == "style":
-            try:
-                ids = style_prompt_ids(
-                    self.tokenizer, job.prompt, self.num_style_tokens, job.height, job.width
-                )
-            except ValueError as e:
-                raise GenerationRequestError("prompt", str(e)) from None
+            ids = self.generator.style_prompt_ids(job.prompt, job.height, job.width)
             if job.reference is None:
                 raise StyleRequestError("image", "a style reference image is required")
-            strength = (
-                job.noise_strength if job.noise_strength is not None else self.cfg.model.noise_strength_infer
-            )
             resampler = adapter.resampler if adapter is not None else None
             style = self.style(job.reference, job.sam, strength, seed, resampler, sam_mode=job.sam_mode)
         else:
             self._check_subject_prompt(job, adapter)
-            ids = text_prompt_ids(self.tokenizer, job.prompt, job.height, job.width)
-        request = GenerationRequest(
-            prompt_ids=ids,
-            height=job.height,
-            width=job.width,
-            style_embeds=style,
-            cfg_scale=job.cfg,
-            top_k=job.top_k,
-            temperature=job.temperature,
-            seed=seed,
-        )
+            ids = self.generator.text_prompt_ids(job.prompt, job.height, job.width)
+        request = self.generator.request(ids, job.height, job.width, sampling, seed, style_embeds=style)
         self.engine.validate(request)
         return request
 
@@ -307,8 +270,7 @@ class StyleARModelDeployment:
                 live.append(i)
         if not live:
             return
-        if self.slot.active != (adapter.name if adapter else None):
-            self.slot.activate(adapter.weights if adapter else None)
+        self.generator.activate(adapter)
         ready: list[tuple[int, GenerationRequest]] = []
         for i in live:
             job, _, cancel = items[i]
@@ -325,12 +287,12 @@ class StyleARModelDeployment:
                 outcomes[i] = self._fail(500, "internal error while preparing the request", None)
         if not ready:
             return
-        results = self.engine.generate([request for _, request in ready])
+        results = self.generator.generate([request for _, request in ready])
         for (i, request), result in zip(ready, results):
             if result is None or request.cancelled:  # cancelled during the decode: skip the VQ decode
                 outcomes[i] = CANCELLED
                 continue
-            (image,) = decode_images(self.vq, result.layout, result.tokens.unsqueeze(0))
+            (image,) = self.generator.decode(result.tokens.unsqueeze(0), result.layout)
             outcomes[i] = JobOutcome(png=encode_png(image), seed=result.seed)
 
     # --- observability --------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from stylear_core.data.images import decode_image, encode_png
 from stylear_core.data.schemas import EVAL_METRICS_SCHEMA, EVAL_SAMPLES_SCHEMA, rows_to_table
 from stylear_core.data.schemas import EVAL_SCORE_COLUMNS as SCORE_COLUMNS
 from stylear_core.data.synthetic import SyntheticStyleSet
-from stylear_core.devices import resolve_device
+from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.models.presets import ModelConfig
 
 EVAL_FORMAT = "stylear.style_eval/1"
@@ -73,15 +73,12 @@ class HeldPairsConfig:
 
 
 @dataclass
-class EvalSamplingConfig:
-    """How each variant samples; every variant uses the same seeds."""
+class EvalSamplingConfig(SamplingConfig):
+    """How each variant samples (the shared :class:`SamplingConfig` plus samples per pair, the base seed and
+    the reference view); every variant uses the same seeds."""
 
     samples_per_pair: int = option(2, "images per held pair and variant")
-    cfg_scale: float = option(4.0, "classifier-free guidance scale")
-    top_k: int = option(2000, "image top-k (clamped to the codebook)")
-    temperature: float = option(1.0, "sampling temperature")
-    noise_strength: float = option(0.3, "style-token noise at sampling time")
-    seed: int = option(0, "base seed of the per-sample seeds")
+    seed: int = option(0, "base seed of the per-sample seeds (see sample_seed)")
     reference_view: Literal["vq", "pixels"] = option(
         "vq", "compare with the reference's VQGAN reconstruction (what the decoder can draw) or its pixels"
     )
@@ -234,68 +231,31 @@ def evaluate_variant(
     ``reference_view``), ``reference_codes_png`` (the reference's code map) and ``style_png`` (the
     reference as given).
     """
-    from stylear_core.adapters.io import load_adapter
-    from stylear_core.data.layout import ImageTokenLayout
-    from stylear_core.data.tokenizer import style_prompt_ids, unconditional_prompt_ids
-    from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine, decode_images
-    from stylear_core.inference.style_request import ReferenceStyleEncoder
-    from stylear_core.models.presets import (
-        build_clip_scorer,
-        build_prompt_tokenizer,
-        build_stylear_model,
-        build_vqgan,
-    )
+    from stylear_core.inference.generator import StyleARGenerator
+    from stylear_core.models.presets import build_clip_scorer
     from stylear_core.models.vqgan import encode_images
 
-    dev = resolve_device(device)
-    stylear = build_stylear_model(model, dev)
-    if adapter_dir is not None:
-        load_adapter(stylear, adapter_dir)
-    stylear.eval()
-    tokenizer = build_prompt_tokenizer(model, stylear.vocab)
-    vq = build_vqgan(model, stylear.vocab, dev)
-    encoder = ReferenceStyleEncoder(stylear.style_encoder, stylear.resampler)
-    engine = ImageGenerationEngine(
-        stylear.backbone, stylear.vocab, device=dev, uncond_prefix=unconditional_prompt_ids(tokenizer)
-    )
+    generator = StyleARGenerator(model, adapter_dir, device)
     size = model.image_size
     k = sampling.samples_per_pair
     raw_refs = [decode_image(p["style_image"]) for p in pairs]
-    refs = vq_reconstruction(vq, raw_refs) if sampling.reference_view == "vq" else raw_refs
-    seeds = [sample_seed(sampling.seed, i, s) for i in range(len(pairs)) for s in range(k)]
-    style_tokens = encoder.style_tokens(
-        [r for r in raw_refs for _ in range(k)], [sampling.noise_strength] * len(seeds), seeds
-    )
-    requests = []
-    for i, pair in enumerate(pairs):
-        ids = style_prompt_ids(tokenizer, pair["prompt"], stylear.num_style_tokens, size, size)
-        for s in range(k):
-            requests.append(
-                GenerationRequest(
-                    prompt_ids=ids,
-                    height=size,
-                    width=size,
-                    style_embeds=style_tokens[i * k + s],
-                    cfg_scale=sampling.cfg_scale,
-                    top_k=sampling.top_k,
-                    temperature=sampling.temperature,
-                    seed=seeds[i * k + s],
-                )
-            )
-    results = engine.generate(requests)
-    layout = ImageTokenLayout.for_resolution(size, size, stylear.vocab)
-    tokens = torch.stack([r.tokens for r in results])
-    images = decode_images(vq, layout, tokens)
-    codes = layout.decode(tokens).numpy()
-    ref_codes = encode_images(vq, raw_refs, (size, size)).cpu().numpy()
+    refs = vq_reconstruction(generator.vq, raw_refs) if sampling.reference_view == "vq" else raw_refs
     expanded = [(i, s) for i in range(len(pairs)) for s in range(k)]
+    seeds = [sample_seed(sampling.seed, i, s) for i, s in expanded]
+    generated = generator.style(
+        [str(pairs[i]["prompt"]) for i, _ in expanded], [raw_refs[i] for i, _ in expanded], seeds, sampling
+    )
+    images = generator.decode(generated.tokens, generated.layout)
+    codes = generated.codes().numpy()
+    ref_codes = encode_images(generator.vq, raw_refs, (size, size)).cpu().numpy()
+    codebook_size = generator.vocab.codebook_size
     samples = [
         StyleSample(
             images[j], codes[j], refs[i], ref_codes[i], str(pairs[i]["prompt"]), str(pairs[i]["style_ref"])
         )
         for j, (i, _) in enumerate(expanded)
     ]
-    scores = score_samples(samples, build_clip_scorer(model, dev), stylear.vocab.codebook_size)
+    scores = score_samples(samples, build_clip_scorer(model, generator.device), codebook_size)
     rows = []
     for j, (i, s) in enumerate(expanded):
         rows.append(
@@ -307,9 +267,9 @@ def evaluate_variant(
                 "sample": s,
                 "seed": seeds[j],
                 "png": encode_png(images[j]),
-                "codes_png": encode_png(code_map_image(codes[j], stylear.vocab.codebook_size)),
+                "codes_png": encode_png(code_map_image(codes[j], codebook_size)),
                 "reference_png": encode_png(refs[i]),
-                "reference_codes_png": encode_png(code_map_image(ref_codes[i], stylear.vocab.codebook_size)),
+                "reference_codes_png": encode_png(code_map_image(ref_codes[i], codebook_size)),
                 "style_png": bytes(pairs[i]["style_image"]),
                 **{name: float(scores[name][j]) for name in SCORE_COLUMNS},
             }

@@ -29,15 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from stylear_core.adapters.io import load_adapter
 from stylear_core.config import ConfigError, from_dict, option
 from stylear_core.data.images import decode_image, encode_png
-from stylear_core.data.tokenizer import text_prompt_ids, unconditional_prompt_ids
-from stylear_core.devices import resolve_device
 from stylear_core.evaluation.metric_models import SubjectMetricsConfig, build_metric_models
 from stylear_core.evaluation.metrics import subject_metrics
-from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine, decode_images
-from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_stylear_model, build_vqgan
+from stylear_core.inference.defaults import SamplingConfig
+from stylear_core.inference.generator import StyleARGenerator
+from stylear_core.models.config import ModelConfig
 from stylear_core.proxy.supervisor import SupervisorConfig, SupervisorSampler, TunedSubject
 from stylear_core.runs import read_manifest
 
@@ -53,12 +51,10 @@ TABLE_COLUMNS = ("model", "subject", "identifier", "class_noun", "images", *METR
 
 
 @dataclass
-class StudentSamplingConfig:
-    """How the AR student samples (Lumina-mGPT's defaults) and where it runs."""
+class StudentSamplingConfig(SamplingConfig):
+    """How the AR student samples (the shared :class:`SamplingConfig`, Lumina-mGPT's defaults; its prompts
+    are text-only, so ``noise_strength`` does not apply) and where it runs."""
 
-    cfg_scale: float = option(4.0, "classifier-free guidance scale (the unconditional row has no text)")
-    top_k: int = option(2000, "image top-k")
-    temperature: float = option(1.0, "sampling temperature (0 = greedy)")
     max_batch: int = option(16, "images decoded together")
     device: str = option("auto", "torch device; auto = cuda if available else cpu")
 
@@ -68,7 +64,8 @@ class StudentGenerator:
 
     Takes the adapter directory (``stylear.adapter/1``: LoRA or full weights, resampler, a manifest with
     ``model_config``) and the sampling settings. The model is built from the manifest's model block (the
-    base the adapter was trained on), the adapter loaded onto it, and prompts are tokenized in Lumina's
+    base the adapter was trained on), the adapter loaded onto it (a
+    :class:`~stylear_core.inference.generator.StyleARGenerator`), and prompts are tokenized in Lumina's
     plain text-to-image template (no style tokens), as the subject adapter was trained.
     """
 
@@ -81,18 +78,9 @@ class StudentGenerator:
             )
         self.manifest = manifest
         self.model_cfg = from_dict(ModelConfig, manifest["model_config"])
-        device = resolve_device(self.sampling.device)
-        model = load_adapter(build_stylear_model(self.model_cfg, device), adapter_dir)
-        self.vocab = model.vocab
-        self.tokenizer = build_prompt_tokenizer(self.model_cfg, self.vocab)
-        self.engine = ImageGenerationEngine(
-            model.backbone,
-            self.vocab,
-            device=device,
-            max_batch=self.sampling.max_batch,
-            uncond_prefix=unconditional_prompt_ids(self.tokenizer),
+        self.generator = StyleARGenerator(
+            self.model_cfg, adapter_dir, self.sampling.device, max_batch=self.sampling.max_batch
         )
-        self.vq = build_vqgan(self.model_cfg, self.vocab, device)
 
     @property
     def subjects(self) -> list[dict[str, str]]:
@@ -101,23 +89,11 @@ class StudentGenerator:
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         """One image per prompt, image ``i`` sampled with seed ``seeds[i]``."""
-        size = self.model_cfg.image_size
-        requests = [
-            GenerationRequest(
-                prompt_ids=text_prompt_ids(self.tokenizer, prompt, size, size),
-                height=size,
-                width=size,
-                cfg_scale=self.sampling.cfg_scale,
-                top_k=self.sampling.top_k,
-                temperature=self.sampling.temperature,
-                seed=int(seed),
-            )
-            for prompt, seed in zip(prompts, seeds)
-        ]
-        images = []
-        for result in self.engine.generate(requests):
-            images.extend(decode_images(self.vq, result.layout, result.tokens.unsqueeze(0)))
-        return images
+        if not prompts:
+            return []
+        generated = self.generator.text(prompts, seeds, self.sampling)
+        # One VQ decode per image, as the serving model decodes: a batched decode rounds differently.
+        return [self.generator.decode(row.unsqueeze(0), generated.layout)[0] for row in generated.tokens]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,5 +2,6 @@
 
 ``engine`` (static-KV-cache, batched-CFG decoding and VQ decode), ``sampling`` (guidance, top-k,
 temperature, per-request seeds), ``reference`` (the slow no-cache decode tests compare against),
-``style_request`` (reference image -> style tokens), ``adapters`` (LoRA adapters on one base model).
+``style_request`` (reference image -> style tokens), ``adapters`` (LoRA adapters on one base model),
+``generator`` (the one front-end every generation path calls), ``defaults`` (the shared sampling settings).
 """

@@ -23,36 +23,22 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from stylear_core.adapters.io import load_adapter
 from stylear_core.config import option
 from stylear_core.data.images import decode_image
-from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.data.schemas import PREFERENCE_PAIRS_SCHEMA, rows_to_table
 from stylear_core.data.synthetic import SyntheticStyleSet
-from stylear_core.data.tokenizer import style_prompt_ids
-from stylear_core.devices import resolve_device
-from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine, decode_images
-from stylear_core.inference.style_request import ReferenceStyleEncoder
-from stylear_core.models.presets import (
-    ModelConfig,
-    build_clip_scorer,
-    build_prompt_tokenizer,
-    build_stylear_model,
-    build_vqgan,
-)
+from stylear_core.inference.defaults import SamplingConfig
+from stylear_core.inference.generator import StyleARGenerator
+from stylear_core.models.presets import ModelConfig, build_clip_scorer
 
 
 @dataclass
-class PreferenceSamplingConfig:
-    """How candidates are sampled and ranked."""
+class PreferenceSamplingConfig(SamplingConfig):
+    """How candidates are sampled (the shared :class:`SamplingConfig` plus how many, the base seed) and
+    ranked."""
 
     num_samples: int = option(4, "images sampled per (prompt, style) row (K >= 2)")
-    cfg_scale: float = option(4.0, "classifier-free guidance scale")
-    top_k: int = option(2000, "image top-k")
-    temperature: float = option(1.0, "sampling temperature")
-    noise_strength: float = option(0.3, "style-token noise at sampling time")
     style_weight: float = option(1.0, "weight of CLIP style similarity in the score")
     text_weight: float = option(1.0, "weight of CLIP text score in the score")
     min_margin: float = option(0.0, "drop rows whose chosen and rejected scores differ by no more than this")
@@ -82,24 +68,20 @@ class PreferencePairSampler:
     """Ray Data actor: (prompt, style reference) rows -> preference-pair rows (``PREFERENCE_PAIRS_SCHEMA``).
 
     Takes the model block, the SFT artefact directory, a :class:`PreferenceSamplingConfig` and the
-    device (``"auto"``: CUDA when the actor has a GPU). Builds the SFT model, the VQGAN, the inference
-    engine and a CLIP scorer (the model block's CLIP, with its text tower) once per actor.
+    device (``"auto"``: CUDA when the actor has a GPU). Builds the SFT model's
+    :class:`~stylear_core.inference.generator.StyleARGenerator` and a CLIP scorer (the model block's CLIP,
+    with its text tower) once per actor.
     """
 
     def __init__(
         self, model: ModelConfig, adapter_dir: str, sampling: PreferenceSamplingConfig, device: str = "auto"
     ):
         sampling.validate()
-        self.device = resolve_device(device)
         self.sampling = sampling
         self.model_cfg = model
-        stylear = load_adapter(build_stylear_model(model, self.device), adapter_dir).eval()
-        self.vocab = stylear.vocab
-        self.num_style_tokens = stylear.num_style_tokens
-        self.tokenizer = build_prompt_tokenizer(model, self.vocab)
-        self.vqgan = build_vqgan(model, self.vocab, self.device)
-        self.style = ReferenceStyleEncoder(stylear.style_encoder, stylear.resampler)
-        self.engine = ImageGenerationEngine(stylear.backbone, self.vocab, device=self.device)
+        self.generator = StyleARGenerator(model, adapter_dir, device)
+        self.device = self.generator.device
+        self.vqgan = self.generator.vq
         self.scorer = build_clip_scorer(model, self.device)  # the style encoder's CLIP
 
     def pair_for_row(self, row_id: str, prompt: str, style_image: bytes) -> dict[str, Any]:
@@ -108,34 +90,16 @@ class PreferencePairSampler:
         size = self.model_cfg.image_size
         reference = decode_image(style_image)
         seeds = [sample_seed(s.seed, row_id, k) for k in range(s.num_samples)]
-        tokens = self.style.style_tokens(
-            [reference] * s.num_samples, [s.noise_strength] * s.num_samples, seeds
-        )
-        prompt_ids = style_prompt_ids(self.tokenizer, prompt, self.num_style_tokens, size, size)
-        requests = [
-            GenerationRequest(
-                prompt_ids=prompt_ids,
-                height=size,
-                width=size,
-                style_embeds=tokens[k],
-                cfg_scale=s.cfg_scale,
-                top_k=s.top_k,
-                temperature=s.temperature,
-                seed=seeds[k],
-            )
-            for k in range(s.num_samples)
-        ]
-        results = self.engine.generate(requests)
-        layout = ImageTokenLayout.for_resolution(size, size, self.vocab)
-        samples = torch.stack([r.tokens for r in results])
-        images = decode_images(self.vqgan, layout, samples)
+        generated = self.generator.style([prompt] * s.num_samples, [reference] * s.num_samples, seeds, s)
+        samples = generated.tokens
+        images = self.generator.decode(samples, generated.layout)
         style_scores = self.scorer.image_similarity(images, [reference] * len(images))
         text_scores = self.scorer.text_score(images, [prompt] * len(images))
         scores = s.style_weight * style_scores + s.text_weight * text_scores
         best, worst = int(scores.argmax()), int(scores.argmin())
         return {
             "prompt": prompt,
-            "prompt_ids": prompt_ids,
+            "prompt_ids": self.generator.style_prompt_ids(prompt, size, size),
             "style_image": style_image,
             "height": size,
             "width": size,
