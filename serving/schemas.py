@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from stylear_core.inference.defaults import ADAPTER_NAME_PATTERN, LUMINA_CFG_SCALE, LUMINA_IMAGE_TOP_K
+from stylear_core.inference.defaults import ADAPTER_NAME_PATTERN, SAMPLING_DEFAULTS
 
 # Longest integer / number text a form field may hold: far beyond every field's range, far below
 # Python's 4300-digit limit on int() (which raises ValueError, not a validation error).
@@ -81,14 +81,23 @@ class GenerationOptions(BaseModel):
     width: int | None = Field(
         None, ge=32, multiple_of=32, description="image width in pixels, multiple of 32"
     )
+    # Defaults: the shared SamplingConfig's (Lumina-mGPT's), as every offline path samples.
     cfg: float = Field(
-        LUMINA_CFG_SCALE, ge=0.0, le=50.0, allow_inf_nan=False, description="classifier-free guidance scale"
+        SAMPLING_DEFAULTS.cfg_scale,
+        ge=0.0,
+        le=50.0,
+        allow_inf_nan=False,
+        description="classifier-free guidance scale",
     )
     top_k: int = Field(
-        LUMINA_IMAGE_TOP_K, ge=1, le=1 << 20, description="image top-k (clamped to the codebook)"
+        SAMPLING_DEFAULTS.top_k, ge=1, le=1 << 20, description="image top-k (clamped to the codebook)"
     )
     temperature: float = Field(
-        1.0, ge=0.0, le=5.0, allow_inf_nan=False, description="sampling temperature (0: greedy)"
+        SAMPLING_DEFAULTS.temperature,
+        ge=0.0,
+        le=5.0,
+        allow_inf_nan=False,
+        description="sampling temperature (0: greedy)",
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="sampling seed (random if absent)")
     adapter: str | None = Field(
