@@ -78,7 +78,7 @@ class EvalSamplingConfig(SamplingConfig):
     the reference view); every variant uses the same seeds."""
 
     samples_per_pair: int = option(2, "images per held pair and variant")
-    seed: int = option(0, "base seed of the per-sample seeds (see sample_seed)")
+    seed: int = option(0, "base seed of the per-sample seeds (see eval_sample_seed)")
     reference_view: Literal["vq", "pixels"] = option(
         "vq", "compare with the reference's VQGAN reconstruction (what the decoder can draw) or its pixels"
     )
@@ -155,7 +155,7 @@ def code_similarity(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, 
 # Generation and scoring of one variant
 
 
-def sample_seed(base: int, pair_index: int, sample: int) -> int:
+def eval_sample_seed(base: int, pair_index: int, sample: int) -> int:
     """The seed of sample ``sample`` of held pair ``pair_index``: the same for every variant."""
     return (base * 1_000_003 + pair_index * 1_009 + sample) % 2**62
 
@@ -241,7 +241,7 @@ def evaluate_variant(
     raw_refs = [decode_image(p["style_image"]) for p in pairs]
     refs = vq_reconstruction(generator.vq, raw_refs) if sampling.reference_view == "vq" else raw_refs
     expanded = [(i, s) for i in range(len(pairs)) for s in range(k)]
-    seeds = [sample_seed(sampling.seed, i, s) for i, s in expanded]
+    seeds = [eval_sample_seed(sampling.seed, i, s) for i, s in expanded]
     generated = generator.style(
         [str(pairs[i]["prompt"]) for i, _ in expanded], [raw_refs[i] for i, _ in expanded], seeds, sampling
     )
@@ -378,7 +378,7 @@ __all__ = [
     "evaluate_variant",
     "held_pairs",
     "palette_similarity",
-    "sample_seed",
+    "eval_sample_seed",
     "StyleSample",
     "code_histogram",
     "code_map_image",

@@ -50,7 +50,7 @@ class PreferenceSamplingConfig(SamplingConfig):
             raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
 
 
-def sample_seed(base: int, row_id: str, k: int) -> int:
+def preference_sample_seed(base: int, row_id: str, k: int) -> int:
     """The seed of sample ``k`` of row ``row_id``: stable across runs, workers and batchings."""
     return (base * 1_000_003 + zlib.crc32(f"{row_id}/{k}".encode())) % 2**62
 
@@ -89,7 +89,7 @@ class PreferencePairSampler:
         s = self.sampling
         size = self.model_cfg.image_size
         reference = decode_image(style_image)
-        seeds = [sample_seed(s.seed, row_id, k) for k in range(s.num_samples)]
+        seeds = [preference_sample_seed(s.seed, row_id, k) for k in range(s.num_samples)]
         generated = self.generator.style([prompt] * s.num_samples, [reference] * s.num_samples, seeds, s)
         samples = generated.tokens
         images = self.generator.decode(samples, generated.layout)
