@@ -57,7 +57,7 @@ from stylear_core.data.synthetic import SyntheticStyleSet
 from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.models.presets import ModelConfig
 
-EVAL_FORMAT = "stylear.style_eval/1"
+STYLE_EVAL_FORMAT = "stylear.style_eval/1"
 EVALUATE_FORMAT = "stylear.evaluate/1"  # the evaluate stage's manifest
 BASE_VARIANT = "base"
 PALETTE_BINS = 8  # per channel: 512 joint bins keep the synthetic palettes apart (4 merge vivid and pastel)
@@ -310,7 +310,7 @@ def summarize(
     if tuned is not None and BASE_VARIANT in per_variant and tuned in per_variant:
         deltas = {name: per_variant[tuned][name] - per_variant[BASE_VARIANT][name] for name in SCORE_COLUMNS}
     return {
-        "format": EVAL_FORMAT,
+        "format": STYLE_EVAL_FORMAT,
         "variants": variants,
         "adapters": {v: adapters.get(v) for v in variants},
         "tuned": tuned,
@@ -367,7 +367,7 @@ def write_style_eval(
 
 __all__ = [
     "BASE_VARIANT",
-    "EVAL_FORMAT",
+    "STYLE_EVAL_FORMAT",
     "EVAL_METRICS_SCHEMA",
     "EVAL_SAMPLES_SCHEMA",
     "EVALUATE_FORMAT",

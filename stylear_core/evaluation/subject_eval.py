@@ -39,7 +39,7 @@ from stylear_core.models.config import ModelConfig
 from stylear_core.proxy.supervisor import SupervisorConfig, SupervisorSampler, TunedSubject
 from stylear_core.runs import read_manifest
 
-EVAL_FORMAT = "stylear.evaluate_subject/1"
+SUBJECT_EVAL_FORMAT = "stylear.evaluate_subject/1"
 METRIC_NAMES = ("dino", "clip_i", "clip_t")
 MODEL_NAMES = ("supervisor", "student")
 MEAN_ROW = "(mean)"
@@ -316,7 +316,7 @@ def run_subject_eval(
 
 
 __all__ = [
-    "EVAL_FORMAT",
+    "SUBJECT_EVAL_FORMAT",
     "MEAN_ROW",
     "EvalPrompt",
     "StudentGenerator",

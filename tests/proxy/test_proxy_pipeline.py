@@ -18,8 +18,8 @@ from stylear_core.data.images import decode_image
 from stylear_core.evaluation.metric_models import build_metric_models
 from stylear_core.evaluation.metrics import subject_metrics
 from stylear_core.evaluation.subject_eval import (
-    EVAL_FORMAT,
     MEAN_ROW,
+    SUBJECT_EVAL_FORMAT,
     StudentGenerator,
     eval_prompts,
     image_path,
@@ -91,7 +91,7 @@ def test_metrics_table_holds_both_models_per_subject_and_their_means(pipeline_ru
     markdown = (out / "metrics.md").read_text()
     assert markdown.startswith("| model | subject | images | DINO | CLIP-I | CLIP-T |")
     assert f"| student | robot | {per_subject_images} | {table[4]['dino']:.4f} |" in markdown
-    assert read_manifest(out)["format"] == EVAL_FORMAT
+    assert read_manifest(out)["format"] == SUBJECT_EVAL_FORMAT
 
 
 def test_table_values_are_the_metrics_of_the_saved_images_of_each_model(pipeline_run):
