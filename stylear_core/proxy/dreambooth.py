@@ -233,7 +233,7 @@ def generate_class_images(
 # Training.
 
 
-def add_lora(
+def add_denoiser_lora(
     denoiser: torch.nn.Module, cfg: DreamBoothConfig, family: SupervisorFamily
 ) -> list[torch.nn.Parameter]:
     """Freeze ``denoiser`` and add a peft LoRA adapter (Gaussian A, zero B) on its attention projections;
@@ -321,7 +321,7 @@ def train_dreambooth_lora(
 
     scheduler = family.training_scheduler(pipe)
     denoiser = family.denoiser(pipe)
-    params = add_lora(denoiser, cfg, family)
+    params = add_denoiser_lora(denoiser, cfg, family)
     if cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)

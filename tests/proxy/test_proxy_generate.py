@@ -23,7 +23,7 @@ from stylear_core.data.tokenizer import text_prompt_ids
 from stylear_core.evaluation.metric_models import build_metric_models
 from stylear_core.evaluation.metrics import per_image_subject_scores
 from stylear_core.models.presets import build_prompt_tokenizer
-from stylear_core.proxy.dreambooth import LORA_FORMAT, DreamBoothConfig, add_lora
+from stylear_core.proxy.dreambooth import LORA_FORMAT, DreamBoothConfig, add_denoiser_lora
 from stylear_core.proxy.families import load_supervisor, supervisor_family
 from stylear_core.proxy.proxy_actors import ProxyGenerateActor, SubjectFilterActor
 from stylear_core.proxy.proxy_data import (
@@ -47,7 +47,7 @@ def write_stage1(run_dir: Path, subjects, seed: int = 0) -> None:
     for i, subject in enumerate(subjects):
         pipe = load_supervisor("sdxl", supervisor)
         torch.manual_seed(seed + i)
-        params = add_lora(family.denoiser(pipe), DreamBoothConfig(rank=4), family)
+        params = add_denoiser_lora(family.denoiser(pipe), DreamBoothConfig(rank=4), family)
         with torch.no_grad():
             for p in params:
                 p.add_(torch.randn_like(p) * 0.2)
