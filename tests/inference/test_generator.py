@@ -37,9 +37,9 @@ from stylear_core.evaluation.subject_eval import StudentGenerator, StudentSampli
 from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.inference.generator import StyleARGenerator
 from stylear_core.models.presets import ModelConfig, build_stylear_model
+from stylear_core.preferences.pairs import PreferencePairSampler, PreferenceSamplingConfig
 from stylear_core.runs import write_manifest
 from stylear_core.training.export import export_adapter
-from stylear_core.training.preferences import PreferencePairSampler, PreferenceSamplingConfig
 
 TINY = ModelConfig(
     preset="tiny", image_size=64, num_style_tokens=4, lora_rank=4, lora_alpha=8.0, noise_strength_infer=0.3

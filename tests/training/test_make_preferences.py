@@ -11,12 +11,12 @@ from stylear_core.data.images import decode_image
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.data.schemas import PREFERENCE_PAIRS_SCHEMA, validate_table
 from stylear_core.inference.engine import decode_images
-from stylear_core.runs import read_manifest
-from stylear_core.training.preferences import (
+from stylear_core.preferences.pairs import (
     PreferencePairSampler,
     PreferenceSamplingConfig,
     synthetic_style_requests,
 )
+from stylear_core.runs import read_manifest
 
 
 def as_numpy_batch(rows: list[dict]) -> dict[str, np.ndarray]:

@@ -1,0 +1,6 @@
+"""Preference pairs for DPO, generated rather than trained.
+
+* :mod:`~stylear_core.preferences.pairs`: K samples per held (prompt, style reference) drawn with the SFT
+  model through the generator front-end, ranked by CLIP style and text scores into chosen / rejected pairs
+  (``stylear.preference_pairs/1``), as Ray Data actors.
+"""
