@@ -64,7 +64,7 @@ def bench_config(preset: str, device: str, out: Path, overrides: list[str]) -> C
         cfg = replace(
             cfg,
             **{
-                name: replace(getattr(cfg, name), num_gpus=0.0)
+                name: replace(getattr(cfg, name), resources=replace(getattr(cfg, name).resources, gpus=0.0))
                 for name in ("stylize_pool", "clip_pool", "sam_pool", "tokenize_pool")
             },
         )

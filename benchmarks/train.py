@@ -200,6 +200,7 @@ def run_ray(model_cfg: ModelConfig, rows: list[dict], args) -> dict:
     """The project's Ray Train loop on ``--workers`` workers; step time from its per-step reports."""
     import ray
 
+    from stylear_core.config import Resources
     from stylear_core.training.loop import RayTrainConfig, TrainLoopConfig, run_training
     from stylear_core.training.metrics import read_metrics_log
 
@@ -218,8 +219,7 @@ def run_ray(model_cfg: ModelConfig, rows: list[dict], args) -> dict:
     )
     cluster = RayTrainConfig(
         num_workers=args.workers,
-        use_gpu=torch.cuda.is_available(),
-        cpus_per_worker=1,
+        worker=Resources(cpus=1, gpus=1.0 if torch.cuda.is_available() else 0.0),
         name="bench",
         max_failures=0,
     )

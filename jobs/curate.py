@@ -3,31 +3,28 @@
 Takes a curation config (``jobs/configs/curate/{tiny,lumina7b}.yaml``, see
 :class:`~stylear_core.curation.config.CurationConfig`) and ``key=value`` overrides. Gives
 ``<output_dir>/{stylized,curated,masks,tokens,preference_requests,errors}/*.parquet`` and
-``<output_dir>/manifest.json`` (status complete, with the summary). Rerunning on the same output dir
-only does missing work.
+``<output_dir>/manifest.json`` (status complete, with the summary). A complete output dir is skipped on
+rerun; an unfinished one (or ``force=true``) only does missing work.
 
     python -m jobs.curate --config jobs/configs/curate/tiny.yaml [key=value ...]
 """
 
 from __future__ import annotations
 
-from stylear_core.config import parse_job_args
 from stylear_core.curation.config import CurationConfig
-from stylear_core.curation.pipeline import run_curation, summary_lines
-from stylear_core.ray_connection import connect_ray
+from stylear_core.curation.pipeline import MANIFEST_FORMAT, run_curation, skipped_run_summary, summary_lines
+from stylear_core.stages import run_stage
 
 Config = CurationConfig
+FORMAT = MANIFEST_FORMAT
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the config, attach to Ray (unless already attached), run the pipeline, print and return the summary."""
-    cfg = parse_job_args(Config, argv, description=__doc__)
-
-    connect_ray(cfg.ray_address, log_prefix="[curate]")
-    summary = run_curation(cfg)
-    for line in summary_lines(summary):
-        print(f"[curate] {line}", flush=True)
-    return summary
+    """Run the stage (``--config FILE key=value ...``): curate, write the manifest, print and return the summary."""
+    return run_stage(
+        Config, run_curation, argv, name="curate", fmt=FORMAT, description=__doc__, writes_manifest=True,
+        summary_lines=summary_lines, on_skip=skipped_run_summary,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Takes a folder of subject sets (``<subjects_dir>/<name>/{*.png, subject.json}``, see
 :mod:`stylear_core.proxy.subjects`) and a local supervisor pipeline (SDXL or SD3). Runs one Ray task
-per subject (``gpus_per_subject`` GPUs each) and gives ``<output_dir>/<subject>/`` with the LoRA
+per subject (``resources`` each) and gives ``<output_dir>/<subject>/`` with the LoRA
 (``pytorch_lora_weights.safetensors``, loadable with ``pipe.load_lora_weights``) and a manifest, plus
 ``<output_dir>/manifest.json`` listing the subjects. Subjects already complete are skipped on rerun.
 
@@ -11,14 +11,13 @@ per subject (``gpus_per_subject`` GPUs each) and gives ``<output_dir>/<subject>/
 
 from __future__ import annotations
 
-from stylear_core.config import parse_job_args
 from stylear_core.proxy.dreambooth_stage import (
     DREAMBOOTH_FORMAT,
     DreamBoothStageConfig,
-    prepare_dreambooth,
-    run_dreambooth_subjects,
+    run_dreambooth_stage,
+    skipped_dreambooth_summary,
 )
-from stylear_core.ray_connection import connect_ray
+from stylear_core.stages import run_stage
 
 FORMAT = DREAMBOOTH_FORMAT
 Config = DreamBoothStageConfig
@@ -26,14 +25,10 @@ Config = DreamBoothStageConfig
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the stage (``--config FILE key=value ...``); gives ``{"subjects": {...}, "errors": {...}}``."""
-    cfg = parse_job_args(Config, argv, __doc__)
-    plan = prepare_dreambooth(cfg)
-    connect_ray(cfg.ray_address, log_prefix="[dreambooth]")
-
-    def report(name: str, status: str) -> None:
-        print(f"[dreambooth] {name}: {status}", flush=True)
-
-    return run_dreambooth_subjects(plan, report)
+    return run_stage(
+        Config, run_dreambooth_stage, argv, name="dreambooth", fmt=FORMAT, description=__doc__,
+        writes_manifest=True, on_skip=skipped_dreambooth_summary,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

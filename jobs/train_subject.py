@@ -13,21 +13,19 @@ Train + DeepSpeed ZeRO (a rerun with the same ``ray.storage_path`` + ``ray.name`
 
 from __future__ import annotations
 
-from stylear_core.config import parse_job_args
-from stylear_core.proxy.subject_training import SubjectTrainConfig, run_subject_training
-from stylear_core.ray_connection import connect_ray
+from stylear_core.proxy.subject_training import SUBJECT_TRAIN_FORMAT, SubjectTrainConfig, run_subject_training
+from stylear_core.stages import run_stage
 
 Config = SubjectTrainConfig
+FORMAT = SUBJECT_TRAIN_FORMAT
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the config, attach to Ray (unless attached), train and export; prints and returns the summary."""
-    cfg = parse_job_args(Config, argv, __doc__)
-
-    connect_ray(cfg.ray.address, log_prefix="[train_subject]")
-    summary = run_subject_training(cfg)
-    print(f"[train_subject] {summary}", flush=True)
-    return summary
+    """Run the stage (``--config FILE key=value ...``): train, export, publish; returns the summary."""
+    return run_stage(
+        Config, run_subject_training, argv, name="train_subject", fmt=FORMAT, description=__doc__,
+        writes_manifest=True,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -49,3 +49,20 @@ def check_adapter_name(name: str) -> str:
 def base_model_id(model_cfg: Any) -> str:
     """What the adapter applies to: the backbone checkpoint path, or ``random:<preset>:seed<seed>``."""
     return model_cfg.backbone_path or f"random:{model_cfg.preset}:seed{model_cfg.seed}"
+
+
+def adapter_model_config(adapter_dir: Any, model: Any = None) -> Any:
+    """``model`` when given, else the model block (a ``ModelConfig``) the adapter's manifest records.
+
+    Raises :class:`AdapterError` when ``adapter_dir`` holds no manifest with a model block.
+    """
+    if model is not None:
+        return model
+    from stylear_core.config import from_dict
+    from stylear_core.models.config import ModelConfig
+    from stylear_core.runs import read_manifest
+
+    manifest = read_manifest(adapter_dir) or {}
+    if "model_config" not in manifest:
+        raise AdapterError(f"{adapter_dir}: no adapter manifest with a model_config block")
+    return from_dict(ModelConfig, manifest["model_config"])

@@ -11,6 +11,7 @@ from stylear_core.curation.stylizer import StylizerConfig
 from stylear_core.curation.tokenize import TokenizeConfig
 from stylear_core.data.passes import ActorPoolConfig
 from stylear_core.models.presets import ModelConfig
+from stylear_core.stages import StageConfig
 
 
 @dataclass
@@ -49,16 +50,12 @@ class MixConfig:
 
 
 @dataclass
-class CurationConfig:
+class CurationConfig(StageConfig):
     """The curation job: inputs, models, actor pools and where the tables are written."""
 
     output_dir: str = option("runs/tiny/curate", "directory of the output tables and manifest")
     run_dir: str = option("runs/tiny", "run directory of the whole pipeline (holds the model cache)")
     cache_dir: str = option("", "where models built for the tiny preset are kept; '' = <run_dir>/.cache")
-    ray_address: str = option(
-        "auto",
-        "Ray cluster: auto (RAY_ADDRESS, else the last `ray start` here), local (private instance) or host:port",
-    )
     model: ModelConfig = option(ModelConfig, "VQGAN / tokenizer / vocab (tiny or lumina7b) and image_size")
     inputs: InputConfig = option(InputConfig, "input data")
     stylizer: StylizerConfig = option(

@@ -452,6 +452,20 @@ def run_curation(cfg: CurationConfig, inputs: CurationInputs | None = None) -> d
     return CurationRun(cfg, inputs).run()
 
 
+# The counts of what one run did (as opposed to the tables' totals after it).
+RUN_COUNTS = (
+    "rows_in", "requests_in", "raw_in", "references_in", "stylized", "filtered", "failed", "written",
+    "masks_written", "preference_requests_written", "tokens_written", "processed",
+)  # fmt: skip
+
+
+def skipped_run_summary(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The summary of a rerun on a finished output: the stored totals and mix, and no work done."""
+    return {
+        **stored, **dict.fromkeys(RUN_COUNTS, 0), "errors_by_stage": {}, "seconds": 0.0, "pass_seconds": {},
+    }  # fmt: skip
+
+
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     """A human-readable rendering of :meth:`CurationRun.summary`."""
     mix = summary["mix"]
@@ -474,5 +488,6 @@ __all__ = [
     "NoStylizedPairsError",
     "preference_hold_out",
     "run_curation",
+    "skipped_run_summary",
     "summary_lines",
 ]

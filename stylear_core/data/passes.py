@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from stylear_core.config import ConfigError, option
+from stylear_core.config import ConfigError, Resources, option
 from stylear_core.data.schemas import ERRORS_SCHEMA, TABLE_SCHEMAS, conform_table, rows_to_table
 
 log = logging.getLogger(__name__)
@@ -277,10 +277,14 @@ class InputTable:
 class ActorPoolConfig:
     """One stage's actor pool and batch size (``ActorPoolStrategy(min_size, max_size)``)."""
 
+    # The per-actor resources were spelled num_gpus / num_cpus; the old keys are still read.
+    RENAMED_KEYS: ClassVar[dict] = {"num_gpus": "resources.gpus", "num_cpus": "resources.cpus"}
+
     min_actors: int = option(1, "actors kept alive for this stage")
     max_actors: int = option(1, "actors the pool may scale up to")
-    num_gpus: float = option(0.0, "GPUs per actor (0 on CPU; a fraction shares one GPU between actors)")
-    num_cpus: float = option(1.0, "CPUs per actor")
+    resources: Resources = option(
+        Resources, "CPUs and GPUs of each actor (gpus 0 on CPU; a fraction shares one GPU between actors)"
+    )
     batch_size: int = option(8, "rows per call of the actor")
 
     def validate(self) -> None:
@@ -316,8 +320,7 @@ def map_actors(ds, cls: type, args: tuple, pool: ActorPoolConfig, batch_format: 
         cls,
         fn_constructor_args=args,
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        num_gpus=pool.num_gpus,
-        num_cpus=pool.num_cpus,
+        **pool.resources.ray_options(),
         batch_size=pool.batch_size,
         batch_format=batch_format,
     )

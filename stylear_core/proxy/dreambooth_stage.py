@@ -13,25 +13,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from stylear_core.config import option, to_dict
+from stylear_core.config import Resources, option, to_dict
 from stylear_core.proxy.dreambooth import LORA_FORMAT, DreamBoothConfig, run_dreambooth_subject
-from stylear_core.proxy.proxy_data import resolve_run_path
 from stylear_core.proxy.subjects import SUBJECT_FILE, SubjectSet, load_subject_sets, write_synthetic_subjects
 from stylear_core.runs import is_complete, read_manifest, write_manifest
+from stylear_core.stages import StageConfig
 
 DREAMBOOTH_FORMAT = "stylear.dreambooth/1"
 
 
 @dataclass
-class DreamBoothStageConfig:
+class DreamBoothStageConfig(StageConfig):
     """Where the subjects and supervisor are, how each subject trains, and what each Ray task holds."""
 
+    RENAMED_KEYS: ClassVar[dict] = {
+        **StageConfig.RENAMED_KEYS,
+        "gpus_per_subject": "resources.gpus",
+        "cpus_per_subject": "resources.cpus",
+    }
+
     output_dir: str = option("runs/tiny/dreambooth", "stage output: <output_dir>/<subject>/ per subject")
-    run_dir: str = option(
-        "runs/tiny", "the pipeline run this stage belongs to; any path here may say {run_dir}"
-    )
     subjects_dir: str = option(
         "{run_dir}/subjects", "subject sets: <subjects_dir>/<name>/(*.png, subject.json)"
     )
@@ -43,13 +46,8 @@ class DreamBoothStageConfig:
     tiny_supervisor: bool = option(
         False, "write a tiny random supervisor to train.pretrained_dir if absent (demo)"
     )
-    gpus_per_subject: float = option(1.0, "GPUs per subject task (0 on CPU)")
-    cpus_per_subject: float = option(1.0, "CPUs per subject task")
+    resources: Resources = option(Resources(gpus=1.0), "CPUs and GPUs of each subject's task (gpus 0 on CPU)")
     max_retries: int = option(1, "Ray retries of a subject task after a worker or node failure")
-    ray_address: str = option(
-        "auto",
-        "Ray cluster: auto (RAY_ADDRESS, else the last `ray start` here), local (private instance) or host:port",
-    )
     train: DreamBoothConfig = option(DreamBoothConfig, "the DreamBooth LoRA recipe")
 
 
@@ -68,10 +66,10 @@ def prepare_dreambooth(cfg: DreamBoothStageConfig) -> DreamBoothPlan:
     demo's synthetic subjects / tiny supervisor when asked and absent, and read the subject sets."""
     train = replace(
         cfg.train,
-        pretrained_dir=resolve_run_path(cfg.train.pretrained_dir, cfg.run_dir),
-        class_images_dir=resolve_run_path(cfg.train.class_images_dir, cfg.run_dir),
+        pretrained_dir=cfg.path(cfg.train.pretrained_dir),
+        class_images_dir=cfg.path(cfg.train.class_images_dir),
     )
-    subjects_dir = Path(resolve_run_path(cfg.subjects_dir, cfg.run_dir))
+    subjects_dir = Path(cfg.path(cfg.subjects_dir))
     if cfg.synthetic_subjects and not any(subjects_dir.glob(f"*/{SUBJECT_FILE}")):
         write_synthetic_subjects(subjects_dir, cfg.synthetic_subjects, size=train.resolution)
     subjects = load_subject_sets(subjects_dir, cfg.subjects or None, cfg.identifiers)
@@ -79,7 +77,7 @@ def prepare_dreambooth(cfg: DreamBoothStageConfig) -> DreamBoothPlan:
         from stylear_core.testing.tiny_pipelines import TINY_SUPERVISOR_BUILDERS
 
         TINY_SUPERVISOR_BUILDERS[train.preset](train.pretrained_dir, seed=train.seed)
-    return DreamBoothPlan(cfg, train, subjects, Path(resolve_run_path(cfg.output_dir, cfg.run_dir)))
+    return DreamBoothPlan(cfg, train, subjects, cfg.stage_dir)
 
 
 def run_dreambooth_subjects(
@@ -94,7 +92,7 @@ def run_dreambooth_subjects(
 
     cfg, out = plan.cfg, plan.output_dir
     task = ray.remote(run_dreambooth_subject).options(
-        num_gpus=cfg.gpus_per_subject, num_cpus=cfg.cpus_per_subject, max_retries=cfg.max_retries
+        **cfg.resources.ray_options(), max_retries=cfg.max_retries
     )
     pending = {
         s.name: task.remote(str(s.folder), plan.train, str(out / s.name), s.identifier)
@@ -126,10 +124,29 @@ def run_dreambooth_subjects(
     return summary
 
 
+def skipped_dreambooth_summary(stored: dict[str, Any]) -> dict[str, Any]:
+    """A rerun of a finished stage: the stored summary, every subject marked ``skipped`` as a rerun marks it."""
+    return {
+        **stored,
+        "subjects": {n: {**s, "status": "skipped"} for n, s in stored.get("subjects", {}).items()},
+    }
+
+
+def run_dreambooth_stage(cfg: DreamBoothStageConfig) -> dict[str, Any]:
+    """The whole stage on the attached cluster: prepare, then train every unfinished subject, logging each."""
+
+    def report(name: str, status: str) -> None:
+        print(f"[dreambooth] {name}: {status}", flush=True)
+
+    return run_dreambooth_subjects(prepare_dreambooth(cfg), report)
+
+
 __all__ = [
     "DREAMBOOTH_FORMAT",
     "DreamBoothPlan",
     "DreamBoothStageConfig",
     "prepare_dreambooth",
+    "run_dreambooth_stage",
     "run_dreambooth_subjects",
+    "skipped_dreambooth_summary",
 ]

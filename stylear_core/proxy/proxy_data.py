@@ -9,7 +9,7 @@ diffusion supervisor generates of the subject under many prompts. This module bu
    (:mod:`stylear_core.proxy.prompts`), each naming the subject by its identifier ("a photo of olis
    robot on the beach") with its own diffusion seed;
 2. **generate**: :class:`~stylear_core.proxy.proxy_actors.ProxyGenerateActor` (a Ray Data actor pool,
-   ``num_gpus`` per actor) holds one supervisor pipeline with every subject's LoRA loaded as a named
+   ``resources.gpus`` per actor) holds one supervisor pipeline with every subject's LoRA loaded as a named
    diffusers adapter, switches to each row's subject and generates;
 3. **filter**: :class:`~stylear_core.proxy.proxy_actors.SubjectFilterActor` scores each image against the
    subject's real instance images (DINO or CLIP-I,
@@ -46,7 +46,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from stylear_core.config import ConfigError, option, to_dict
+from stylear_core.config import ConfigError, Resources, option, to_dict
 from stylear_core.curation.tokenize import TokenizeActor, TokenizeConfig
 from stylear_core.data.passes import (
     ActorPoolConfig,
@@ -82,6 +82,7 @@ from stylear_core.proxy.proxy_actors import (
 )
 from stylear_core.proxy.supervisor import SupervisorConfig, TunedSubject, resolve_supervisor, tuned_subjects
 from stylear_core.runs import is_complete, read_manifest, write_manifest
+from stylear_core.stages import StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +116,10 @@ class ProxyPromptConfig:
 
 
 @dataclass
-class ProxyGenerateConfig:
+class ProxyGenerateConfig(StageConfig):
     """The proxy-data stage: tuned subjects, prompts, supervisor, filter, tokenizer and actor pools."""
 
     output_dir: str = option("runs/tiny/proxy_generate", "stage output directory (tables + manifest)")
-    run_dir: str = option("runs/tiny", "the pipeline run; paths may say {run_dir}")
-    ray_address: str = option(
-        "auto",
-        "Ray cluster: auto (RAY_ADDRESS, else the last `ray start` here), local (private instance) or host:port",
-    )
     subjects_dir: str = option(
         "{run_dir}/subjects", "subject sets: <subjects_dir>/<name>/(*.png, subject.json)"
     )
@@ -136,7 +132,9 @@ class ProxyGenerateConfig:
         ModelConfig, "the AR model whose VQGAN / tokenizer / image size make the tokens"
     )
     tokenize: TokenizeConfig = option(TokenizeConfig(prompt_format="text"), "VQ tokenization (text prompts)")
-    generate_pool: ActorPoolConfig = option(ActorPoolConfig(num_gpus=1.0, batch_size=4), "supervisor actors")
+    generate_pool: ActorPoolConfig = option(
+        ActorPoolConfig(resources=Resources(gpus=1.0), batch_size=4), "supervisor actors"
+    )
     filter_pool: ActorPoolConfig = option(ActorPoolConfig(batch_size=32), "DINO / CLIP filter actors")
     tokenize_pool: ActorPoolConfig = option(ActorPoolConfig(batch_size=32), "tokenizer actors")
     rows_per_file: int = option(1024, "rows gathered into one parquet file (at least)")
@@ -153,11 +151,6 @@ class ProxyGenerateConfig:
             raise ConfigError("tokenize.prompt_format: subject tuning trains text prompts, set it to text")
         if self.rows_per_file < 1:
             raise ConfigError("rows_per_file: must be >= 1")
-
-
-def resolve_run_path(path: str, run_dir: str) -> str:
-    """``path`` with ``{run_dir}`` filled in, made absolute (Ray workers need not share the driver's cwd)."""
-    return str(Path(path.format(run_dir=run_dir)).resolve()) if path else path
 
 
 # Prompt rows
@@ -208,10 +201,10 @@ class ProxyDataRun:
     def __init__(self, cfg: ProxyGenerateConfig) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.out = Path(resolve_run_path(cfg.output_dir, cfg.run_dir))
+        self.out = cfg.stage_dir
         self.subjects = tuned_subjects(
-            resolve_run_path(cfg.dreambooth_dir, cfg.run_dir),
-            resolve_run_path(cfg.subjects_dir, cfg.run_dir),
+            cfg.path(cfg.dreambooth_dir),
+            cfg.path(cfg.subjects_dir),
             cfg.subjects or None,
         )
         self.supervisor = resolve_supervisor(cfg.supervisor, self.subjects)
@@ -325,11 +318,9 @@ class ProxyDataRun:
 def run_proxy_generation(cfg: ProxyGenerateConfig) -> dict[str, Any]:
     """Run stage 2 of ``cfg`` on the current Ray cluster (``ray.init`` first); returns the summary.
 
-    A finished output directory (manifest complete) is returned as it is, with ``status: skipped``.
+    Rows already generated or tokenized are not redone. Skipping a finished output directory is
+    :func:`~stylear_core.stages.run_stage`'s part.
     """
-    out = Path(resolve_run_path(cfg.output_dir, cfg.run_dir))
-    if is_complete(out, PROXY_FORMAT):
-        return {**(read_manifest(out) or {}).get("summary", {}), "status": "skipped"}
     return ProxyDataRun(cfg).run()
 
 
@@ -364,7 +355,6 @@ __all__ = [
     "interleaved_templates",
     "proxy_prompt_rows",
     "proxy_subject_entries",
-    "resolve_run_path",
     "run_proxy_generation",
     "summary_lines",
 ]

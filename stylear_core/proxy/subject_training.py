@@ -19,17 +19,18 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow.dataset as pads
 import torch
 
 from stylear_core.adapters.format import BACKBONE_WEIGHTS_NAME
 from stylear_core.adapters.publish import check_parity, publish_adapter, served_parity_on_ray
-from stylear_core.config import option, to_dict
+from stylear_core.config import Resources, option, to_dict
 from stylear_core.models.presets import ModelConfig
-from stylear_core.proxy.proxy_data import proxy_subject_entries, resolve_run_path
-from stylear_core.runs import is_complete, read_manifest, write_manifest
+from stylear_core.proxy.proxy_data import proxy_subject_entries
+from stylear_core.runs import read_manifest, write_manifest
+from stylear_core.stages import StageConfig
 from stylear_core.training.batches import TOKEN_SHARD_COLUMNS, read_parquet_dataset
 from stylear_core.training.export import export_training_outcome
 from stylear_core.training.loop import RayTrainConfig, TrainingOutcome, TrainLoopConfig, run_training
@@ -105,11 +106,16 @@ def rows_per_subject(files: Sequence[str], subjects: Sequence[Mapping[str, str]]
 
 
 @dataclass
-class SubjectTrainConfig:
+class SubjectTrainConfig(StageConfig):
     """Data, model, loop, cluster and publishing of the subject-tuning stage."""
 
+    RENAMED_KEYS: ClassVar[dict] = {
+        **StageConfig.RENAMED_KEYS,
+        "parity_cpus": "parity_resources.cpus",
+        "parity_gpus": "parity_resources.gpus",
+    }
+
     output_dir: str = option("runs/tiny/train_subject", "stage output directory")
-    run_dir: str = option("runs/tiny", "the pipeline run; paths may say {run_dir}")
     data: SubjectDataConfig = option(SubjectDataConfig, "training rows")
     model: ModelConfig = option(ModelConfig, "the AR model to tune (its style path is built but unused)")
     train: TrainLoopConfig = option(TrainLoopConfig, "steps, batches, ZeRO, checkpoints")
@@ -119,8 +125,7 @@ class SubjectTrainConfig:
     parity_tolerance: float = option(
         1e-4, "largest allowed probe difference between trained and served adapter before publishing"
     )
-    parity_cpus: float = option(1.0, "CPUs of the parity-check task")
-    parity_gpus: float = option(0.0, "GPUs of the parity-check task")
+    parity_resources: Resources = option(Resources, "the parity-check task's CPUs and GPUs")
 
 
 def subject_training_summary(
@@ -142,14 +147,12 @@ def subject_training_summary(
 def run_subject_training(cfg: SubjectTrainConfig) -> dict[str, Any]:
     """Run stage 3 of ``cfg`` on the current Ray cluster (``ray.init`` first); returns the summary.
 
-    A finished output directory is returned as it is (``status: skipped``); an unfinished one resumes from
-    its latest Ray Train checkpoint (same ``ray.storage_path`` + ``ray.name``).
+    An unfinished output directory resumes from its latest Ray Train checkpoint (same ``ray.storage_path``
+    + ``ray.name``); skipping a finished one is :func:`~stylear_core.stages.run_stage`'s part.
     """
-    out = Path(resolve_run_path(cfg.output_dir, cfg.run_dir))
-    if is_complete(out, SUBJECT_TRAIN_FORMAT):
-        return {**(read_manifest(out) or {}).get("summary", {}), "status": "skipped"}
-    subjects = proxy_subject_entries(resolve_run_path(cfg.data.proxy_dir, cfg.run_dir))
-    files = shard_files(resolve_run_path(cfg.data.token_shards, cfg.run_dir))
+    out = cfg.stage_dir
+    subjects = proxy_subject_entries(cfg.path(cfg.data.proxy_dir))
+    files = shard_files(cfg.path(cfg.data.token_shards))
     counts = rows_per_subject(files, subjects)
     dataset = read_parquet_dataset(files, TOKEN_SHARD_COLUMNS, cfg.data.limit or None, cfg.data.cache)
     objective = SubjectSFTObjective(cfg.model)
@@ -165,11 +168,10 @@ def run_subject_training(cfg: SubjectTrainConfig) -> dict[str, Any]:
             lora_rank = int(
                 ((read_manifest(adapter) or {}).get("lora") or {}).get("r") or cfg.model.lora_rank
             )
-            parity = served_parity_on_ray(cfg.model, adapter, lora_rank, cfg.parity_cpus, cfg.parity_gpus)
+            res = cfg.parity_resources
+            parity = served_parity_on_ray(cfg.model, adapter, lora_rank, res.cpus, res.gpus)
             check_parity(parity, cfg.parity_tolerance, adapter)
-        published = publish_adapter(
-            adapter, resolve_run_path(cfg.adapters_root, cfg.run_dir), cfg.adapter_name
-        )
+        published = publish_adapter(adapter, cfg.path(cfg.adapters_root), cfg.adapter_name)
     summary = {**subject_training_summary(outcome, adapter, published, counts), "served_parity": parity}
     write_manifest(
         out, SUBJECT_TRAIN_FORMAT, status="complete", config=to_dict(cfg), subjects=subjects, summary=summary

@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import ray.train
 import torch
@@ -40,7 +40,7 @@ from ray.train.torch import TorchTrainer
 
 from stylear_core.adapters.format import ADAPTER_DIRNAME
 from stylear_core.adapters.probe import write_probe
-from stylear_core.config import ConfigError, option
+from stylear_core.config import ConfigError, Resources, bool_to_count, option
 from stylear_core.training.checkpoint import TrainState, load_training_checkpoint, save_training_checkpoint
 from stylear_core.training.deepspeed_config import build_deepspeed_config, resolve_precision
 from stylear_core.training.export import gathered_parameters
@@ -104,18 +104,30 @@ class TrainLoopConfig:
 class RayTrainConfig:
     """Where and on what the run executes: workers, resources, storage and failure handling."""
 
+    # Old spellings of the worker's resources, still read.
+    RENAMED_KEYS: ClassVar[dict] = {
+        "cpus_per_worker": "worker.cpus",
+        "use_gpu": ("worker.gpus", bool_to_count),
+    }
+
     num_workers: int = option(2, "Ray Train workers (data-parallel ranks)")
-    use_gpu: bool = option(False, "one GPU per worker (NCCL) instead of CPU workers (gloo)")
-    cpus_per_worker: float = option(1.0, "CPUs reserved per worker")
+    worker: Resources = option(
+        Resources, "each worker's CPUs and GPUs (gpus 0: CPU workers on gloo; gpus > 0: GPU workers on NCCL)"
+    )
     storage_path: str | None = option(
         None, "checkpoint storage (shared on a multi-node cluster); default <output_dir>/checkpoints"
     )
     name: str = option("train", "run name under storage_path: rerunning with the same name resumes")
     max_failures: int = option(1, "worker-group restarts from the latest checkpoint before giving up")
-    address: str = option(
-        "auto",
-        "Ray cluster: auto (RAY_ADDRESS, else the last `ray start` here), local (private instance) or host:port",
-    )
+
+    @property
+    def use_gpu(self) -> bool:
+        """Whether the workers train on GPUs."""
+        return self.worker.gpus > 0
+
+    def resources_per_worker(self) -> dict[str, float]:
+        """Ray Train's ``resources_per_worker``."""
+        return {"CPU": self.worker.cpus, **({"GPU": self.worker.gpus} if self.use_gpu else {})}
 
 
 def _device_for(use_gpu: bool) -> torch.device:
@@ -354,7 +366,7 @@ def run_training(
     output_dir = Path(output_dir).resolve()
     storage = cluster.storage_path or str(output_dir / "checkpoints")
     metrics_log = output_dir / METRICS_LOG_NAME
-    resources = {"CPU": cluster.cpus_per_worker}
+    resources = cluster.resources_per_worker()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"objective": objective, "train": train, "use_gpu": cluster.use_gpu},

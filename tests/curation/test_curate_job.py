@@ -36,6 +36,7 @@ from stylear_core.data.synthetic import SyntheticStyleSet, corrupt_bytes
 from stylear_core.data.tokenizer import ByteTokenizer
 from stylear_core.models.backbone import tiny_vocab
 from stylear_core.models.vqgan import encode_images, tiny_vqgan
+from stylear_core.runs import read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "jobs" / "configs" / "curate" / "tiny.yaml")
@@ -211,7 +212,10 @@ def test_rerun_on_the_same_output_dir_does_no_work(run):
 def test_rerun_after_a_crash_redoes_only_the_missing_rows(run, tmp_path):
     out = tmp_path / "run" / "curate"
     shutil.copytree(run["out"], out)
-    # The crash: one curated file never got renamed into place, and left its temporary file behind.
+    # The crash: one curated file never got renamed into place, and left its temporary file behind; the
+    # manifest still says running, as the run wrote it at its start (a complete one is skipped on rerun).
+    manifest = {**read_manifest(out), "status": "running"}
+    write_manifest(out, manifest.pop("format"), **manifest)
     lost = table_files(out / "curated")[0]
     lost_ids = set(pq.read_table(lost, columns=["id"]).column("id").to_pylist())
     lost.rename(lost.with_name(f".{lost.name}.crash.tmp"))

@@ -1,0 +1,85 @@
+"""The preference-pair stage: K samples per held (prompt, style reference) with the SFT model, ranked by CLIP.
+
+:func:`run_preference_stage` takes a :class:`PreferenceStageConfig`: the SFT artefact (``sft_adapter``;
+its manifest names the model block unless ``model`` is set) and request rows (``requests``: parquet with
+``id, prompt, style_image`` and optionally ``style_ref``; or ``synthetic_requests`` procedural rows). The
+sampler runs as Ray Data actors (``resources`` each) and writes ``<output_dir>/pairs/*.parquet``
+(``stylear.preference_pairs/1``: prompt, style, chosen and rejected tokens, scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pyarrow.parquet as pq
+
+from stylear_core.adapters.format import adapter_model_config
+from stylear_core.config import Resources, option
+from stylear_core.models.presets import ModelConfig
+from stylear_core.preferences.pairs import (
+    PreferenceSamplingConfig,
+    make_preference_pairs,
+    synthetic_style_requests,
+)
+from stylear_core.stages import StageConfig
+
+PREFERENCES_FORMAT = "stylear.preferences/1"
+
+
+@dataclass
+class PreferenceStageConfig(StageConfig):
+    """Inputs, sampling and Ray Data actors of the preference stage."""
+
+    RENAMED_KEYS: ClassVar[dict] = {
+        **StageConfig.RENAMED_KEYS,
+        "gpus_per_actor": "resources.gpus",
+        "cpus_per_actor": "resources.cpus",
+    }
+
+    output_dir: str = option("runs/tiny/make_preferences", "stage output directory")
+    sft_adapter: str = option("{run_dir}/train_style/adapter", "the SFT artefact directory")
+    model: ModelConfig | None = option(None, "model block (default: the one in the SFT adapter's manifest)")
+    requests: str = option("", "parquet of held (prompt, style reference) rows; empty: synthetic")
+    synthetic_requests: int = option(0, "procedural request rows to use when `requests` is empty")
+    synthetic_seed: int = option(1, "seed of the procedural rows (not the training data's, to hold them out)")
+    sampling: PreferenceSamplingConfig = option(PreferenceSamplingConfig, "sampling and ranking")
+    actors: int = option(1, "sampler actors (one model each)")
+    resources: Resources = option(Resources, "CPUs and GPUs of each sampler actor")
+    batch_size: int = option(4, "request rows per actor call")
+
+
+def run_preference_stage(cfg: PreferenceStageConfig) -> dict[str, Any]:
+    """Sample and rank the pairs of ``cfg`` on the attached cluster, write them; returns the stage summary."""
+    import ray
+
+    adapter = cfg.path(cfg.sft_adapter)
+    model = adapter_model_config(adapter, cfg.model)
+    if cfg.requests:
+        requests = ray.data.read_parquet(cfg.path(cfg.requests))
+    else:
+        rows = synthetic_style_requests(cfg.synthetic_requests, cfg.synthetic_seed, model.image_size)
+        requests = ray.data.from_items(rows)
+    out = cfg.stage_dir
+    pairs = make_preference_pairs(
+        requests,
+        model,
+        adapter,
+        cfg.sampling,
+        cfg.actors,
+        cfg.resources.gpus,
+        cfg.resources.cpus,
+        cfg.batch_size,
+    )
+    pairs.write_parquet(str(out / "pairs"))
+    table = pq.read_table(out / "pairs")
+    return {
+        "pairs": table.num_rows,
+        "requests": requests.count(),
+        "mean_chosen_score": float(table["chosen_score"].to_numpy().mean()) if table.num_rows else None,
+        "mean_rejected_score": float(table["rejected_score"].to_numpy().mean()) if table.num_rows else None,
+        "pairs_dir": str(out / "pairs"),
+    }
+
+
+__all__ = ["PREFERENCES_FORMAT", "PreferenceStageConfig", "run_preference_stage"]

@@ -1,0 +1,131 @@
+"""The two StyleAR training stages as library code: style-token SFT and DPO post-training.
+
+* :func:`run_style_training` (:class:`StyleTrainConfig`): token shards in, the resampler and LoRA (or the
+  whole backbone) trained with :class:`~stylear_core.training.objectives.StyleSFTObjective`, a serving
+  adapter out.
+* :func:`run_dpo_training` (:class:`DPOTrainConfig`): preference pairs in, the SFT LoRA trained further
+  with the sigmoid DPO loss (:class:`~stylear_core.training.objectives.StyleDPOObjective`) against a
+  frozen reference holding the SFT factors.
+
+Both run on Ray Train + DeepSpeed ZeRO (:func:`~stylear_core.training.loop.run_training`) on the
+attached cluster and give ``<output_dir>/adapter/`` and ``<output_dir>/metrics.jsonl``; a rerun with the
+same ``ray.storage_path`` + ``ray.name`` resumes. ``jobs/train_style.py`` and ``jobs/train_dpo.py`` run
+them through :func:`~stylear_core.stages.run_stage`, which writes the stage manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from stylear_core.adapters.format import adapter_model_config
+from stylear_core.config import option
+from stylear_core.models.presets import ModelConfig
+from stylear_core.stages import StageConfig
+from stylear_core.training.batches import TOKEN_SHARD_COLUMNS, read_parquet_dataset
+from stylear_core.training.export import export_training_outcome
+from stylear_core.training.loop import RayTrainConfig, TrainLoopConfig, run_training
+from stylear_core.training.objectives import StyleDPOObjective, StyleSFTObjective
+from stylear_core.training.synthetic_shards import write_synthetic_token_shards
+
+TRAIN_STYLE_FORMAT = "stylear.train_style/1"
+TRAIN_DPO_FORMAT = "stylear.train_dpo/1"
+
+
+@dataclass
+class SFTDataConfig:
+    """The training rows."""
+
+    token_shards: str = option("{run_dir}/curate/tokens", "token-shard parquet file or directory")
+    style_source: Literal["vq_decode", "image"] = option(
+        "vq_decode", "style image = the target decoded from its VQ tokens, or an `image` PNG column"
+    )
+    limit: int = option(0, "use only the first N rows (0 = all)")
+    synthetic_rows: int = option(0, "write N synthetic rows to an empty token_shards dir first (demo)")
+    cache: bool = option(False, "hold the rows in the object store after the first read (small data)")
+
+
+@dataclass
+class StyleTrainConfig(StageConfig):
+    """Data, model, loop and cluster of the SFT stage."""
+
+    output_dir: str = option("runs/tiny/train_style", "stage output directory")
+    data: SFTDataConfig = option(SFTDataConfig, "training rows")
+    model: ModelConfig = option(ModelConfig, "the StyleAR model to train")
+    train: TrainLoopConfig = option(TrainLoopConfig, "steps, batches, ZeRO, checkpoints")
+    ray: RayTrainConfig = option(RayTrainConfig, "workers, storage, failures")
+
+
+def run_style_training(cfg: StyleTrainConfig) -> dict[str, Any]:
+    """Train and export the style adapter of ``cfg`` on the attached cluster; returns the stage summary."""
+    shards = Path(cfg.path(cfg.data.token_shards))
+    if cfg.data.synthetic_rows and not any(shards.glob("**/*.parquet")):
+        write_synthetic_token_shards(shards, cfg.model, cfg.data.synthetic_rows)
+    columns = [*TOKEN_SHARD_COLUMNS, *(["image"] if cfg.data.style_source == "image" else [])]
+    dataset = read_parquet_dataset(str(shards), columns, cfg.data.limit or None, cfg.data.cache)
+    objective = StyleSFTObjective(cfg.model, cfg.data.style_source)
+    out = cfg.stage_dir
+    outcome = run_training(objective, cfg.train, cfg.ray, {"train": dataset}, out)
+    adapter = export_training_outcome(outcome.checkpoint, out, cfg.model, outcome.metrics, kind="style")
+    return {
+        "adapter": str(adapter),
+        "checkpoint": outcome.checkpoint.path if outcome.checkpoint else None,
+        "steps": int(outcome.metrics.get("step", 0)),
+        "final_loss": outcome.metrics.get("loss"),
+        "metrics_log": str(outcome.metrics_log),
+    }
+
+
+@dataclass
+class DPOLossConfig:
+    """The DPO loss (Rafailov et al. 2023)."""
+
+    beta: float = option(0.1, "KL-penalty temperature beta")
+    label_smoothing: float = option(0.0, "conservative-DPO label noise eps in [0, 0.5)")
+    noise_strength: float = option(0.0, "style-token noise for policy and reference log-probs")
+
+
+@dataclass
+class DPOTrainConfig(StageConfig):
+    """Pairs, SFT artefact, loss, loop and cluster of the DPO stage."""
+
+    output_dir: str = option("runs/tiny/train_dpo", "stage output directory")
+    pairs: str = option("{run_dir}/make_preferences/pairs", "preference-pair parquet file or directory")
+    sft_adapter: str = option("{run_dir}/train_style/adapter", "the SFT artefact: policy init and reference")
+    model: ModelConfig | None = option(None, "model block (default: the one in the SFT adapter's manifest)")
+    cache: bool = option(False, "hold the pairs in the object store after the first read (small data)")
+    dpo: DPOLossConfig = option(DPOLossConfig, "the DPO loss")
+    train: TrainLoopConfig = option(TrainLoopConfig, "steps, batches, ZeRO, checkpoints")
+    ray: RayTrainConfig = option(RayTrainConfig, "workers, storage, failures")
+
+
+def run_dpo_training(cfg: DPOTrainConfig) -> dict[str, Any]:
+    """DPO-train the SFT adapter of ``cfg`` on its pairs on the attached cluster; returns the stage summary."""
+    adapter = cfg.path(cfg.sft_adapter)
+    model = adapter_model_config(adapter, cfg.model)
+    pairs = read_parquet_dataset(cfg.path(cfg.pairs), cache=cfg.cache)
+    objective = StyleDPOObjective(
+        model, adapter, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.noise_strength
+    )
+    out = cfg.stage_dir
+    outcome = run_training(objective, cfg.train, cfg.ray, {"train": pairs}, out)
+    exported = export_training_outcome(
+        outcome.checkpoint, out, model, outcome.metrics, kind="style", sft_adapter=adapter, beta=cfg.dpo.beta
+    )
+    keys = ("step", "loss", "reward_margin", "accuracy")
+    summary = {"adapter": str(exported), **{k: outcome.metrics.get(k) for k in keys}}
+    summary["metrics_log"] = str(outcome.metrics_log)
+    return summary
+
+
+__all__ = [
+    "TRAIN_DPO_FORMAT",
+    "TRAIN_STYLE_FORMAT",
+    "DPOLossConfig",
+    "DPOTrainConfig",
+    "SFTDataConfig",
+    "StyleTrainConfig",
+    "run_dpo_training",
+    "run_style_training",
+]
