@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -14,27 +13,26 @@ from serving.config import ServingConfig
 from stylear_core.adapters.format import ADAPTER_FORMAT
 from stylear_core.adapters.io import list_adapters
 from stylear_core.adapters.probe import make_probe, probe_outputs, write_probe
-from stylear_core.config import load_config, to_dict
+from stylear_core.config import load_config
 from stylear_core.data.images import decode_image
 from stylear_core.evaluation.adapter_parity import served_adapter_parity
-from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_stylear_model
-from stylear_core.runs import read_manifest, write_manifest
+from stylear_core.models.presets import build_prompt_tokenizer, build_stylear_model
+from stylear_core.runs import read_manifest
+from stylear_core.testing.fixtures import tiny_adapter, tiny_model_cfg
 from stylear_core.training.batches import TokenBatchCollate
-from stylear_core.training.export import export_adapter
 from stylear_core.training.synthetic_shards import synthetic_token_rows
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ModelConfig(preset="tiny", image_size=64, num_style_tokens=4, lora_rank=4, lora_alpha=8.0)
+TINY = tiny_model_cfg(lora_alpha=8.0)  # alpha != rank: the slot must carry the scaling
 
 
 @pytest.fixture(scope="module")
 def trained_adapter(tmp_path_factory) -> Path:
     """A tiny artefact as training exports it: perturbed LoRA (alpha != rank) and resampler, a probe, a manifest."""
     model = build_stylear_model(TINY).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in [*model.lora_parameters(), *model.resampler.parameters()]:
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    directory = tmp_path_factory.mktemp("trained") / "train_dpo" / "adapter"
+    lora = {"r": TINY.lora_rank, "lora_alpha": TINY.lora_alpha}
+    tiny_adapter(directory, TINY, model=model, perturb=("lora", "resampler"), seed=0, lora=lora, step=3)
     rows = synthetic_token_rows(TINY, 2, seed=5)
     batch = {k: np.array([r[k] for r in rows]) for k in ("id", "prompt", "height", "width")}
     for k in ("prompt_ids", "image_tokens"):
@@ -45,19 +43,7 @@ def trained_adapter(tmp_path_factory) -> Path:
     )
     features = model.style_features(model.style_encoder.preprocess([decode_image(r["image"]) for r in rows]))
     probe = make_probe(batch, features)
-    directory = tmp_path_factory.mktemp("trained") / "train_dpo" / "adapter"
-    export_adapter(model, directory)
     write_probe(directory, probe, probe_outputs(model, probe))
-    lora = {"r": TINY.lora_rank, "lora_alpha": TINY.lora_alpha}
-    write_manifest(
-        directory,
-        ADAPTER_FORMAT,
-        status="complete",
-        model_config=to_dict(TINY),
-        kind="style",
-        lora=lora,
-        step=3,
-    )
     return directory
 
 

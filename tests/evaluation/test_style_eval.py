@@ -13,8 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from stylear_core.adapters.format import ADAPTER_FORMAT
-from stylear_core.config import to_dict
 from stylear_core.data.images import decode_image, encode_png
 from stylear_core.data.schemas import EVAL_METRICS_SCHEMA, EVAL_SAMPLES_SCHEMA, schema_version
 from stylear_core.data.synthetic import PALETTES, StyleSpec, render, sample_content
@@ -33,12 +31,12 @@ from stylear_core.evaluation.style_eval import (
     write_style_eval,
 )
 from stylear_core.models.clip import ClipScorer
-from stylear_core.models.presets import ModelConfig, build_stylear_model, build_vqgan
+from stylear_core.models.presets import build_stylear_model, build_vqgan
 from stylear_core.models.vqgan import encode_images
-from stylear_core.runs import read_manifest, write_manifest
-from stylear_core.training.export import export_adapter
+from stylear_core.runs import read_manifest
+from stylear_core.testing.fixtures import tiny_adapter, tiny_model_cfg
 
-TINY = ModelConfig(preset="tiny", image_size=64, num_style_tokens=4, lora_rank=4, lora_alpha=4.0)
+TINY = tiny_model_cfg()
 SAMPLING = EvalSamplingConfig(samples_per_pair=2, top_k=64)
 
 
@@ -107,10 +105,7 @@ def test_a_sample_equal_to_its_reference_scores_top_marks(clip_scorer):
 
 
 def _adapter(tmp: Path, model, name: str) -> Path:
-    directory = tmp / name
-    export_adapter(model, directory)
-    write_manifest(directory, ADAPTER_FORMAT, status="complete", model_config=to_dict(TINY), kind="style")
-    return directory
+    return tiny_adapter(tmp / name, TINY, model=model, perturb=())
 
 
 def test_evaluate_variant_is_deterministic_and_an_adapter_changes_what_is_generated(tmp_path, clip_scorer):

@@ -19,8 +19,9 @@ from stylear_core.config import ConfigError
 from stylear_core.data.images import encode_png
 from stylear_core.models.lora import add_lora
 from stylear_core.models.presets import ModelConfig, build_backbone, build_resampler, build_style_encoder
+from stylear_core.testing.fixtures import tiny_model_cfg
 
-TINY = ModelConfig(preset="tiny", image_size=64, num_style_tokens=4)
+TINY = tiny_model_cfg()
 MAX_UPLOAD = 200_000
 MAX_PIXELS = 512 * 512
 

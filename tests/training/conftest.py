@@ -10,14 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stylear_core.adapters.format import ADAPTER_FORMAT
-from stylear_core.config import load_config, to_dict
+from stylear_core.config import load_config
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.data.schemas import PREFERENCE_PAIRS_SCHEMA, rows_to_table
 from stylear_core.models.backbone import tiny_vocab
-from stylear_core.models.presets import ModelConfig, build_stylear_model, tiny_vqgan_codebook_size
-from stylear_core.runs import write_manifest
-from stylear_core.training.export import export_adapter
+from stylear_core.models.presets import ModelConfig, tiny_vqgan_codebook_size
+from stylear_core.testing.fixtures import tiny_adapter
 from stylear_core.training.synthetic_shards import synthetic_token_rows, write_synthetic_token_shards
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,14 +39,6 @@ def run_job(stage: str, run_dir: Path, *overrides: str) -> dict:
         f"output_dir={run_dir}/{stage}",
     ]
     return job.main([*argv, *overrides])
-
-
-def perturb_(params, seed: int, scale: float = 0.05) -> None:
-    """Add seeded noise to parameters in place (a stand-in for training, to make adapters non-trivial)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
 @pytest.fixture(autouse=True)
@@ -89,14 +79,7 @@ def token_shards(tmp_path_factory, model_cfg) -> Path:
 @pytest.fixture(scope="session")
 def sft_adapter(tmp_path_factory, model_cfg) -> Path:
     """An SFT artefact with non-trivial LoRA and resampler weights and a manifest naming the model block."""
-    model = build_stylear_model(model_cfg)
-    perturb_(model.lora_parameters(), seed=1)
-    directory = tmp_path_factory.mktemp("sft") / "adapter"
-    export_adapter(model, directory)
-    write_manifest(
-        directory, ADAPTER_FORMAT, status="complete", model_config=to_dict(model_cfg), kind="style"
-    )
-    return directory
+    return tiny_adapter(tmp_path_factory.mktemp("sft") / "adapter", model_cfg, perturb=("lora",), seed=1)
 
 
 @pytest.fixture(scope="session")

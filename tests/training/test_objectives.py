@@ -17,6 +17,7 @@ from stylear_core.data.images import to_pil
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.models.lora import DEFAULT_ADAPTER, lora_state_dict, set_lora_state_dict
 from stylear_core.models.presets import build_stylear_model, build_vqgan
+from stylear_core.testing.fixtures import perturb_
 from stylear_core.training.objectives import REFERENCE_ADAPTER, StyleDPOObjective, StyleSFTObjective
 
 CPU = torch.device("cpu")
@@ -31,13 +32,6 @@ def numpy_batch(path, rows: int) -> dict[str, np.ndarray]:
         arr[:] = [np.asarray(v) if isinstance(v, list) else v for v in values]
         out[name] = arr
     return out
-
-
-def perturb_(params, seed: int, scale: float = 0.05) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def test_sft_loss_uses_the_target_decoded_by_the_frozen_vqgan(model_cfg, token_shards):
