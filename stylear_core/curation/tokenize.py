@@ -58,14 +58,16 @@ class TokenizeConfig:
 def token_vocab(model: ModelConfig) -> TokenVocab:
     """The vocabulary the backbone of ``model`` uses, without building the backbone.
 
-    tiny: the tiny vocab sized to the tiny VQGAN; lumina7b: the ``vocabulary_map`` of
-    ``backbone_path/config.json`` when set, else the real Lumina-mGPT ids.
+    tiny: the tiny vocab sized to the tiny VQGAN; mini: the miniature world's; lumina7b: the
+    ``vocabulary_map`` of ``backbone_path/config.json`` when set, else the real Lumina-mGPT ids.
     """
-    from stylear_core.models.backbone import tiny_vocab, vocab_from_vocabulary_map
+    from stylear_core.models.backbone import mini_vocab, tiny_vocab, vocab_from_vocabulary_map
     from stylear_core.models.presets import tiny_vqgan_codebook_size
 
     if model.preset == "tiny":
         return tiny_vocab(codebook_size=tiny_vqgan_codebook_size())
+    if model.preset == "mini":
+        return mini_vocab()
     if model.backbone_path:
         config = json.loads((Path(model.backbone_path) / "config.json").read_text())
         vocabulary_map = config.get("vocabulary_map") or {}

@@ -68,6 +68,9 @@ class TokenVocab:
     style_placeholder: int = 8900  # <reserved08896> (lumina) or "S*" (stylear_release): one style token
     image_code_ids: tuple[int, ...] = field(default=(), repr=False)
     prompt_template: str = "lumina"
+    # Pixels per VQ code along a side: Chameleon's VQGAN downsamples 16x; the miniature world's 8x.
+    # A grid token stays two codes, so a grid is 32 px for Chameleon and 16 px in the miniature world.
+    pixels_per_latent: int = PIXELS_PER_LATENT
 
     def __post_init__(self) -> None:
         if self.prompt_template not in PROMPT_TEMPLATES:
@@ -144,11 +147,13 @@ class ImageTokenLayout:
 
     @classmethod
     def for_resolution(cls, height: int, width: int, vocab: TokenVocab | None = None) -> ImageTokenLayout:
-        """The layout of an image of ``height x width`` pixels (multiples of 32)."""
+        """The layout of an image of ``height x width`` pixels (multiples of one grid: 32 px at 16 px per code)."""
+        vocab = vocab or TokenVocab()
+        grid = vocab.pixels_per_latent * LATENTS_PER_GRID
         for name, v in (("height", height), ("width", width)):
-            if v % (PIXELS_PER_LATENT * LATENTS_PER_GRID):
-                raise LayoutError(f"{name}={v} px is not a multiple of 32")
-        return cls(height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT, vocab or TokenVocab())
+            if v % grid:
+                raise LayoutError(f"{name}={v} px is not a multiple of {grid}")
+        return cls(height // vocab.pixels_per_latent, width // vocab.pixels_per_latent, vocab)
 
     @property
     def h_grids(self) -> int:

@@ -392,7 +392,11 @@ def lumina_mgpt_7b_768(vocab: TokenVocab | None = None, **overrides) -> LuminaCh
 
 
 def tiny_vocab(
-    codebook_size: int = 256, vocab_size: int = 1024, max_grids: int = 16, prompt_template: str = "lumina"
+    codebook_size: int = 256,
+    vocab_size: int = 1024,
+    max_grids: int = 16,
+    prompt_template: str = "lumina",
+    pixels_per_latent: int = 16,
 ) -> TokenVocab:
     """A small vocabulary with the real special-token structure, for tests and the CPU demo.
 
@@ -416,8 +420,32 @@ def tiny_vocab(
         max_grids=max_grids,
         style_placeholder=first + 6 + max_grids,
         prompt_template=prompt_template,
+        pixels_per_latent=pixels_per_latent,
     )
     return vocab
+
+
+# The miniature world's backbone and vocabulary: small enough to pretrain on two CPU cores, large
+# enough to draw a procedural scene (8x8 codes of a 512-code VQGAN at 8 px per code).
+MINI_CODEBOOK_SIZE = 512
+MINI_PIXELS_PER_LATENT = 8
+
+
+def mini_vocab(prompt_template: str = "lumina") -> TokenVocab:
+    """The miniature world's vocabulary: :func:`tiny_vocab` over its 512-code VQGAN at 8 px per code."""
+    return tiny_vocab(
+        codebook_size=MINI_CODEBOOK_SIZE,
+        vocab_size=1024,
+        prompt_template=prompt_template,
+        pixels_per_latent=MINI_PIXELS_PER_LATENT,
+    )
+
+
+def mini_backbone(vocab: TokenVocab | None = None, **overrides) -> LuminaChameleonForCausalLM:
+    """The miniature world's backbone: hidden 128, 4 layers, 4 heads, FFN 344, on :func:`mini_vocab`."""
+    kwargs = dict(hidden=128, layers=4, heads=4, kv_heads=4, ffn=344, rope_theta=10000.0, max_positions=1024)
+    kwargs.update(overrides)
+    return chameleon_backbone(vocab=vocab or mini_vocab(), **kwargs)
 
 
 def tiny_backbone(vocab: TokenVocab | None = None, **overrides) -> LuminaChameleonForCausalLM:

@@ -15,8 +15,10 @@ if TYPE_CHECKING:
 class ModelConfig:
     """Which StyleAR model to build: preset, local checkpoint paths, adapter and style-token settings."""
 
-    preset: Literal["tiny", "lumina7b"] = option(
-        "tiny", "tiny random models (CPU) or the real Lumina-mGPT-7B sizes"
+    preset: Literal["tiny", "mini", "lumina7b"] = option(
+        "tiny",
+        "tiny random models (CPU plumbing), the miniature world's sizes (CPU; trained weights from "
+        "backbone_path / vqgan_ckpt, see stylear_core.miniature) or the real Lumina-mGPT-7B sizes",
     )
     backbone_path: str | None = option(
         None, "local Hugging Face-format Lumina-mGPT dir (config.json + safetensors)"

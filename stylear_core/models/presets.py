@@ -17,6 +17,8 @@ from stylear_core.models.backbone import (
     LuminaChameleonForCausalLM,
     load_lumina_backbone,
     lumina_mgpt_7b_768,
+    mini_backbone,
+    mini_vocab,
     tiny_backbone,
     tiny_vocab,
     vocab_from_vocabulary_map,
@@ -30,6 +32,8 @@ from stylear_core.models.vqgan import (
     ChameleonVQGAN,
     chameleon_vqgan,
     load_chameleon_vqgan,
+    mini_vqgan_config,
+    random_vqgan,
     tiny_vqgan,
     tiny_vqgan_config,
 )
@@ -51,6 +55,15 @@ def build_backbone(
             torch.manual_seed(cfg.seed)
             backbone = tiny_backbone(vocab)
         return backbone.to(device=device, dtype=cfg.torch_dtype), vocab
+    if cfg.preset == "mini":
+        vocab = mini_vocab(prompt_template=template)
+        if cfg.backbone_path:  # the miniature world's pretrained base (Hugging Face layout)
+            backbone = load_lumina_backbone(cfg.backbone_path, dtype=cfg.torch_dtype, device=device)
+            return backbone, vocab
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            backbone = mini_backbone(vocab)
+        return backbone.to(device=device, dtype=cfg.torch_dtype), vocab
     if cfg.backbone_path:
         backbone = load_lumina_backbone(cfg.backbone_path, dtype=cfg.torch_dtype, device=device)
         return backbone, vocab_from_vocabulary_map(
@@ -70,10 +83,12 @@ def tiny_vqgan_codebook_size() -> int:
 
 def build_style_encoder(cfg: ModelConfig, device: str | torch.device = "cpu") -> StyleEncoder:
     """The frozen CLIP vision tower: random tiny ViT, or ViT-H/14 from ``clip_checkpoint`` (random if unset)."""
-    if cfg.preset == "tiny":
+    if cfg.preset in ("tiny", "mini"):
+        # mini: the miniature world's trained tiny CLIP when clip_checkpoint is set, else random.
+        checkpoint = cfg.clip_checkpoint if cfg.preset == "mini" else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
-            return StyleEncoder.from_preset("tiny", device=device, dtype=cfg.torch_dtype)
+            return StyleEncoder.from_preset("tiny", checkpoint, device=device, dtype=cfg.torch_dtype)
     return StyleEncoder.from_preset(
         "ViT-H-14", checkpoint=cfg.clip_checkpoint, device=device, dtype=cfg.torch_dtype
     )
@@ -85,6 +100,8 @@ def build_clip_scorer(cfg: ModelConfig, device: str | torch.device = "cpu") -> C
         torch.manual_seed(cfg.seed + 1)  # build_style_encoder's seed: one CLIP for style and score
         if cfg.preset == "tiny":
             return ClipScorer.from_preset("tiny", device=device)
+        if cfg.preset == "mini":
+            return ClipScorer.from_preset("tiny", cfg.clip_checkpoint, device=device)
         return ClipScorer.from_preset("ViT-H-14", cfg.clip_checkpoint, device=device)
 
 
@@ -94,7 +111,7 @@ def build_resampler(
     """The perceiver resampler: tiny, or StyleAR's sizes (dim 4096, depth 4, 12 heads of 64, ff x4)."""
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(cfg.seed + 2)
-        if cfg.preset == "tiny":
+        if cfg.preset in ("tiny", "mini"):
             resampler = tiny_resampler(embedding_dim, output_dim, num_queries=cfg.num_style_tokens)
         else:
             resampler = StyleResampler(
@@ -156,8 +173,10 @@ def build_vqgan(cfg: ModelConfig, vocab: TokenVocab, device: str | torch.device 
     """
     if cfg.preset == "tiny":
         vq = tiny_vqgan(seed=cfg.seed)
-    elif cfg.vqgan_ckpt:
+    elif cfg.vqgan_ckpt:  # Chameleon's tokenizer, or the miniature world's trained one (with its yaml)
         vq = load_chameleon_vqgan(cfg.vqgan_ckpt, cfg.vqgan_yaml)
+    elif cfg.preset == "mini":
+        vq = random_vqgan(mini_vqgan_config(), seed=cfg.seed)
     else:
         vq = chameleon_vqgan(seed=cfg.seed)
     if vq.codebook_size != vocab.codebook_size:

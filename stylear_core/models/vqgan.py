@@ -118,6 +118,20 @@ def tiny_vqgan_config() -> VQGANConfig:
     )
 
 
+def mini_vqgan_config() -> VQGANConfig:
+    """The miniature world's VQGAN: 64 px, four levels (downsample 8 -> 8x8 codes), 512 codes of size 16."""
+    return VQGANConfig(
+        ch=32,
+        ch_mult=[1, 1, 2, 4],
+        num_res_blocks=1,
+        z_channels=32,
+        embed_dim=16,
+        n_embed=512,
+        resolution=64,
+        attn_resolutions=[],
+    )
+
+
 def _transformers_config(config: VQGANConfig) -> ChameleonVQVAEConfig:
     """The same sizes in transformers' naming, for its Chameleon encoder and blocks."""
     return ChameleonVQVAEConfig(
@@ -365,6 +379,25 @@ def vqgan_config_from_yaml(path: str | Path) -> VQGANConfig:
         return from_dict(VQGANConfig, ddconfig)
     except ConfigError as e:
         raise ConfigError(f"{path}: model.params.ddconfig: {e}") from None
+
+
+def vqgan_config_to_yaml(config: VQGANConfig) -> str:
+    """``config`` as a taming ``vqgan.yaml`` (``model.params.{ddconfig, n_embed, embed_dim}``): the inverse of
+    :func:`vqgan_config_from_yaml`, for VQGANs this project trains (the miniature world's)."""
+    ddconfig = {
+        "double_z": False,
+        "z_channels": config.z_channels,
+        "resolution": config.resolution,
+        "in_channels": config.in_channels,
+        "out_ch": config.out_ch,
+        "ch": config.ch,
+        "ch_mult": list(config.ch_mult),
+        "num_res_blocks": config.num_res_blocks,
+        "attn_resolutions": list(config.attn_resolutions),
+        "dropout": config.dropout,
+    }
+    params = {"embed_dim": config.embed_dim, "n_embed": config.n_embed, "ddconfig": ddconfig}
+    return yaml.safe_dump({"model": {"target": "taming.models.vqgan.VQModel", "params": params}})
 
 
 def _taming_safe_globals() -> list:
