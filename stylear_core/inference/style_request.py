@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from stylear_core.data.images import WEB_FORMATS, decode_image
-from stylear_core.models.clip import StyleEncoder
+from stylear_core.models.clip import ClipVisionTower
 from stylear_core.models.style_tokens import add_style_noise, subtract_content_style_tokens
 
 # Style noise draws from its own stream, so it does not share random numbers with token sampling.
@@ -52,7 +52,7 @@ class StyleRequestError(ValueError):
 class ReferenceStyleEncoder:
     """Turns uploaded style references into style tokens ``(N, hidden)``.
 
-    Takes the frozen :class:`StyleEncoder`, the base resampler (an adapter may bring its own, passed
+    Takes the frozen :class:`ClipVisionTower`, the base resampler (an adapter may bring its own, passed
     per call), an optional SAM masker (anything with ``clean_reference(pil) -> (mask, fraction,
     pil)`` for ``mask`` mode and ``content_reference(pil) -> pil`` for ``subtract`` mode), the limits a
     reference must meet (largest pixel count, longer side and aspect ratio, the accepted formats), the
@@ -63,7 +63,7 @@ class ReferenceStyleEncoder:
 
     def __init__(
         self,
-        style_encoder: StyleEncoder,
+        style_encoder: ClipVisionTower,
         resampler: nn.Module,
         masker: object | None = None,
         max_pixels: int = 4096 * 4096,

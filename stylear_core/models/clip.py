@@ -1,4 +1,4 @@
-"""CLIP on open_clip: the frozen style encoder of StyleAR and the CLIP-T / CLIP-I scorer.
+"""CLIP on open_clip: the frozen vision tower behind StyleAR's style features and the CLIP-T / CLIP-I scorer.
 
 Two presets build an ``open_clip.CLIP``:
 
@@ -136,7 +136,7 @@ def _stack_preprocessed(
     return torch.stack([preprocess(im) for im in images])
 
 
-class StyleEncoder(nn.Module):
+class ClipVisionTower(nn.Module):
     """Frozen CLIP vision tower giving StyleAR's style features.
 
     Takes an open_clip :class:`VisionTransformer` (and its eval preprocessing); ``forward(pixels)`` maps
@@ -149,7 +149,9 @@ class StyleEncoder(nn.Module):
     def __init__(self, visual: VisionTransformer, preprocess: Callable[[Image.Image], torch.Tensor]):
         super().__init__()
         if not isinstance(visual, VisionTransformer):
-            raise TypeError(f"StyleEncoder needs an open_clip VisionTransformer, got {type(visual).__name__}")
+            raise TypeError(
+                f"ClipVisionTower needs an open_clip VisionTransformer, got {type(visual).__name__}"
+            )
         if len(visual.transformer.resblocks) < 2:
             raise ValueError("the vision tower needs at least 2 blocks to have a penultimate layer")
         self.visual = visual
@@ -164,8 +166,8 @@ class StyleEncoder(nn.Module):
         checkpoint: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-    ) -> StyleEncoder:
-        """The style encoder of a :func:`build_clip` preset (the text tower is dropped)."""
+    ) -> ClipVisionTower:
+        """The vision tower of a :func:`build_clip` preset (the text tower is dropped)."""
         bundle = build_clip(preset, checkpoint=checkpoint, device=device, dtype=dtype)
         return cls(bundle.model.visual, bundle.preprocess)
 
@@ -184,7 +186,7 @@ class StyleEncoder(nn.Module):
         """Side of the square input in pixels."""
         return self.visual.image_size[0]
 
-    def train(self, mode: bool = True) -> StyleEncoder:
+    def train(self, mode: bool = True) -> ClipVisionTower:
         """Mode switches of a parent module never put the frozen tower in training mode."""
         super().train(mode)
         self.visual.eval()

@@ -23,7 +23,7 @@ from stylear_core.models.backbone import (
     tiny_vocab,
     vocab_from_vocabulary_map,
 )
-from stylear_core.models.clip import ClipScorer, StyleEncoder
+from stylear_core.models.clip import ClipScorer, ClipVisionTower
 from stylear_core.models.config import ModelConfig
 from stylear_core.models.lora import add_lora, load_stylear_release
 from stylear_core.models.resampler import StyleResampler, tiny_resampler
@@ -81,15 +81,15 @@ def tiny_vqgan_codebook_size() -> int:
     return tiny_vqgan_config().n_embed
 
 
-def build_style_encoder(cfg: ModelConfig, device: str | torch.device = "cpu") -> StyleEncoder:
+def build_style_encoder(cfg: ModelConfig, device: str | torch.device = "cpu") -> ClipVisionTower:
     """The frozen CLIP vision tower: random tiny ViT, or ViT-H/14 from ``clip_checkpoint`` (random if unset)."""
     if cfg.preset in ("tiny", "mini"):
         # mini: the miniature world's trained tiny CLIP when clip_checkpoint is set, else random.
         checkpoint = cfg.clip_checkpoint if cfg.preset == "mini" else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
-            return StyleEncoder.from_preset("tiny", checkpoint, device=device, dtype=cfg.torch_dtype)
-    return StyleEncoder.from_preset(
+            return ClipVisionTower.from_preset("tiny", checkpoint, device=device, dtype=cfg.torch_dtype)
+    return ClipVisionTower.from_preset(
         "ViT-H-14", checkpoint=cfg.clip_checkpoint, device=device, dtype=cfg.torch_dtype
     )
 

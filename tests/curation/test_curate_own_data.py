@@ -34,7 +34,7 @@ from stylear_core.data.schemas import (
 from stylear_core.data.synthetic import SyntheticStyleSet, corrupt_bytes
 from stylear_core.data.tokenizer import ByteTokenizer
 from stylear_core.models.backbone import tiny_vocab
-from stylear_core.models.clip import StyleEncoder
+from stylear_core.models.clip import ClipVisionTower
 from stylear_core.models.vqgan import encode_images, tiny_vqgan
 from stylear_core.training.batches import (
     TOKEN_SHARD_COLUMNS,
@@ -147,7 +147,7 @@ def test_old_token_shards_without_images_read_for_vq_decode_and_fail_clearly_for
     vocab = tiny_vocab(codebook_size=256)
     batch = ds.take_batch(3, batch_format="numpy")
     assert TokenBatchCollate(vocab, ByteTokenizer(vocab), 4)(batch)["image_tokens"].shape[0] == 3
-    encoder = StyleEncoder.from_preset("tiny")
+    encoder = ClipVisionTower.from_preset("tiny")
     with pytest.raises(SchemaError, match=r"no 'image' column.*style_source: vq_decode"):
         TokenBatchCollate(vocab, ByteTokenizer(vocab), 4, encoder.preprocess)(batch)
     with pytest.raises(SchemaError, match=r"stylear\.token_shards/1.*'image'.*style_source"):

@@ -13,7 +13,7 @@ from stylear_core.models.clip import (
     TINY_CLIP_CONFIG,
     ClipBundle,
     ClipScorer,
-    StyleEncoder,
+    ClipVisionTower,
     build_clip,
     resolve_clip_checkpoint,
 )
@@ -31,8 +31,8 @@ def bundle() -> ClipBundle:
 
 
 @pytest.fixture(scope="module")
-def encoder(bundle: ClipBundle) -> StyleEncoder:
-    return StyleEncoder(bundle.model.visual, bundle.preprocess)
+def encoder(bundle: ClipBundle) -> ClipVisionTower:
+    return ClipVisionTower(bundle.model.visual, bundle.preprocess)
 
 
 def block_outputs(visual, pixels: torch.Tensor) -> list[torch.Tensor]:
@@ -143,7 +143,7 @@ def test_encoder_is_frozen_and_gets_no_grads(bundle, encoder):
 
 
 def test_vit_h_14_gives_257_by_1280_on_meta():
-    enc = StyleEncoder.from_preset("ViT-H-14", device="meta")
+    enc = ClipVisionTower.from_preset("ViT-H-14", device="meta")
     assert (enc.width, enc.num_tokens, enc.image_size) == (1280, 257, 224)
     assert len(enc.visual.transformer.resblocks) == 32
     feats = enc(torch.empty(2, 3, 224, 224, device="meta"))
@@ -169,8 +169,8 @@ def test_checkpoint_round_trip_through_file_and_directory(tmp_path):
             torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0, msg=k)
 
     pixels = torch.randn(1, 3, 64, 64)
-    enc_a = StyleEncoder.from_preset("tiny", checkpoint=tmp_path)
-    enc_b = StyleEncoder(source.visual, build_clip("tiny").preprocess)
+    enc_a = ClipVisionTower.from_preset("tiny", checkpoint=tmp_path)
+    enc_b = ClipVisionTower(source.visual, build_clip("tiny").preprocess)
     torch.testing.assert_close(enc_a(pixels), enc_b(pixels), rtol=0, atol=0)
 
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import torch
 
 from stylear_core.data.tokenizer import ByteTokenizer, style_prompt_ids
-from stylear_core.models.clip import StyleEncoder
+from stylear_core.models.clip import ClipVisionTower
 from stylear_core.training.batches import (
     PreferenceBatchCollate,
     TokenBatchCollate,
@@ -65,7 +65,7 @@ def test_preference_batch_pads_chosen_and_rejected_together(preference_pairs, mo
     batch = _numpy_batch(table)
     batch["rejected_tokens"][0] = batch["rejected_tokens"][0][:10]  # a shorter (e.g. smaller) image
     torch.manual_seed(0)
-    encoder = StyleEncoder.from_preset("tiny")
+    encoder = ClipVisionTower.from_preset("tiny")
     out = PreferenceBatchCollate(vocab, ByteTokenizer(vocab), model_cfg.num_style_tokens, encoder.preprocess)(
         batch
     )
