@@ -12,12 +12,12 @@ A complete output dir (manifest complete) is skipped on rerun (``force=true`` ru
 
 from __future__ import annotations
 
-from stylear_core.stages import run_stage
-from stylear_core.training.preference_stage import (
+from stylear_core.preferences.stage import (
     PREFERENCES_FORMAT,
     PreferenceStageConfig,
     run_preference_stage,
 )
+from stylear_core.stages import run_stage
 
 FORMAT = PREFERENCES_FORMAT
 Config = PreferenceStageConfig

@@ -3,4 +3,6 @@
 * :mod:`~stylear_core.preferences.pairs`: K samples per held (prompt, style reference) drawn with the SFT
   model through the generator front-end, ranked by CLIP style and text scores into chosen / rejected pairs
   (``stylear.preference_pairs/1``), as Ray Data actors.
+* :mod:`~stylear_core.preferences.stage`: the ``make_preferences`` stage (config, request rows, the run
+  and its summary) around :mod:`~stylear_core.preferences.pairs`.
 """
