@@ -31,12 +31,12 @@ from stylear_core.models.stylear import StyleARModel
 from stylear_core.models.vqgan import (
     ChameleonVQGAN,
     chameleon_vqgan,
-    load_chameleon_vqgan,
     mini_vqgan_config,
     random_vqgan,
     tiny_vqgan,
     tiny_vqgan_config,
 )
+from stylear_core.models.vqgan_checkpoint import load_chameleon_vqgan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

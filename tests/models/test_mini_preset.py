@@ -8,12 +8,8 @@ from safetensors.torch import save_file
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.models.config import ModelConfig
 from stylear_core.models.presets import build_backbone, build_stylear_model, build_vqgan
-from stylear_core.models.vqgan import (
-    mini_vqgan_config,
-    random_vqgan,
-    vqgan_config_from_yaml,
-    vqgan_config_to_yaml,
-)
+from stylear_core.models.vqgan import mini_vqgan_config, random_vqgan
+from stylear_core.models.vqgan_checkpoint import vqgan_config_from_yaml, vqgan_config_to_yaml
 
 
 def test_mini_vocab_lays_out_a_64px_image_as_8x8_codes():

@@ -18,11 +18,10 @@ from stylear_core.models.vqgan import (
     chameleon_vqgan_config,
     decode_to_images,
     encode_images,
-    load_chameleon_vqgan,
     tiny_vqgan,
     tiny_vqgan_config,
-    vqgan_config_from_yaml,
 )
+from stylear_core.models.vqgan_checkpoint import load_chameleon_vqgan, vqgan_config_from_yaml
 
 
 @pytest.fixture(scope="module")
@@ -416,11 +415,13 @@ def test_loader_reads_a_lightning_checkpoint_with_non_tensor_entries(vq, tmp_pat
 def test_unsafe_checkpoint_is_refused_naming_the_object_and_converts_once(vq, tmp_path):
     from safetensors.torch import load_file
 
-    from stylear_core.models.vqgan import main
+    from stylear_core.models.vqgan_checkpoint import main
 
     extra = {**lightning_entries(), "trainer": TrainerState()}
     ckpt_path, yaml_path = write_taming_checkpoint(tmp_path, vq.state_dict(), vq.config, extra=extra)
-    with pytest.raises(ValueError, match=r"TrainerState.*python -m stylear_core\.models\.vqgan convert"):
+    with pytest.raises(
+        ValueError, match=r"TrainerState.*python -m stylear_core\.models\.vqgan_checkpoint convert"
+    ):
         load_chameleon_vqgan(ckpt_path, yaml_path)
 
     out = tmp_path / "vqgan.safetensors"
