@@ -15,7 +15,6 @@ from stylear_core.data.layout import TokenVocab
 from stylear_core.data.tokenizer import PromptTokenizer, load_prompt_tokenizer
 from stylear_core.models.backbone import (
     LuminaChameleonForCausalLM,
-    load_lumina_backbone,
     lumina_mgpt_7b_768,
     mini_backbone,
     mini_vocab,
@@ -23,6 +22,7 @@ from stylear_core.models.backbone import (
     tiny_vocab,
     vocab_from_vocabulary_map,
 )
+from stylear_core.models.backbone_checkpoint import load_lumina_backbone
 from stylear_core.models.clip import ClipScorer, ClipVisionTower
 from stylear_core.models.config import ModelConfig
 from stylear_core.models.lora import add_lora, load_stylear_release

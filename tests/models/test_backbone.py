@@ -12,16 +12,15 @@ from transformers import DynamicCache
 
 from stylear_core.data.layout import ImageTokenLayout, TokenVocab
 from stylear_core.models.backbone import (
-    CheckpointError,
     LuminaChameleonForCausalLM,
     count_parameters,
-    load_lumina_backbone,
     lumina_mgpt_7b_768,
     next_token_loss,
     tiny_backbone,
     tiny_vocab,
     vocab_from_vocabulary_map,
 )
+from stylear_core.models.backbone_checkpoint import CheckpointError, load_lumina_backbone
 
 
 @pytest.fixture
