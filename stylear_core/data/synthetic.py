@@ -10,11 +10,12 @@ prompt and style from a reference::
     data.style_references(4)        # {style_id: PNG of that style on content of its own}
     data.stylization_requests(8)    # [{id, prompt, style_ref, style_image, seed}] for the stylizer
     data.stylized_pairs(8)          # the same requests drawn exactly: the ideal stylizer's output
-    data.subjects(3)                # procedural subjects with 3-6 instance images each
     render(content, style, 64)      # any (content, style) pair
 
 Records are drawn from per-record random streams (``seed``, stream name, index), so the first
 ``n`` records do not depend on how many were asked for, or on what was asked for before.
+Procedural subjects for subject-driven generation, drawn with the same shapes, are
+:mod:`stylear_core.data.synthetic_subjects`.
 """
 
 from __future__ import annotations
@@ -187,8 +188,9 @@ def _star_points(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     return points
 
 
-def _shape_mask(kind: str, cx: float, cy: float, r: float, size: int) -> Image.Image:
-    """Mode-L mask (255 inside) of an object of half-extent ``r`` centred at ``(cx, cy)``."""
+def shape_mask(kind: str, cx: float, cy: float, r: float, size: int) -> Image.Image:
+    """Mode-L mask (255 inside) of an object of half-extent ``r`` centred at ``(cx, cy)``; ``kind`` is one of
+    :data:`OBJECT_KINDS`."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
     if kind == "circle":
@@ -248,7 +250,7 @@ def render(content: ContentSpec, style: StyleSpec, size: int = 64) -> Image.Imag
         margin = r + 2 * max(1, size // 32) + 1
         cx = min(max((col + 0.5) * cell, margin), size - margin)
         cy = min(max((row + 0.5) * cell, margin), size - margin)
-        mask = _shape_mask(obj.kind, cx, cy, r, size)
+        mask = shape_mask(obj.kind, cx, cy, r, size)
         _paint(canvas, mask, palette.object_colour(COLOURS[obj.colour]), style.stroke, palette.ink)
     return Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8), "RGB")
 
@@ -264,105 +266,6 @@ def sample_content(
         for pos in positions
     )
     return ContentSpec(objects)
-
-
-# Procedural subjects for subject-driven generation: fixed designs, each a few parts.
-# Part: (shape kind, colour, dx, dy, half-extent), offsets and extents in units of the subject's scale.
-_SUBJECT_DESIGNS: dict[str, tuple[str, tuple[tuple[str, tuple[int, int, int], float, float, float], ...]]] = {
-    "robot": (
-        "sks",
-        (
-            ("square", (150, 160, 175), 0.0, 0.35, 0.45),
-            ("square", (120, 130, 150), 0.0, -0.45, 0.3),
-            ("circle", (230, 40, 40), 0.0, -0.95, 0.1),
-            ("circle", (40, 220, 240), -0.12, -0.48, 0.07),
-            ("circle", (40, 220, 240), 0.12, -0.48, 0.07),
-        ),
-    ),
-    "mushroom": (
-        "zwx",
-        (
-            ("square", (240, 230, 205), 0.0, 0.45, 0.22),
-            ("circle", (200, 30, 40), 0.0, -0.1, 0.55),
-            ("circle", (255, 255, 255), -0.25, -0.3, 0.09),
-            ("circle", (255, 255, 255), 0.2, -0.15, 0.1),
-        ),
-    ),
-    "snowman": (
-        "qlv",
-        (
-            ("circle", (250, 250, 255), 0.0, 0.45, 0.45),
-            ("circle", (250, 250, 255), 0.0, -0.3, 0.32),
-            ("triangle", (250, 130, 20), 0.1, -0.3, 0.07),
-            ("square", (30, 30, 30), 0.0, -0.75, 0.18),
-        ),
-    ),
-    "rocket": (
-        "vfh",
-        (
-            ("square", (220, 220, 230), 0.0, 0.1, 0.3),
-            ("triangle", (210, 40, 60), 0.0, -0.5, 0.3),
-            ("circle", (60, 140, 230), 0.0, 0.0, 0.13),
-            ("triangle", (250, 180, 20), 0.0, 0.65, 0.2),
-        ),
-    ),
-    "cat": (
-        "pdj",
-        (
-            ("circle", (240, 160, 70), 0.0, 0.1, 0.5),
-            ("triangle", (240, 160, 70), -0.35, -0.4, 0.2),
-            ("triangle", (240, 160, 70), 0.35, -0.4, 0.2),
-            ("circle", (30, 120, 40), -0.18, 0.0, 0.08),
-            ("circle", (30, 120, 40), 0.18, 0.0, 0.08),
-        ),
-    ),
-    "tree": (
-        "kbt",
-        (
-            ("square", (110, 70, 40), 0.0, 0.6, 0.15),
-            ("triangle", (30, 130, 50), 0.0, -0.05, 0.55),
-            ("triangle", (40, 160, 60), 0.0, -0.45, 0.4),
-        ),
-    ),
-}
-SUBJECT_NAMES = tuple(_SUBJECT_DESIGNS)
-
-
-@dataclass(frozen=True)
-class Subject:
-    """A procedural subject: a rare identifier token, its class noun, and instance images (PNG bytes).
-
-    The DreamBooth-style prompt for it is :attr:`prompt` (``"a sks robot"``).
-    """
-
-    name: str
-    token: str
-    class_noun: str
-    images: tuple[bytes, ...]
-
-    @property
-    def prompt(self) -> str:
-        """``"a <token> <class noun>"``."""
-        return f"a {self.token} {self.class_noun}"
-
-
-def render_subject(
-    name: str,
-    size: int = 64,
-    scale: float = 0.3,
-    center: tuple[float, float] = (0.5, 0.5),
-    background: tuple[int, int, int] = (235, 235, 235),
-) -> Image.Image:
-    """Draw subject ``name`` at ``center`` (fractions of the side), about ``scale`` x side tall."""
-    if name not in _SUBJECT_DESIGNS:
-        raise ValueError(f"unknown subject {name!r} (known: {SUBJECT_NAMES})")
-    canvas = Image.new("RGB", (size, size), background)
-    unit = scale * size
-    cx, cy = center[0] * size, center[1] * size
-    for kind, colour, dx, dy, r in _SUBJECT_DESIGNS[name][1]:
-        mask = _shape_mask(kind, cx + dx * unit, cy + dy * unit, r * unit, size)
-        canvas.paste(colour, mask=mask)
-    return canvas
 
 
 def corrupt_bytes(kind: str = "truncated", seed: int = 0) -> bytes:
@@ -494,27 +397,6 @@ class SyntheticStyleSet:
                 }
             )
         return rows
-
-    def subjects(self, count: int = 3, images_per_subject: int = 4) -> list[Subject]:
-        """The first ``count`` procedural subjects, each with ``images_per_subject`` (3-6) instance views.
-
-        Views vary position, scale and a light background colour; the subject's design is fixed.
-        """
-        if not 3 <= images_per_subject <= 6:
-            raise ValueError(f"images_per_subject must be 3..6, got {images_per_subject}")
-        if count > len(SUBJECT_NAMES):
-            raise ValueError(f"only {len(SUBJECT_NAMES)} subjects exist, asked for {count}")
-        subjects = []
-        for name in SUBJECT_NAMES[:count]:
-            images = []
-            for j in range(images_per_subject):
-                rng = self._rng(f"subject/{name}", j)
-                scale = rng.uniform(0.28, 0.38)
-                center = (rng.uniform(0.4, 0.6), rng.uniform(0.45, 0.55))
-                background = tuple(rng.randint(200, 250) for _ in range(3))
-                images.append(encode_png(render_subject(name, self.size, scale, center, background)))
-            subjects.append(Subject(name, _SUBJECT_DESIGNS[name][0], name, tuple(images)))
-        return subjects
 
     def _png(self, content: ContentSpec, style: StyleSpec) -> bytes:
         return encode_png(render(content, style, self.size))

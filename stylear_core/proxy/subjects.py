@@ -175,10 +175,10 @@ def write_subject_folder(
 def write_synthetic_subjects(
     root: str | Path, count: int = 2, images_per_subject: int = 4, size: int = 64, seed: int = 0
 ) -> list[SubjectSet]:
-    """Write the first ``count`` procedural subjects of the synthetic dataset
-    (:meth:`~stylear_core.data.synthetic.SyntheticStyleSet.subjects`, each with its own identifier and
+    """Write the first ``count`` procedural subjects
+    (:func:`~stylear_core.data.synthetic_subjects.procedural_subjects`, each with its own identifier and
     class noun) under ``root``; returns them as loaded subject sets."""
-    from stylear_core.data.synthetic import SyntheticStyleSet
+    from stylear_core.data.synthetic_subjects import procedural_subjects
 
-    subjects = SyntheticStyleSet(seed=seed, size=size).subjects(count, images_per_subject)
+    subjects = procedural_subjects(count, images_per_subject, size, seed)
     return [write_subject_folder(root, s.name, s.images, s.class_noun, s.token) for s in subjects]

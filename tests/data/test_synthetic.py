@@ -20,8 +20,8 @@ from stylear_core.data.synthetic import (
     corrupt_bytes,
     png_size,
     render,
-    render_subject,
 )
+from stylear_core.data.synthetic_subjects import procedural_subjects, render_subject
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -107,7 +107,7 @@ def test_stylization_requests_and_ideal_targets_agree():
 
 
 def test_subjects_are_distinct_with_several_views():
-    subjects = SyntheticStyleSet(seed=0, size=64).subjects(count=3, images_per_subject=5)
+    subjects = procedural_subjects(count=3, images_per_subject=5, size=64, seed=0)
     assert len({s.token for s in subjects}) == 3 and len({s.name for s in subjects}) == 3
     assert subjects[0].prompt == f"a {subjects[0].token} {subjects[0].class_noun}"
     for s in subjects:
@@ -123,7 +123,7 @@ def test_subjects_are_distinct_with_several_views():
             assert colours <= present, s.name
     assert palettes[0] != palettes[1] != palettes[2]
     with pytest.raises(ValueError):
-        SyntheticStyleSet().subjects(images_per_subject=2)
+        procedural_subjects(images_per_subject=2)
     with pytest.raises(ValueError, match="unknown subject"):
         render_subject("dragon")
 
