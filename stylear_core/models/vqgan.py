@@ -399,3 +399,12 @@ def __getattr__(name: str) -> object:
 
         return getattr(vqgan_checkpoint, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":
+    # `python -m stylear_core.models.vqgan convert SRC DST` keeps working: the command is vqgan_checkpoint's.
+    import sys
+
+    from stylear_core.models.vqgan_checkpoint import main
+
+    sys.exit(main())
