@@ -64,6 +64,26 @@ class StageConfig:
         return Path(self.path(self.output_dir))
 
 
+MODEL_PATH_FIELDS = (
+    "backbone_path",
+    "tokenizer_path",
+    "vqgan_ckpt",
+    "vqgan_yaml",
+    "clip_checkpoint",
+    "stylear_release",
+)
+
+
+def resolve_model_paths(cfg: StageConfig) -> None:
+    """Fill ``{run_dir}`` into the checkpoint paths of the stage's ``model`` block (when it has one), in place:
+    the miniature pipeline points them at what its ``pretrain`` stage wrote under the run."""
+    model = getattr(cfg, "model", None)
+    for name in MODEL_PATH_FIELDS:
+        value = getattr(model, name, None)
+        if isinstance(value, str) and "{run_dir}" in value:
+            setattr(model, name, cfg.path(value))
+
+
 def skipped_summary(directory: str | Path) -> dict[str, Any]:
     """The summary a finished stage's manifest holds, marked ``status: skipped``."""
     return {**(read_manifest(directory) or {}).get("summary", {}), "status": "skipped"}
@@ -89,6 +109,7 @@ def run_stage(
     (default: one line); ``on_skip`` turns a skipped stage's stored summary into what is returned.
     """
     cfg = parse_job_args(config_cls, argv, description or config_cls.__doc__ or name)
+    resolve_model_paths(cfg)
     out = cfg.stage_dir
     if not cfg.force and is_complete(out, fmt):
         summary = skipped_summary(out)
@@ -103,4 +124,11 @@ def run_stage(
     return summary
 
 
-__all__ = ["RAY_ADDRESS_HELP", "StageConfig", "resolve_run_path", "run_stage", "skipped_summary"]
+__all__ = [
+    "RAY_ADDRESS_HELP",
+    "StageConfig",
+    "resolve_model_paths",
+    "resolve_run_path",
+    "run_stage",
+    "skipped_summary",
+]

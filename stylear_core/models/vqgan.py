@@ -377,30 +377,6 @@ __all__ = [
 ]
 
 
-# The file readers and the conversion live in vqgan_checkpoint; their names still import from here,
-# resolved on first use because vqgan_checkpoint imports this module (a top-level import would be a cycle).
-_CHECKPOINT_NAMES = frozenset(
-    {
-        "check_state_dict",
-        "convert_command",
-        "convert_taming_checkpoint",
-        "load_chameleon_vqgan",
-        "read_taming_state_dict",
-        "vqgan_config_from_yaml",
-        "vqgan_config_to_yaml",
-    }
-)
-
-
-def __getattr__(name: str) -> object:
-    """``from stylear_core.models.vqgan import load_chameleon_vqgan`` and the other checkpoint names."""
-    if name in _CHECKPOINT_NAMES:
-        from stylear_core.models import vqgan_checkpoint
-
-        return getattr(vqgan_checkpoint, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 if __name__ == "__main__":
     # `python -m stylear_core.models.vqgan convert SRC DST` keeps working: the command is vqgan_checkpoint's.
     import sys

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from stylear_core.config import ConfigError, Resources, describe, from_dict, load_config
-from stylear_core.stages import StageConfig
+from stylear_core.stages import StageConfig, resolve_model_paths
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
@@ -75,3 +75,24 @@ def test_stage_paths_fill_in_the_run_dir_and_are_absolute(tmp_path, monkeypatch)
     assert cfg.stage_dir == tmp_path / "runs" / "x" / "stage"
     assert cfg.path("{run_dir}/in") == str(tmp_path / "runs" / "x" / "in")
     assert cfg.path("") == ""  # empty means "none", not the working directory
+
+
+def test_model_checkpoint_paths_may_name_the_run_dir(tmp_path):
+    # The miniature pipeline points every stage's model block at what its pretrain stage wrote.
+    from jobs.train_style import Config
+
+    cfg = from_dict(
+        Config,
+        {
+            "run_dir": str(tmp_path / "run"),
+            "model": {
+                "preset": "mini",
+                "backbone_path": "{run_dir}/pretrain/model/base",
+                "vqgan_yaml": "/abs/v.yaml",
+            },
+        },
+    )
+    resolve_model_paths(cfg)
+    assert cfg.model.backbone_path == str((tmp_path / "run" / "pretrain" / "model" / "base").resolve())
+    assert cfg.model.vqgan_yaml == "/abs/v.yaml"  # no {run_dir}: left as written
+    assert cfg.model.vqgan_ckpt is None
