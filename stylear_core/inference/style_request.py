@@ -31,7 +31,11 @@ from torch import nn
 
 from stylear_core.data.images import WEB_FORMATS, decode_image
 from stylear_core.models.clip import ClipVisionTower
-from stylear_core.models.style_tokens import add_style_noise, subtract_content_style_tokens
+from stylear_core.models.style_tokens import (
+    add_style_noise,
+    resample_style_tokens,
+    subtract_content_style_tokens,
+)
 
 # Style noise draws from its own stream, so it does not share random numbers with token sampling.
 STYLE_NOISE_SEED_OFFSET = 0x5EED_57A1
@@ -136,8 +140,7 @@ class ReferenceStyleEncoder:
         """Style tokens ``(B, N, hidden)`` for prepared references, each with its own noise strength and seed."""
         resampler = resampler or self.resampler
         features = self.style_encoder.encode(list(images))
-        param = next(resampler.parameters())
-        tokens = resampler(features.to(device=param.device, dtype=param.dtype))
+        tokens = resample_style_tokens(resampler, features)
         return self._add_noise(tokens, noise_strengths, seeds)
 
     @torch.inference_mode()

@@ -56,6 +56,14 @@ def inject_style_tokens(
     return inputs_embeds.masked_scatter(mask.unsqueeze(-1), style_tokens.to(inputs_embeds.dtype))
 
 
+def resample_style_tokens(resampler: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Frozen CLIP features ``(B, tokens, width)`` -> style tokens ``(B, N, hidden)`` (before noise), the
+    features moved to the resampler's device and dtype: the one image-to-style-tokens step that training
+    (:class:`~stylear_core.models.stylear.StyleARModel`) and serving references share."""
+    param = next(resampler.parameters())
+    return resampler(features.to(device=param.device, dtype=param.dtype))
+
+
 def add_style_noise(
     tokens: torch.Tensor, strength: float | torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:

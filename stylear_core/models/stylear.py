@@ -26,7 +26,7 @@ from stylear_core.data.layout import TokenVocab
 from stylear_core.models.backbone import IGNORE_INDEX, LuminaChameleonForCausalLM, next_token_loss
 from stylear_core.models.lora import adapters_disabled, lora_parameters
 from stylear_core.models.resampler import StyleResampler
-from stylear_core.models.style_tokens import add_style_noise, inject_style_tokens
+from stylear_core.models.style_tokens import add_style_noise, inject_style_tokens, resample_style_tokens
 
 
 @dataclass
@@ -130,8 +130,7 @@ class StyleARModel(nn.Module):
             raise ValueError("pass exactly one of style_pixels or style_features")
         if style_features is None:
             style_features = self.style_features(style_pixels)
-        param = next(self.resampler.parameters())
-        tokens = self.resampler(style_features.to(device=param.device, dtype=param.dtype))
+        tokens = resample_style_tokens(self.resampler, style_features)
         strength = self.default_noise_strength() if noise_strength is None else noise_strength
         return add_style_noise(tokens, strength, generator)
 

@@ -36,14 +36,13 @@ from stylear_core.evaluation.style_eval import (
 from stylear_core.evaluation.subject_eval import StudentGenerator, StudentSamplingConfig
 from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.inference.generator import StyleARGenerator
-from stylear_core.models.presets import ModelConfig, build_stylear_model
+from stylear_core.models.presets import build_stylear_model
 from stylear_core.preferences.pairs import PreferencePairSampler, PreferenceSamplingConfig
 from stylear_core.runs import write_manifest
+from stylear_core.testing.fixtures import tiny_model_cfg
 from stylear_core.training.export import export_adapter
 
-TINY = ModelConfig(
-    preset="tiny", image_size=64, num_style_tokens=4, lora_rank=4, lora_alpha=8.0, noise_strength_infer=0.3
-)
+TINY = tiny_model_cfg(lora_rank=4, lora_alpha=8.0, noise_strength_infer=0.3)
 SAMPLING = SamplingConfig(cfg_scale=3.0, top_k=64, temperature=1.0, noise_strength=0.3)
 SEED = 1234
 SLOT_RANK = 8
