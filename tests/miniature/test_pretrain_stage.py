@@ -1,0 +1,91 @@
+"""The pretrain stage on real Ray Train + DeepSpeed: the miniature world's base model trains, is published
+where the later stages' model blocks point, and a rerun reuses the cached world and base."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs import pretrain
+from stylear_core.config import from_dict
+from stylear_core.data.tokenizer import ByteTokenizer
+from stylear_core.models.config import ModelConfig
+from stylear_core.models.presets import build_backbone
+from stylear_core.training.metrics import read_metrics_log
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+SMALL = [
+    "world.vq_images=64",
+    "world.vqgan.steps=20",
+    "world.vqgan.crop=16",
+    "world.vqgan.batch_size=16",
+    "world.vqgan.full_image_steps=5",
+    "world.vqgan.full_image_batch_size=4",
+    "world.vqgan.warmup_steps=2",
+    "world.style_clip.steps=5",
+    "world.style_clip.batch_size=16",
+    "world.judges.num_images=128",
+    "world.judges.steps=20",
+    "world.judges.batch_size=16",
+    "world.held_images=16",
+    "data.rows=64",
+    "data.sft_rows=16",
+    "train.max_steps=24",
+    "train.micro_batch_size=8",
+    "train.checkpoint_every=12",
+    "train.log_every=4",
+    "train.optimizer.warmup_steps=2",
+    "ray.worker.cpus=1",
+    "eval.prompts=4",
+]
+
+
+@pytest.fixture(autouse=True)
+def _train_controller_for_tiny_runs(monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+
+
+def run(run_dir, *extra: str) -> dict:
+    argv = [
+        "--config",
+        "jobs/configs/pretrain/mini.yaml",
+        f"run_dir={run_dir}",
+        f"output_dir={run_dir}/pretrain",
+    ]
+    return pretrain.main([*argv, *SMALL, *extra])
+
+
+def test_pretrain_trains_publishes_and_reuses_the_base(tmp_path):
+    summary = run(tmp_path)
+    assert summary["trained"]["steps"] == 24
+    rows = read_metrics_log(summary["trained"]["metrics_log"])
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, (rows[0]["loss"], rows[-1]["loss"])
+    model = from_dict(ModelConfig, summary["model"])
+    assert model.preset == "mini" and model.backbone_path.startswith(str(tmp_path / "pretrain" / "model"))
+    trained, vocab = build_backbone(model)
+    random_init, _ = build_backbone(ModelConfig(preset="mini"))
+    moved = [
+        name
+        for (name, a), (_, b) in zip(trained.state_dict().items(), random_init.state_dict().items())
+        if not torch.equal(a, b)
+    ]
+    assert len(moved) > 0.9 * len(trained.state_dict())  # the whole backbone trained, not an adapter
+    assert 0.0 <= summary["base_content_accuracy"] <= 1.0
+    world = json.loads((tmp_path / "pretrain" / "model" / "world.json").read_text())
+    assert world["vqgan"]["latent_side"] == 8
+    # SFT rows for the next stage: style prompts with the model's 16 placeholders, the target image.
+    table = pq.read_table(summary["sft_tokens"])
+    assert table.num_rows == 16 and set(table.column_names) >= {"prompt_ids", "image_tokens", "image"}
+    placeholder = vocab.style_placeholder
+    assert all(ids.count(placeholder) == 16 for ids in table.column("prompt_ids").to_pylist())
+    assert ByteTokenizer(vocab).decode(table.column("prompt_ids")[0].as_py()).startswith("Generate an image")
+    # A forced rerun (a fresh stage dir, same cache) trains nothing: the world and the base are reused.
+    again = run(tmp_path, "force=true")
+    assert again["trained"] == "reused" and again["base"] == summary["base"]
+    assert again["base_content_accuracy"] == summary["base_content_accuracy"]
