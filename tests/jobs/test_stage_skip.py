@@ -25,7 +25,7 @@ from cluster.local import free_port, project_env
 REPO = Path(__file__).resolve().parents[2]
 STAGES = (
     "curate", "train_style", "make_preferences", "train_dpo", "evaluate", "export",
-    "dreambooth", "proxy_generate", "train_subject", "evaluate_subject",
+    "dreambooth", "proxy_generate", "train_subject", "evaluate_subject", "pretrain", "evaluate_world",
 )  # fmt: skip
 
 # Runs in the child: every stage on a complete, then an interrupted, output dir; prints one JSON line.
@@ -44,7 +44,8 @@ results = {}
 for name in stages:
     job = importlib.import_module(f"jobs.{name}")
     out = root / name
-    argv = ["--config", f"jobs/configs/{name}/tiny.yaml", f"run_dir={root}", f"output_dir={out}",
+    preset = "mini" if name in ("pretrain", "evaluate_world") else "tiny"  # the miniature world's stages
+    argv = ["--config", f"jobs/configs/{name}/{preset}.yaml", f"run_dir={root}", f"output_dir={out}",
             f"ray_address={dead}"]
     write_manifest(out, job.FORMAT, status="complete", summary={"marker": name, "status": "complete"})
     before = snapshot(out)
