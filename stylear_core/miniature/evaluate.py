@@ -67,10 +67,15 @@ def judge_images(
     """Style accuracy, content accuracy and leakage of ``images`` (one per pair)."""
     pixels = to_tensor(list(images))
     style = judges.style_correct(pixels, [p.style for p in pairs])
+    parts = judges.style_parts_correct(pixels, [p.style for p in pairs]).float().mean(dim=0)
     content = judges.content_correct(pixels, [p.content for p in pairs])
     leaked = judges.leaked(pixels, [p.content for p in pairs], [p.reference_content for p in pairs])
     return {
         "style_accuracy": float(style.float().mean()),
+        # Each part of the style on its own (chance 1/6, 1/5, 1/3): which parts the style tokens carry.
+        "palette_accuracy": float(parts[0]),
+        "texture_accuracy": float(parts[1]),
+        "stroke_accuracy": float(parts[2]),
         "content_accuracy": float(content.float().mean()),
         "leakage": float(leaked.float().mean()),
         "pairs": len(pairs),

@@ -212,10 +212,15 @@ class Judges:
     content: ContentJudge
 
     @torch.no_grad()
+    def style_parts_correct(self, pixels: torch.Tensor, styles: Sequence[StyleSpec]) -> torch.Tensor:
+        """``(B, 3)`` bool: the judge names the palette, texture and stroke of each expected style."""
+        expected = torch.tensor([style_labels(s) for s in styles])
+        return self.style.predict(pixels) == expected
+
+    @torch.no_grad()
     def style_correct(self, pixels: torch.Tensor, styles: Sequence[StyleSpec]) -> torch.Tensor:
         """``(B,)`` bool: the judge names palette, texture and stroke of each expected style."""
-        expected = torch.tensor([style_labels(s) for s in styles])
-        return (self.style.predict(pixels) == expected).all(dim=1)
+        return self.style_parts_correct(pixels, styles).all(dim=1)
 
     @torch.no_grad()
     def content_correct(self, pixels: torch.Tensor, contents: Sequence[ContentSpec]) -> torch.Tensor:
@@ -250,7 +255,9 @@ class Judges:
 @torch.no_grad()
 def vq_round_trip(vq: nn.Module, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """``pixels`` through a VQGAN's encode and decode, in batches."""
-    return torch.cat([vq.decode(vq.encode(pixels[i : i + batch_size])) for i in range(0, len(pixels), batch_size)])
+    return torch.cat(
+        [vq.decode(vq.encode(pixels[i : i + batch_size])) for i in range(0, len(pixels), batch_size)]
+    )
 
 
 def train_judges(config: JudgeTrainingConfig, vq: nn.Module | None = None) -> tuple[Judges, dict[str, float]]:
