@@ -36,11 +36,11 @@ from stylear_core.models.vqgan import ChameleonVQGAN, mini_vqgan_config
 class VQGANTrainingConfig:
     """How the miniature VQGAN is trained (on crops of procedural images)."""
 
-    steps: int = option(1200, "optimizer steps")
+    steps: int = option(2500, "optimizer steps")
     batch_size: int = option(32, "crops per step")
     crop: int = option(32, "crop side in pixels (a multiple of the downsample factor)")
     full_image_steps: int = option(
-        300,
+        1500,
         "the last steps train on whole images: GroupNorm statistics and the mid attention see what inference sees",
     )
     full_image_batch_size: int = option(16, "whole images per step in those last steps")

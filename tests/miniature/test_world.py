@@ -55,7 +55,9 @@ def small_world(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     config = WorldConfig(
         vq_images=128,
-        vqgan=VQGANTrainingConfig(steps=40, crop=16, batch_size=16, warmup_steps=5),
+        vqgan=VQGANTrainingConfig(
+            steps=40, crop=16, batch_size=16, warmup_steps=5, full_image_steps=10, full_image_batch_size=8
+        ),
         style_clip=StyleClipTrainingConfig(steps=30, batch_size=32),
         judges=JudgeTrainingConfig(num_images=600, steps=150, batch_size=32),
         held_images=64,
