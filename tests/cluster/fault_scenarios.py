@@ -101,10 +101,10 @@ def training_node_loss(work: Path, cluster, workers: list) -> dict:
     command = [
         sys.executable, "-m", "jobs.train_style",
         "--config", str(REPO / "jobs/configs/train_style/tiny.yaml"),
-        f"run_dir={work}", f"output_dir={out}", f"ray.address={cluster.address}",
+        f"run_dir={work}", f"output_dir={out}", f"ray_address={cluster.address}",
         f"data.token_shards={work / 'shards'}", "data.synthetic_rows=16", "data.cache=false",
         "train.max_steps=10", "train.checkpoint_every=2", "train.grad_accum_steps=1",
-        "ray.num_workers=2", "ray.cpus_per_worker=1.5", "ray.max_failures=2",
+        "ray.num_workers=2", "ray.worker.cpus=1.5", "ray.max_failures=2",
         f"ray.storage_path={storage}", "ray.name=train_style",
     ]  # fmt: skip
     with open(work / "driver.log", "wb") as log:
