@@ -1,6 +1,6 @@
 """StyleAR style-token SFT on Ray Train + DeepSpeed ZeRO: token shards in, a serving adapter out.
 
-Takes token shards (``stylear.token_shards/1`` parquet; style tokens come from each row's own
+Takes token shards (``stylear.token_shards/2`` parquet; style tokens come from each row's own
 target image) and the model block; trains the resampler and LoRA (or the whole backbone) with
 ``train.zero_stage`` 2 or 3 on ``ray.num_workers`` workers, checkpointing every
 ``train.checkpoint_every`` steps (a rerun with the same ``ray.storage_path`` + ``ray.name`` resumes).

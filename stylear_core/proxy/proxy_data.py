@@ -23,7 +23,7 @@ Output directory (the curation layout; tables in the formats of :mod:`stylear_co
 
     output_dir/
       curated/   stylear.curated/2 records + proxy columns (subject, identifier, dino_score, clip_i_score)
-      tokens/    stylear.token_shards/1, source "proxy", text prompts with the identifier
+      tokens/    stylear.token_shards/2, source "proxy", text prompts with the identifier
       errors/    stylear.errors/1: failed generations and filtered images (with their scores)
       manifest.json   format stylear.proxy_generate/1: status, subjects (name, identifier, class noun), summary
 

@@ -86,7 +86,7 @@ def test_the_submitted_pipeline_succeeds_and_completes_every_stage(submitted):
 def test_the_stages_leave_their_documented_outputs(submitted):
     run_dir, status, _, _ = submitted
     assert status == "SUCCEEDED"
-    for table, version in (("curated", "stylear.curated/2"), ("tokens", "stylear.token_shards/1")):
+    for table, version in (("curated", "stylear.curated/2"), ("tokens", "stylear.token_shards/2")):
         files = sorted((run_dir / "curate" / table).glob("*.parquet"))
         assert files and schema_version(pq.read_schema(files[0])) == version
     assert pq.read_table(run_dir / "make_preferences" / "pairs").num_rows > 0
