@@ -46,9 +46,9 @@ class WorldEvalStageConfig(StageConfig):
     resources: Resources = option(Resources(cpus=1.0), "per variant task")
 
 
-def _variant_task(model: ModelConfig, adapter: str | None, world_dir: str, cfg: WorldEvalConfig):
+def _variant_task(model: ModelConfig, adapter: str | None, world_dir: str, cfg: WorldEvalConfig, pairs):
     judges = load_judges(WorldPaths(Path(world_dir)))
-    return evaluate_variant(model, adapter, judges, cfg)
+    return evaluate_variant(model, adapter, judges, cfg, pairs)
 
 
 def run_world_evaluation(cfg: WorldEvalStageConfig) -> dict[str, Any]:
@@ -66,14 +66,15 @@ def run_world_evaluation(cfg: WorldEvalStageConfig) -> dict[str, Any]:
         for strength in cfg.noise_ablation:
             sampling = replace(cfg.eval.sampling, noise_strength=strength)
             runs[f"{cfg.tuned}@noise={strength:g}"] = (tuned, replace(cfg.eval, sampling=sampling))
+    pairs = held_out_pairs(cfg.eval)  # drawn once: every variant and the grid use the same pairs
+    pairs_ref = ray.put(pairs)
     task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus)(_variant_task)
-    refs = {name: task.remote(model, path, world_dir, ecfg) for name, (path, ecfg) in runs.items()}
+    refs = {name: task.remote(model, path, world_dir, ecfg, pairs_ref) for name, (path, ecfg) in runs.items()}
     results = {name: ray.get(ref) for name, ref in refs.items()}
     out = cfg.stage_dir
     out.mkdir(parents=True, exist_ok=True)
     metrics = {name: figures for name, (figures, _) in results.items()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    pairs = held_out_pairs(cfg.eval)
     rows = [[p.reference for p in pairs]] + [images for _, images in results.values()]
     write_grid(rows, out / "grid.png")
     return {"metrics": metrics, "grid": str(out / "grid.png"), "variants": list(runs)}

@@ -24,17 +24,21 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from stylear_core.adapters.io import load_adapter
 from stylear_core.config import option, to_dict
+from stylear_core.curation.tokenize import token_vocab
 from stylear_core.data.images import to_tensor
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.data.schemas import TOKEN_SHARDS_SCHEMA, rows_to_table
 from stylear_core.inference.defaults import SamplingConfig
+from stylear_core.inference.generator import StyleARGenerator
 from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES, WORLD_IMAGE_SIZE, scenes, token_rows
 from stylear_core.miniature.world import WorldConfig, WorldPaths, ensure_world, load_judges
 from stylear_core.models.config import ModelConfig
 from stylear_core.models.presets import build_prompt_tokenizer, build_stylear_model, build_vqgan
 from stylear_core.stages import StageConfig
 from stylear_core.training.batches import TOKEN_SHARD_COLUMNS, read_parquet_dataset
+from stylear_core.training.export import export_training_outcome
 from stylear_core.training.loop import OptimizerConfig, RayTrainConfig, TrainLoopConfig, run_training
 from stylear_core.training.objectives import StyleSFTObjective
 
@@ -101,10 +105,10 @@ def write_world_shards(
     directory: Path, model: ModelConfig, items, num_style_tokens: int, id_prefix: str
 ) -> Path:
     """Token shards of ``items`` (scenes) for ``model`` in ``directory/part-00000.parquet``."""
-    built = build_stylear_model(replace(model, trainable="lora"))
-    tokenizer = build_prompt_tokenizer(model, built.vocab)
-    layout = ImageTokenLayout.for_resolution(WORLD_IMAGE_SIZE, WORLD_IMAGE_SIZE, built.vocab)
-    vq = build_vqgan(model, built.vocab)
+    vocab = token_vocab(model)  # the backbone's vocab without building the backbone
+    tokenizer = build_prompt_tokenizer(model, vocab)
+    layout = ImageTokenLayout.for_resolution(WORLD_IMAGE_SIZE, WORLD_IMAGE_SIZE, vocab)
+    vq = build_vqgan(model, vocab)
     rows = token_rows(items, vq, layout, tokenizer, num_style_tokens, id_prefix)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / "part-00000.parquet.tmp"
@@ -115,8 +119,6 @@ def write_world_shards(
 
 def save_base(adapter_dir: Path, model: ModelConfig, target: Path) -> None:
     """The fully trained backbone of ``adapter_dir`` -> a Hugging Face-format dir at ``target`` (atomic)."""
-    from stylear_core.adapters.io import load_adapter
-
     built = build_stylear_model(model)
     load_adapter(built, adapter_dir)
     tmp = target.with_name(target.name + ".tmp")
@@ -144,8 +146,6 @@ def publish(paths: WorldPaths, base_dir: Path, target: Path) -> ModelConfig:
 
 def measure_base(model: ModelConfig, paths: WorldPaths, cfg: BaseEvalConfig) -> dict[str, Any]:
     """Content accuracy of the base on held-out prompts (held-out styles' scenes; text prompts only)."""
-    from stylear_core.inference.generator import StyleARGenerator
-
     judges = load_judges(paths)
     items = scenes(cfg.seed, cfg.prompts, HELD_OUT_STYLES, "base-eval")
     generator = StyleARGenerator(model, device="cpu", max_batch=cfg.prompts)
@@ -171,8 +171,6 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
         dataset = read_parquet_dataset(str(shards), list(TOKEN_SHARD_COLUMNS))
         objective = StyleSFTObjective(model, use_style_tokens=False)
         outcome = run_training(objective, cfg.train, cfg.ray, {"train": dataset}, out)
-        from stylear_core.training.export import export_training_outcome
-
         adapter = export_training_outcome(outcome.checkpoint, out, model, outcome.metrics, kind="pretrain")
         save_base(adapter, model, base_dir)
         trained = {
