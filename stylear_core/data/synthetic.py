@@ -152,6 +152,15 @@ ALL_STYLES: tuple[StyleSpec, ...] = tuple(
 )
 
 
+def caption_words() -> tuple[str, ...]:
+    """Every word a caption of this generator can use (:meth:`ObjectSpec.describe`, "and"), and the style
+    names (palettes, textures, strokes), in a fixed order."""
+    words = ["a", "in", "the", "at", "and", *SIZES, *COLOURS, *OBJECT_KINDS]
+    words += [w for place in POSITIONS for w in place.split()]
+    words += [*PALETTES, *TEXTURES, *STROKES]
+    return tuple(dict.fromkeys(words))
+
+
 def _background(style: StyleSpec, size: int) -> np.ndarray:
     palette = PALETTES[style.palette]
     c0 = np.asarray(palette.background, dtype=np.float32)

@@ -12,7 +12,8 @@ import torch
 
 from stylear_core.config import ConfigError
 from stylear_core.data.layout import TokenVocab
-from stylear_core.data.tokenizer import PromptTokenizer, load_prompt_tokenizer
+from stylear_core.data.synthetic import caption_words
+from stylear_core.data.tokenizer import PromptTokenizer, load_prompt_tokenizer, template_words
 from stylear_core.models.backbone import (
     LuminaChameleonForCausalLM,
     lumina_mgpt_7b_768,
@@ -161,9 +162,11 @@ def build_stylear_model(cfg: ModelConfig, device: str | torch.device = "cpu") ->
 
 
 def build_prompt_tokenizer(cfg: ModelConfig, vocab: TokenVocab) -> PromptTokenizer:
-    """The prompt tokenizer: ``tokenizer_path`` (or ``backbone_path``) for lumina7b, else the byte tokenizer."""
+    """The prompt tokenizer: ``tokenizer_path`` (or ``backbone_path``) for lumina7b; for ``mini`` the word
+    tokenizer over the templates' and the procedural captions' words; else the byte tokenizer."""
     path = cfg.tokenizer_path or (cfg.backbone_path if cfg.preset == "lumina7b" else None)
-    return load_prompt_tokenizer(path, vocab)
+    words = (*template_words(), *caption_words()) if cfg.preset == "mini" else ()
+    return load_prompt_tokenizer(path, vocab, words)
 
 
 def build_vqgan(cfg: ModelConfig, vocab: TokenVocab, device: str | torch.device = "cpu") -> ChameleonVQGAN:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,28 @@ def test_missing_tokenizer_dir_is_an_error(tmp_path, vocab):
     with pytest.raises(FileNotFoundError):
         load_prompt_tokenizer(tmp_path / "nope", vocab)
     assert isinstance(load_prompt_tokenizer(None, vocab), ByteTokenizer)
+
+
+def test_word_tokenizer_gives_listed_words_one_id_and_round_trips_everything_else():
+    from stylear_core.data.layout import prompt_text
+    from stylear_core.data.synthetic import caption_words
+    from stylear_core.data.tokenizer import WordTokenizer, template_words
+    from stylear_core.models.backbone import mini_vocab
+
+    vocab = mini_vocab()
+    words = WordTokenizer(vocab, (*template_words(), *caption_words()))
+    plain = ByteTokenizer(vocab)
+    caption = "a large red circle at the top left and a small blue star in the center"
+    text = prompt_text(caption, 64, 64)
+    ids = words.encode(text)
+    assert words.decode(ids) == text
+    # Each word of the template and caption is one id ("64x64", ":" and "\n" included as written).
+    assert len(ids) == 1 + len(re.findall(r"[A-Za-z0-9]+|[:\n]", text))
+    assert len(ids) < len(plain.encode(text)) / 3
+    assert words.token_to_id(" circle") != words.token_to_id("circle")
+    # Text outside the list, specials and non-ASCII fall back to what the byte tokenizer writes.
+    other = "zebra ñ <reserved08706>"
+    assert words.encode(other) == plain.encode(other)
+    assert words.decode(words.encode(other)) == other
+    with pytest.raises(ValueError, match="do not fit"):
+        WordTokenizer(vocab, [f"w{i}" for i in range(200)])
