@@ -24,6 +24,13 @@ The vocab's ``prompt_template`` picks the wording of a style prompt:
   ``FlexARInferenceSolver.generate``): ``Instant style Generation. Given image style is S* S* ... S*.
   Please generate an same style image according to my instruction: <prompt>`` with no resolution,
   the style tokens going where the tokenizer wrote ``S*`` (id 16393 in the real vocabulary).
+
+A style prompt may also carry a **condition image** (a depth map, ...; how StyleAR's release controls
+layout): ``condition=True`` writes the vocabulary's ``<image>`` placeholder (one id) into the wording --
+``stylear_release``: the release's second template, ``... Please generate an image according to the
+provided image <image> and according to my instruction: <prompt>``; ``lumina``: ``... Given image style
+is ... Given condition image is <image>`` -- and
+:func:`~stylear_core.data.condition_tokens.splice_condition_tokens` puts the image's tokens there.
 """
 
 from __future__ import annotations
@@ -42,6 +49,14 @@ RELEASE_STYLE_TEMPLATE = (
     "Instant style Generation. " + STYLE_PHRASE + " {placeholders}. "
     "Please generate an same style image according to my instruction: {prompt}"
 )
+# The release's template for a condition image (its <|image|> marker becomes the vocabulary's <image>).
+RELEASE_CONDITION_TEMPLATE = (
+    "Instant style Generation. " + STYLE_PHRASE + " {placeholders}. "
+    "Please generate an image according to the provided image {condition} "
+    "and according to my instruction: {prompt}"
+)
+# This project's own (lumina) wording for a condition image, after the style placeholders.
+CONDITION_PHRASE = "Given condition image is"
 
 # Vocabulary names of the special tokens in the Chameleon / Lumina-mGPT tokenizer.
 BOS_NAME = "<s>"
@@ -341,19 +356,45 @@ def style_placeholder_text(tokenizer: PromptTokenizer, num_style_tokens: int) ->
     return sep.join([name] * num_style_tokens)
 
 
+def condition_placeholder_text(tokenizer: PromptTokenizer) -> str:
+    """The name of the one id a condition image's tokens replace: ``<image>``."""
+    return tokenizer.id_to_token(tokenizer.vocab.image_placeholder)
+
+
 def style_prompt_text(
-    prompt: str, placeholders: str, height: int, width: int, template: str = "lumina"
+    prompt: str,
+    placeholders: str,
+    height: int,
+    width: int,
+    template: str = "lumina",
+    condition: str | None = None,
 ) -> str:
     """The human turn of a StyleAR prompt in ``template``'s wording (see the module docstring).
 
-    ``lumina``: Lumina's resolution template around ``<prompt> Given image style is <placeholders>``;
-    ``stylear_release``: :data:`RELEASE_STYLE_TEMPLATE` (``height`` and ``width`` are not written).
+    ``lumina``: Lumina's resolution template around ``<prompt> Given image style is <placeholders>``
+    (then ``Given condition image is <condition>`` with a condition); ``stylear_release``:
+    :data:`RELEASE_STYLE_TEMPLATE`, or :data:`RELEASE_CONDITION_TEMPLATE` with a condition (``height``
+    and ``width`` are not written). ``condition`` is the condition placeholder's text, None for none.
     """
     if template == "stylear_release":
+        if condition is not None:
+            return RELEASE_CONDITION_TEMPLATE.format(
+                placeholders=placeholders, condition=condition, prompt=prompt
+            )
         return RELEASE_STYLE_TEMPLATE.format(placeholders=placeholders, prompt=prompt)
     if template != "lumina":
         raise ValueError(f"unknown prompt template {template!r}")
-    return prompt_text(f"{prompt} {STYLE_PHRASE} {placeholders}", height, width)
+    turn = f"{prompt} {STYLE_PHRASE} {placeholders}"
+    if condition is not None:
+        turn += f" {CONDITION_PHRASE} {condition}"
+    return prompt_text(turn, height, width)
+
+
+def _check_condition_placeholder(tokenizer: PromptTokenizer, ids: list[int], prompt: str) -> None:
+    # Exactly one <image> id, or the condition's tokens would have no place (or two).
+    found = sum(1 for i in ids if i == tokenizer.vocab.image_placeholder)
+    if found != 1:
+        raise ValueError(f"prompt has {found} condition-image placeholders, expected 1: {prompt!r}")
 
 
 def _turn_ids(tokenizer: PromptTokenizer, text: str) -> list[int]:
@@ -361,13 +402,29 @@ def _turn_ids(tokenizer: PromptTokenizer, text: str) -> list[int]:
     return [*tokenizer.encode(text), tokenizer.vocab.eos]
 
 
-def text_prompt_ids(tokenizer: PromptTokenizer, prompt: str, height: int, width: int) -> list[int]:
-    """Lumina-mGPT's text-to-image prompt: ``<s> Generate an image of WxH ...\\n<prompt> <reserved08706>``."""
-    return _turn_ids(tokenizer, prompt_text(prompt, height, width))
+def text_prompt_ids(
+    tokenizer: PromptTokenizer, prompt: str, height: int, width: int, condition: bool = False
+) -> list[int]:
+    """Lumina-mGPT's text-to-image prompt: ``<s> Generate an image of WxH ...\\n<prompt> <reserved08706>``.
+
+    ``condition``: ``<prompt> Given condition image is <image>``, one ``<image>`` id for a condition
+    image's tokens (``ValueError`` if the prompt text holds another).
+    """
+    if not condition:
+        return _turn_ids(tokenizer, prompt_text(prompt, height, width))
+    text = f"{prompt} {CONDITION_PHRASE} {condition_placeholder_text(tokenizer)}"
+    ids = _turn_ids(tokenizer, prompt_text(text, height, width))
+    _check_condition_placeholder(tokenizer, ids, prompt)
+    return ids
 
 
 def style_prompt_ids(
-    tokenizer: PromptTokenizer, prompt: str, num_style_tokens: int, height: int, width: int
+    tokenizer: PromptTokenizer,
+    prompt: str,
+    num_style_tokens: int,
+    height: int,
+    width: int,
+    condition: bool = False,
 ) -> list[int]:
     """A StyleAR prompt with exactly ``num_style_tokens`` style-placeholder ids, ending the human turn.
 
@@ -375,12 +432,14 @@ def style_prompt_ids(
     release: ``[<s>] + encode(text + "<reserved08706>")`` (its conversation template appends the
     end-of-turn name to the text before tokenizing). Raises ``ValueError`` if the tokenizer does not
     turn the placeholders into that many ids (or the prompt text itself contains the placeholder).
+    ``condition``: the condition-image wording with exactly one ``<image>`` id (module docstring).
     """
     if num_style_tokens <= 0:
         raise ValueError(f"num_style_tokens must be positive, got {num_style_tokens}")
     template = tokenizer.vocab.prompt_template
     placeholders = style_placeholder_text(tokenizer, num_style_tokens)
-    text = style_prompt_text(prompt, placeholders, height, width, template)
+    marker = condition_placeholder_text(tokenizer) if condition else None
+    text = style_prompt_text(prompt, placeholders, height, width, template, marker)
     if template == "stylear_release":
         ids = tokenizer.encode(text + tokenizer.id_to_token(tokenizer.vocab.eos))
         if ids[-1] != tokenizer.vocab.eos:
@@ -390,6 +449,8 @@ def style_prompt_ids(
     found = sum(1 for i in ids if i == tokenizer.vocab.style_placeholder)
     if found != num_style_tokens:
         raise ValueError(f"prompt has {found} style-placeholder ids, expected {num_style_tokens}: {prompt!r}")
+    if condition:
+        _check_condition_placeholder(tokenizer, ids, prompt)
     return ids
 
 
