@@ -6,6 +6,9 @@ Endpoints:
   file, or JSON with ``image`` as base64) and options; answers ``image/png`` (seed in ``X-Seed``)
   or, with ``response_format=base64``, JSON ``{"image", "seed", "width", "height", "adapter"}``.
 * ``POST /v1/generate/subject``: a prompt naming the subject's identifier and its ``adapter``.
+* Both take an optional ``condition`` image (a file part, or base64 in JSON), e.g. a depth map: it is
+  VQ-tokenized into the prompt at the requested size (StyleAR's depth control) and checked like the
+  style reference, its errors naming ``condition``.
 * ``GET /v1/adapters``, ``GET /v1/stats`` (the model replica's counters), ``GET /healthz``.
 
 Everything a client gets wrong is a 4xx ``{"error", "field"}`` decided here or by the model
@@ -193,8 +196,18 @@ class StyleARIngress:
             )
         return Response(outcome.png, media_type="image/png", headers={"X-Seed": str(outcome.seed)})
 
-    def _job(self, kind: str, options: GenerationOptions, **extra: Any) -> GenerationJob:
+    def _check_image(self, data: bytes, field: str) -> bytes:
+        cfg = self.cfg
+        return check_reference(
+            data, cfg.max_upload_bytes, cfg.max_reference_pixels, cfg.max_reference_side,
+            cfg.max_reference_aspect, field=field,
+        )  # fmt: skip
+
+    def _job(
+        self, kind: str, options: GenerationOptions, uploads: dict[str, bytes], **extra: Any
+    ) -> GenerationJob:
         side = self.cfg.model.image_size
+        condition = uploads.get("condition")
         return GenerationJob(
             kind=kind,  # type: ignore[arg-type]
             prompt=options.prompt,
@@ -205,6 +218,7 @@ class StyleARIngress:
             temperature=options.temperature,
             seed=options.seed,
             adapter=options.adapter,
+            condition=self._check_image(condition, "condition") if condition is not None else None,
             **extra,
         )
 
@@ -216,16 +230,11 @@ class StyleARIngress:
     )
     async def generate_style(self, request: Request) -> Response:
         """Style-aligned generation: prompt + reference image -> PNG (or base64 JSON)."""
-        options, reference = await self.reader.read(request, StyleOptions)
+        options, uploads = await self.reader.read(request, StyleOptions)
+        reference = uploads.get("image")
         if reference is None:
             raise ApiError(422, "image: a style reference image is required", "image")
-        check_reference(
-            reference,
-            self.cfg.max_upload_bytes,
-            self.cfg.max_reference_pixels,
-            self.cfg.max_reference_side,
-            self.cfg.max_reference_aspect,
-        )
+        self._check_image(reference, "image")
         use_sam = self.cfg.sam_default if options.sam is None else options.sam
         if use_sam and not self.cfg.sam_enabled:
             raise ApiError(422, "sam: SAM cleaning is not enabled on this server", "sam")
@@ -233,6 +242,7 @@ class StyleARIngress:
         job = self._job(
             "style",
             options,
+            uploads,
             reference=reference,
             noise_strength=options.noise_strength,
             sam=use_sam,
@@ -248,10 +258,10 @@ class StyleARIngress:
     )
     async def generate_subject(self, request: Request) -> Response:
         """Subject-driven generation: a prompt with the subject's identifier, on the subject's adapter."""
-        options, reference = await self.reader.read(request, SubjectOptions)
-        if reference is not None:
+        options, uploads = await self.reader.read(request, SubjectOptions)
+        if "image" in uploads:
             raise ApiError(422, "image: subject generation takes no reference image", "image")
-        return await self._generate(self._job("subject", options), options)
+        return await self._generate(self._job("subject", options, uploads), options)
 
     @api.get("/v1/adapters", responses=READ_RESPONSES)
     async def adapters(self) -> dict[str, Any]:

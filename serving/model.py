@@ -43,6 +43,7 @@ from stylear_core.adapters.io import adapter_path, list_adapters
 from stylear_core.config import from_dict
 from stylear_core.data.images import ImageDecodeError, encode_png
 from stylear_core.devices import resolve_device
+from stylear_core.inference.condition_request import ConditionImageError
 from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.inference.engine import GenerationRequest, GenerationRequestError
 from stylear_core.inference.generator import ServedAdapter, StyleARGenerator
@@ -216,15 +217,19 @@ class StyleARModelDeployment:
             cfg_scale=job.cfg, top_k=job.top_k, temperature=job.temperature, noise_strength=strength
         )
         style = None
+        # A condition image's tokens (e.g. a depth map's) go into the prompt at the requested size.
+        condition = None
+        if job.condition is not None:
+            condition = self.generator.condition_ids(job.condition, job.height, job.width)
         if job.kind == "style":
-            ids = self.generator.style_prompt_ids(job.prompt, job.height, job.width)
+            ids = self.generator.style_prompt_ids(job.prompt, job.height, job.width, condition)
             if job.reference is None:
                 raise StyleRequestError("image", "a style reference image is required")
             resampler = adapter.resampler if adapter is not None else None
             style = self.style(job.reference, job.sam, strength, seed, resampler, sam_mode=job.sam_mode)
         else:
             self._check_subject_prompt(job, adapter)
-            ids = self.generator.text_prompt_ids(job.prompt, job.height, job.width)
+            ids = self.generator.text_prompt_ids(job.prompt, job.height, job.width, condition)
         request = self.generator.request(ids, job.height, job.width, sampling, seed, style_embeds=style)
         self.engine.validate(request)
         return request
@@ -278,6 +283,8 @@ class StyleARModelDeployment:
                 request = self._prepare(job, adapter)
                 request.cancel = cancel
                 ready.append((i, request))
+            except ConditionImageError as e:
+                outcomes[i] = self._fail(400, f"condition: {e}", "condition")
             except ImageDecodeError as e:
                 outcomes[i] = self._fail(400, str(e), "image")
             except (GenerationRequestError, StyleRequestError) as e:

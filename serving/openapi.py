@@ -15,7 +15,7 @@ ERROR_DESCRIPTIONS = {
     404: "Unknown adapter.",
     408: "The request body did not arrive within the server's body_read_timeout_s "
     "(or the proxy's request_timeout_s passed).",
-    413: "The body or the reference image is over the size limits.",
+    413: "The body, the reference image or the condition image is over the size limits.",
     415: "Content type other than JSON or multipart, or an image format other than PNG, JPEG or WebP.",
     422: "A field fails validation; `field` names it.",
     429: "Too many requests queued; retry after `Retry-After` seconds.",

@@ -2,7 +2,8 @@
 
 A body must arrive within ``body_read_timeout_s`` (408) and stay under the upload limit (413) before
 anything is parsed; numbers too long for Python's ``int`` and JSON nested too deeply are 4xx; a style
-reference is checked from its header only (format, bytes, pixels, sides, aspect ratio).
+reference or a condition image is checked from its header only (format, bytes, pixels, sides, aspect
+ratio), each error naming its field (``image`` or ``condition``).
 """
 
 # No `from __future__ import annotations`: kept like the ingress, whose FastAPI routes call into here.
@@ -18,7 +19,7 @@ from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from serving.config import ServingConfig
-from serving.schemas import ApiError, GenerationOptions, form_values, parse_options
+from serving.schemas import FILE_FIELDS, ApiError, GenerationOptions, form_values, parse_options
 from stylear_core.data.images import (
     WEB_FORMATS,
     ImageDecodeError,
@@ -30,6 +31,8 @@ from stylear_core.data.images import (
 # Room for the form fields and multipart framing beside the largest allowed upload.
 BODY_SLACK_BYTES = 64 * 1024
 MAX_FORM_FIELDS = 32
+# What an empty upload of each file field is called in its error message.
+_UPLOAD_NAMES = {"image": "the style reference", "condition": "the condition image"}
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -115,46 +118,51 @@ def check_reference(
     max_pixels: int,
     max_side: int = ServingConfig.max_reference_side,
     max_aspect: float = ServingConfig.max_reference_aspect,
+    field: str = "image",
 ) -> bytes:
-    """Reference bytes whose header shows an accepted image within the limits, else a 4xx naming ``image``.
+    """Image bytes whose header shows an accepted image within the limits, else a 4xx naming ``field``.
 
-    Only the header is read (a few milliseconds whatever the upload declares), so this runs inline on
-    the event loop. The pixels are decoded once, on the model replica's decode thread, where data
-    that does not decode (truncated, corrupt) is a 400 naming ``image``. Statuses: empty 422; over
-    the byte, pixel or side limit 413; more elongated than the aspect-ratio limit 422; a known image
-    format other than PNG, JPEG or WebP 415 (the message lists those); anything else unreadable 400.
+    ``field`` is ``image`` (the style reference) or ``condition`` (a condition image): both are held to
+    the same limits. Only the header is read (a few milliseconds whatever the upload declares), so this
+    runs inline on the event loop. The pixels are decoded once, on the model replica's decode thread,
+    where data that does not decode (truncated, corrupt) is a 400 naming the field. Statuses: empty
+    422; over the byte, pixel or side limit 413; more elongated than the aspect-ratio limit 422; a
+    known image format other than PNG, JPEG or WebP 415 (the message lists those); anything else
+    unreadable 400.
     """
     if not data:
-        raise ApiError(422, "image: the style reference is empty", "image")
+        raise ApiError(422, f"{field}: {_UPLOAD_NAMES.get(field, 'the image')} is empty", field)
     if len(data) > max_bytes:
-        raise ApiError(413, f"image: {len(data)} bytes exceeds the {max_bytes}-byte limit", "image")
+        raise ApiError(413, f"{field}: {len(data)} bytes exceeds the {max_bytes}-byte limit", field)
     try:
         probe_image(data, max_pixels, max_side=max_side, max_aspect=max_aspect, formats=WEB_FORMATS)
     except UnsupportedImageFormatError as e:
-        raise ApiError(415, f"image: {e}", "image") from None
+        raise ApiError(415, f"{field}: {e}", field) from None
     except ImageLimitError as e:
-        raise ApiError(422 if e.limit == "aspect" else 413, f"image: {e}", "image") from None
+        raise ApiError(422 if e.limit == "aspect" else 413, f"{field}: {e}", field) from None
     except ImageDecodeError as e:
-        raise ApiError(400, f"image: {e}", "image") from None
+        raise ApiError(400, f"{field}: {e}", field) from None
     return data
 
 
 class RequestReader:
-    """Turns an HTTP request into validated options (+ reference bytes) under the configured limits."""
+    """Turns an HTTP request into validated options (+ uploaded image bytes) under the configured limits."""
 
     def __init__(self, cfg: ServingConfig) -> None:
         self.cfg = cfg
 
     async def read(
         self, request: Request, model: type[GenerationOptions]
-    ) -> tuple[GenerationOptions, bytes | None]:
-        """Parse JSON or multipart into ``model``; the reference image (if any) as raw bytes."""
+    ) -> tuple[GenerationOptions, dict[str, bytes]]:
+        """Parse JSON or multipart into ``model``; the uploaded images by field (``image``, ``condition``;
+        those sent) as raw bytes, not yet checked (:func:`check_reference`)."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        limit = self.cfg.max_upload_bytes * 4 // 3 + BODY_SLACK_BYTES  # base64 inflates by 4/3
+        # base64 inflates by 4/3; the body may carry a reference and a condition image.
+        limit = 2 * self.cfg.max_upload_bytes * 4 // 3 + BODY_SLACK_BYTES
         if content_type == "application/json":
-            data, reference = await self._read_json(request, limit)
+            data, uploads = await self._read_json(request, limit)
         elif content_type == "multipart/form-data":
-            data, reference = await self._read_multipart(request, limit)
+            data, uploads = await self._read_multipart(request, limit)
             data = form_values(model, data)
         else:
             raise ApiError(
@@ -170,25 +178,26 @@ class RequestReader:
             value = getattr(options, name)
             if value is not None and value > self.cfg.max_side:
                 raise ApiError(422, f"{name}: {value} exceeds the {self.cfg.max_side}-pixel limit", name)
-        return options, reference
+        return options, uploads
 
-    async def _read_json(self, request: Request, limit: int) -> tuple[dict[str, Any], bytes | None]:
+    async def _read_json(self, request: Request, limit: int) -> tuple[dict[str, Any], dict[str, bytes]]:
         data = parse_json_object(await read_body(request, limit, self.cfg.body_read_timeout_s))
-        reference = None
-        encoded = data.get("image")
-        if encoded is not None:
+        uploads = {}
+        for field in FILE_FIELDS:
+            encoded = data.pop(field, None)
+            if encoded is None:
+                continue
             if not isinstance(encoded, str):
-                raise ApiError(422, "image: expected a base64 string", "image")
+                raise ApiError(422, f"{field}: expected a base64 string", field)
             if "," in encoded[:64] and encoded.startswith("data:"):
                 encoded = encoded.split(",", 1)[1]  # a data URL
             try:
-                reference = base64.b64decode(encoded, validate=True)
+                uploads[field] = base64.b64decode(encoded, validate=True)
             except (binascii.Error, ValueError):
-                raise ApiError(400, "image: not valid base64", "image") from None
-            data = {k: v for k, v in data.items() if k != "image"}
-        return data, reference
+                raise ApiError(400, f"{field}: not valid base64", field) from None
+        return data, uploads
 
-    async def _read_multipart(self, request: Request, limit: int) -> tuple[dict[str, Any], bytes | None]:
+    async def _read_multipart(self, request: Request, limit: int) -> tuple[dict[str, Any], dict[str, bytes]]:
         # The size limit and the read timeout hold before anything is parsed.
         body = await read_body(request, limit, self.cfg.body_read_timeout_s)
 
@@ -201,14 +210,20 @@ class RequestReader:
         except Exception as e:  # starlette raises several parser error types for malformed bodies
             raise ApiError(400, f"body: malformed multipart form ({e})", "body") from None
         data: dict[str, Any] = {}
-        reference = None
+        uploads: dict[str, bytes] = {}
         for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if key != "image":
-                    raise ApiError(422, f"{key}: unexpected file field (the reference goes in 'image')", key)
-                reference = await value.read()
-            elif key in data:
+            if key in data or key in uploads:
                 raise ApiError(422, f"{key}: given more than once", key)
+            if isinstance(value, UploadFile):
+                if key not in FILE_FIELDS:
+                    raise ApiError(
+                        422,
+                        f"{key}: unexpected file field (images go in {', '.join(map(repr, FILE_FIELDS))})",
+                        key,
+                    )
+                uploads[key] = await value.read()
+            elif key in FILE_FIELDS:  # a text part where a file belongs would be taken for base64 text
+                raise ApiError(422, f"{key}: send the image as a file part", key)
             else:
                 data[key] = value
-        return data, reference
+        return data, uploads

@@ -110,6 +110,12 @@ class GenerationOptions(BaseModel):
         allow_inf_nan=False,
         description="give up after this many seconds (504); at least the server's min_timeout_s (422 below)",
     )
+    condition: str | None = Field(
+        None,
+        description="base64 condition image, e.g. a depth map, that the image follows (JSON bodies; "
+        "multipart: a file). It is VQ-tokenized into the prompt at the requested size, as StyleAR's "
+        "release does for depth control; checked like the style reference",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -215,11 +221,19 @@ def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
     return {**kept[0], **folded}
 
 
+# Fields that are base64 text in JSON bodies and file parts in multipart forms, with their form description.
+FILE_FIELDS = {
+    "image": "the reference image file (PNG, JPEG or WebP)",
+    "condition": "the condition image file (PNG, JPEG or WebP), e.g. a depth map",
+}
+
+
 def request_body_openapi(model: type[BaseModel], *, file_field: str | None = None) -> dict[str, Any]:
     """The OpenAPI ``requestBody`` of an endpoint taking ``model`` as JSON or as a multipart form.
 
     ``file_field`` names the field that is base64 text in JSON and a file part in a form; it is
-    required in both (the endpoint answers 422 without it).
+    required in both (the endpoint answers 422 without it). Other fields of :data:`FILE_FIELDS` the
+    model has are optional file parts of the form.
     """
     json_schema = model.model_json_schema()
     form_schema = {
@@ -233,11 +247,13 @@ def request_body_openapi(model: type[BaseModel], *, file_field: str | None = Non
         json_schema["required"] = [*json_schema.get("required", []), file_field]
         json_schema["properties"][file_field] = _without_null(json_schema["properties"][file_field])
         form_schema["required"].append(file_field)
-        form_schema["properties"][file_field] = {
-            "type": "string",
-            "format": "binary",
-            "description": "the reference image file (PNG, JPEG or WebP)",
-        }
+    for name, description in FILE_FIELDS.items():
+        if name in form_schema["properties"]:
+            form_schema["properties"][name] = {
+                "type": "string",
+                "format": "binary",
+                "description": description,
+            }
     content["multipart/form-data"] = {"schema": form_schema}
     return {"required": True, "content": content}
 
@@ -259,6 +275,7 @@ class GenerationJob:
     noise_strength: float | None = None
     sam: bool = False
     sam_mode: Literal["mask", "subtract"] = "mask"
+    condition: bytes | None = None  # a condition image (e.g. a depth map), encoded
 
 
 @dataclass

@@ -10,6 +10,9 @@ Every path that generates goes through it:
   (style tokens with their noise, the StyleAR prompt, the request, the engine);
 * :meth:`~StyleARGenerator.text`: text-only prompts + seeds -> image tokens (the subject student);
 * :meth:`~StyleARGenerator.decode`: image tokens -> images (the VQGAN);
+* condition images (a depth map, or a photo through the optional depth estimator): ``conditions=`` of
+  ``style`` / ``text``, :meth:`~StyleARGenerator.condition_tokens`, :meth:`~StyleARGenerator.condition_ids`
+  (bytes, under the reference's limits): their tokens go where the prompt's ``<image>`` stands;
 * for callers that batch and cancel requests themselves (the serving model): the prompt ids
   (:meth:`~StyleARGenerator.style_prompt_ids`, :meth:`~StyleARGenerator.text_prompt_ids`), the request
   (:meth:`~StyleARGenerator.request`) and :meth:`~StyleARGenerator.generate`.
@@ -41,10 +44,12 @@ from PIL import Image
 from torch import nn
 
 from stylear_core.adapters.io import AdapterWeights, load_adapter, read_adapter_dir
+from stylear_core.data.condition_tokens import splice_condition_tokens
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.data.tokenizer import style_prompt_ids, text_prompt_ids, unconditional_prompt_ids
 from stylear_core.devices import resolve_device
 from stylear_core.inference.adapters import AdapterSlot
+from stylear_core.inference.condition_request import ConditionEncoder
 from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.inference.engine import (
     GenerationRequest,
@@ -54,6 +59,7 @@ from stylear_core.inference.engine import (
     decode_images,
 )
 from stylear_core.inference.style_request import ReferenceStyleEncoder
+from stylear_core.models.depth import DepthEstimator
 from stylear_core.models.presets import (
     ModelConfig,
     build_backbone,
@@ -98,7 +104,8 @@ class StyleARGenerator:
     ``engine_dtype`` (None: the engine's choice, bf16 on CUDA). ``adapter_slot_rank`` picks how adapters
     attach (module docstring). ``masker`` (a SAM masker, optional) and ``reference_limits`` (keyword
     arguments of :class:`ReferenceStyleEncoder`: size limits, working side, SAM subtraction weights) set
-    up the style path for reference bytes.
+    up the style path for reference bytes; condition-image bytes are decoded under the same limits.
+    ``depth_estimator`` (optional) turns photos into depth-map conditions (``depth=True``).
     """
 
     def __init__(
@@ -113,6 +120,7 @@ class StyleARGenerator:
         engine_dtype: torch.dtype | None = None,
         masker: object | None = None,
         reference_limits: Mapping[str, Any] | None = None,
+        depth_estimator: DepthEstimator | None = None,
     ) -> None:
         if adapter_dir is not None and adapter_slot_rank is not None:
             raise ValueError("slot mode takes adapters through read_adapter / activate, not adapter_dir")
@@ -146,6 +154,7 @@ class StyleARGenerator:
         self.references = ReferenceStyleEncoder(
             model.style_encoder, model.resampler, masker, **dict(reference_limits or {})
         )
+        self.conditions = ConditionEncoder(self.vq, self.vocab, self.references.load, depth_estimator)
 
     @property
     def num_style_tokens(self) -> int:
@@ -187,17 +196,42 @@ class StyleARGenerator:
 
     # --- the sequence, step by step -----------------------------------------------------------------
 
-    def style_prompt_ids(self, prompt: str, height: int, width: int) -> list[int]:
-        """The StyleAR prompt ids (one placeholder per style token); :class:`GenerationRequestError` on
+    def style_prompt_ids(
+        self, prompt: str, height: int, width: int, condition: Sequence[int] | None = None
+    ) -> list[int]:
+        """The StyleAR prompt ids (one placeholder per style token), with a condition image's token ids
+        (:meth:`condition_ids`) in the condition wording when given; :class:`GenerationRequestError` on
         ``prompt`` if the prompt cannot be worded so."""
         try:
-            return style_prompt_ids(self.tokenizer, prompt, self.num_style_tokens, height, width)
+            ids = style_prompt_ids(
+                self.tokenizer, prompt, self.num_style_tokens, height, width, condition=condition is not None
+            )
         except ValueError as e:
             raise GenerationRequestError("prompt", str(e)) from None
+        return ids if condition is None else splice_condition_tokens(ids, condition, self.vocab)
 
-    def text_prompt_ids(self, prompt: str, height: int, width: int) -> list[int]:
-        """Lumina-mGPT's text-to-image prompt ids (no style tokens)."""
-        return text_prompt_ids(self.tokenizer, prompt, height, width)
+    def text_prompt_ids(
+        self, prompt: str, height: int, width: int, condition: Sequence[int] | None = None
+    ) -> list[int]:
+        """Lumina-mGPT's text-to-image prompt ids (no style tokens), with a condition image's token ids
+        when given; :class:`GenerationRequestError` on ``prompt`` if the prompt cannot be worded so."""
+        try:
+            ids = text_prompt_ids(self.tokenizer, prompt, height, width, condition=condition is not None)
+        except ValueError as e:
+            raise GenerationRequestError("prompt", str(e)) from None
+        return ids if condition is None else splice_condition_tokens(ids, condition, self.vocab)
+
+    def condition_tokens(
+        self, images: Sequence[Image.Image], height: int, width: int, depth: bool = False
+    ) -> torch.Tensor:
+        """Condition images -> token ids ``(B, num_tokens)`` at ``height x width`` (with ``depth``: the
+        images' depth maps, from the depth estimator)."""
+        return self.conditions.tokens(images, height, width, depth)
+
+    def condition_ids(self, data: bytes, height: int, width: int, depth: bool = False) -> list[int]:
+        """One condition image's bytes -> its token ids, decoded under the reference's limits
+        (:class:`~stylear_core.inference.condition_request.ConditionImageError` if it does not decode)."""
+        return self.conditions(data, height, width, depth)
 
     def style_tokens(
         self,
@@ -249,19 +283,28 @@ class StyleARGenerator:
         height: int | None = None,
         width: int | None = None,
         resampler: nn.Module | None = None,
+        conditions: Sequence[Image.Image] | None = None,
+        depth: bool = False,
     ) -> GeneratedImages:
         """Image ``i`` for ``prompts[i]`` in the style of ``references[i]``, sampled with ``seeds[i]`` (which
-        also seeds its style noise), all at ``height`` x ``width`` (default: the model's image size)."""
+        also seeds its style noise), all at ``height`` x ``width`` (default: the model's image size);
+        with ``conditions``, image ``i`` follows condition image ``conditions[i]`` (its depth map with
+        ``depth``)."""
         if not len(prompts) == len(references) == len(seeds):
             raise ValueError(f"{len(prompts)} prompts, {len(references)} references, {len(seeds)} seeds")
         height, width = height or self.image_size, width or self.image_size
         tokens = self.style_tokens(references, seeds, sampling.noise_strength, resampler)
+        condition = self._condition_rows(conditions, len(prompts), height, width, depth)
         ids: dict[str, list[int]] = {}
         requests = []
         for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            if prompt not in ids:
-                ids[prompt] = self.style_prompt_ids(prompt, height, width)
-            requests.append(self.request(ids[prompt], height, width, sampling, int(seed), tokens[i]))
+            if condition[i] is not None:  # each row's own condition: its own prompt ids
+                prompt_ids = self.style_prompt_ids(prompt, height, width, condition[i])
+            else:
+                if prompt not in ids:
+                    ids[prompt] = self.style_prompt_ids(prompt, height, width)
+                prompt_ids = ids[prompt]
+            requests.append(self.request(prompt_ids, height, width, sampling, int(seed), tokens[i]))
         return self._run(requests)
 
     def text(
@@ -272,16 +315,29 @@ class StyleARGenerator:
         *,
         height: int | None = None,
         width: int | None = None,
+        conditions: Sequence[Image.Image] | None = None,
+        depth: bool = False,
     ) -> GeneratedImages:
-        """Image ``i`` for the text-only ``prompts[i]`` sampled with ``seeds[i]`` (no style tokens)."""
+        """Image ``i`` for the text-only ``prompts[i]`` sampled with ``seeds[i]`` (no style tokens), following
+        ``conditions[i]`` when given (as in :meth:`style`)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         height, width = height or self.image_size, width or self.image_size
+        condition = self._condition_rows(conditions, len(prompts), height, width, depth)
         requests = [
-            self.request(self.text_prompt_ids(p, height, width), height, width, sampling, int(s))
-            for p, s in zip(prompts, seeds)
+            self.request(self.text_prompt_ids(p, height, width, c), height, width, sampling, int(s))
+            for p, s, c in zip(prompts, seeds, condition)
         ]
         return self._run(requests)
+
+    def _condition_rows(
+        self, conditions: Sequence[Image.Image] | None, rows: int, height: int, width: int, depth: bool
+    ) -> list[list[int] | None]:
+        if conditions is None:
+            return [None] * rows
+        if len(conditions) != rows:
+            raise ValueError(f"{rows} prompts but {len(conditions)} condition images")
+        return self.condition_tokens(conditions, height, width, depth).tolist()
 
     def _run(self, requests: list[GenerationRequest]) -> GeneratedImages:
         if not requests:

@@ -233,7 +233,58 @@ def test_sam_mode_default_follows_the_prompt_template():
         ServingConfig(sam_enabled=False, sam_default=False, sam_mix_weight=1.5).validate()
 
 
+def depth_png(corner: int) -> bytes:
+    """A depth-map-like condition image: grey, with a bright (near) square at ``corner`` px."""
+    image = Image.new("RGB", (64, 64), (40, 40, 40))
+    ImageDraw.Draw(image).rectangle((corner, corner, corner + 24, corner + 24), fill=(230, 230, 230))
+    return encode_png(image)
+
+
+def test_generation_with_a_condition_image_works_over_http_and_follows_it(client):
+    # Greedy under strong guidance: the same seed and style, so only the condition tells images apart.
+    form = {
+        "prompt": "a lighthouse",
+        "height": "64",
+        "width": "64",
+        "seed": "7",
+        "cfg": "10",
+        "temperature": "0",
+    }
+    reference = ("ref.png", reference_png(), "image/png")
+
+    def style(condition: bytes | None) -> bytes:
+        files = {
+            "image": reference,
+            **({"condition": ("depth.png", condition, "image/png")} if condition else {}),
+        }
+        r = client.post("/v1/generate/style", data=form, files=files)
+        assert r.status_code == 200, r.text
+        assert png_size(r.content) == (64, 64)
+        return r.content
+
+    near, far = style(depth_png(4)), style(depth_png(36))
+    assert near != far and near != style(None)
+    body = {
+        "prompt": "a small house",
+        "height": 64,
+        "width": 64,
+        "seed": 7,
+        "condition": base64.b64encode(depth_png(4)).decode(),
+    }
+    r = client.post("/v1/generate/subject", json=body)
+    assert r.status_code == 200, r.text
+    assert png_size(r.content) == (64, 64)
+
+
 BIG_PIXELS = encode_png(Image.new("RGB", (1024, 1024), (5, 5, 5)))  # small file, too many pixels
+NOISE_PNG = encode_png(Image.effect_noise((64, 64), 60).convert("RGB"))
+GIF = io.BytesIO()
+Image.new("RGB", (8, 8)).save(GIF, format="GIF")
+STYLE_FILES = {"image": ("r.png", reference_png(), "image/png")}
+
+
+def _condition_file(data: bytes) -> dict:
+    return {"data": {"prompt": "x"}, "files": {**STYLE_FILES, "condition": ("c.png", data, "image/png")}}
 
 
 @pytest.mark.parametrize(
@@ -245,12 +296,22 @@ BIG_PIXELS = encode_png(Image.new("RGB", (1024, 1024), (5, 5, 5)))  # small file
         ("style", {"data": {"prompt": "x"}, "files": {"image": ("r.png", b"", "image/png")}}, 422, "image"),
         ("style", {"json": {"prompt": "x", "image": "@@not base64@@"}}, 400, "image"),
         ("style", {"json": {"prompt": "x"}}, 422, "image"),
-        ("style", {"json": {"prompt": "x", "image": "A" * (MAX_UPLOAD * 2)}}, 413, "body"),
+        ("style", {"json": {"prompt": "x", "image": "A" * (MAX_UPLOAD * 3)}}, 413, "body"),  # room for 2 images
         ("style", {"data": {"prompt": "x", "noise_strength": "9"}, "files": {"image": ("r.png", reference_png(), "image/png")}}, 422, "noise_strength"),
         ("style", {"data": {"prompt": "x", "sam": "maybe"}, "files": {"image": ("r.png", reference_png(), "image/png")}}, 422, "sam"),
         ("style", {"data": {"prompt": "x", "sam": "true", "sam_mode": "bogus"}, "files": {"image": ("r.png", reference_png(), "image/png")}}, 422, "sam_mode"),
         ("style", {"json": {"prompt": "x", "sam": True, "sam_mode": "bogus", "image": base64.b64encode(reference_png()).decode()}}, 422, "sam_mode"),
         ("style", {"data": {"prompt": "x"}, "files": {"image": ("r.png", reference_png(), "image/png"), "mask": ("m.png", reference_png(), "image/png")}}, 422, "mask"),
+        ("style", _condition_file(b"\x89PNG garbage"), 400, "condition"),
+        ("style", _condition_file(NOISE_PNG[: len(NOISE_PNG) // 2]), 400, "condition"),  # decoded on the replica
+        ("style", _condition_file(b"\0" * (MAX_UPLOAD + 1)), 413, "condition"),
+        ("style", _condition_file(BIG_PIXELS), 413, "condition"),
+        ("style", _condition_file(b""), 422, "condition"),
+        ("style", _condition_file(GIF.getvalue()), 415, "condition"),
+        ("style", {"data": {"prompt": "x", "condition": "aGk="}, "files": STYLE_FILES}, 422, "condition"),
+        ("style", {"json": {"prompt": "x", "image": base64.b64encode(reference_png()).decode(), "condition": "@@"}}, 400, "condition"),
+        ("subject", {"json": {"prompt": "x", "condition": 5}}, 422, "condition"),
+        ("subject", {"json": {"prompt": "x", "condition": base64.b64encode(b"not an image").decode()}}, 400, "condition"),
         ("subject", {"json": {"prompt": ""}}, 422, "prompt"),
         ("subject", {"json": {"prompt": "   "}}, 422, "prompt"),
         ("subject", {"json": {"prompt": "x" * 201}}, 422, "prompt"),
