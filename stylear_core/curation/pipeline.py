@@ -66,7 +66,7 @@ from stylear_core.curation.inputs import CurationInputs, load_inputs, unique_ids
 from stylear_core.curation.mix import mix_raw_and_stylized, selection_key
 from stylear_core.curation.stages import MaskActor, StylizeActor, normalize_raw_batch
 from stylear_core.curation.stylizer import StylizerConfig
-from stylear_core.curation.tokenize import TokenizeActor
+from stylear_core.curation.tokenize import TokenizeActor, TokenizeConfig
 from stylear_core.data.passes import (
     InputTable,
     PassResult,
@@ -347,8 +347,23 @@ class CurationRun:
             return PassResult("tokenize")
         pool = self.cfg.tokenize_pool
         ds = self._dataset(curated, todo, pool.batch_size, ("id", "prompt", "image", "source"))
-        ds = map_actors(ds, TokenizeActor, (self.cfg.model, self.cfg.tokenize), pool, "pyarrow")
+        ds = map_actors(ds, TokenizeActor, (self.cfg.model, self.tokenize_config()), pool, "pyarrow")
         return write_pass("tokenize", ds, self._sink("tokens", "tokenize", curated.ref), len(todo), t0)
+
+    def tokenize_config(self) -> TokenizeConfig:
+        """The tokenize config with, for depth conditions on the tiny preset without a depth estimator,
+        the path of a tiny random one built once in the cache."""
+        cfg = self.cfg.tokenize
+        if cfg.condition != "depth" or cfg.depth_estimator_path:
+            return cfg
+        if self.cfg.model.preset != "tiny":
+            raise ValueError(
+                "tokenize.depth_estimator_path is required for depth conditions beyond the tiny preset"
+            )
+        from stylear_core.testing.tiny_depth import tiny_depth_estimator_dir
+
+        built = tiny_depth_estimator_dir(self.cache_dir(), seed=self.cfg.model.seed)
+        return replace(cfg, depth_estimator_path=str(built))
 
     def run(self) -> dict[str, Any]:
         """All passes (the masks pass alongside the others), then the manifest; returns the summary."""

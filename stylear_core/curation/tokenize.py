@@ -8,6 +8,12 @@ training shows the style encoder). The prompt is tokenized with the model's prom
 format the trainer consumes: StyleAR's (``"... Given image style is S*..."`` with
 ``model.num_style_tokens`` placeholder ids, the default) or plain Lumina-mGPT text-to-image.
 
+Condition images (StyleAR's depth control): a row's ``condition`` column (encoded image bytes, e.g.
+a depth map someone made) or, with ``condition: depth``, the depth map of the row's working image
+from a depth estimator (:mod:`stylear_core.models.depth`, ``depth_estimator_path``) is VQ-encoded
+into ``condition_tokens`` by the same path as the image, and the row's prompt takes the condition
+wording (one ``<image>`` placeholder that training replaces with those tokens).
+
 Models come from the ``model`` block of the job config (:class:`~stylear_core.models.presets.ModelConfig`):
 ``preset: tiny`` builds the seeded random tiny VQGAN and the byte tokenizer over the tiny vocab;
 ``preset: lumina7b`` loads ``vqgan_ckpt`` (random Chameleon-size weights when unset) and the
@@ -26,18 +32,19 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from stylear_core.config import option
+from stylear_core.config import ConfigError, option
 from stylear_core.data.batch_columns import Batch, batch_values
+from stylear_core.data.condition_tokens import encode_image_tokens
 from stylear_core.data.images import (
     ImageDecodeError,
     center_crop_resize,
     decode_image,
     encode_png,
-    to_tensor,
 )
 from stylear_core.data.layout import ImageTokenLayout, TokenVocab
 from stylear_core.data.tokenizer import style_prompt_ids, text_prompt_ids
 from stylear_core.devices import resolve_device
+from stylear_core.models.depth import build_depth_estimator
 from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_vqgan
 
 STAGE = "tokenize"
@@ -53,6 +60,15 @@ class TokenizeConfig:
     encode_batch_size: int = option(16, "images per VQGAN forward pass")
     device: str = option("auto", "torch device; auto = cuda if available else cpu")
     max_pixels: int = option(64_000_000, "refuse to decode images with more pixels (decompression bombs)")
+    condition: Literal["none", "depth"] = option(
+        "none",
+        "condition image of every row: none (only a row's own condition column, if any), or depth = "
+        "the depth map of its image from the depth estimator (StyleAR's depth control)",
+        choices=("none", "depth"),
+    )
+    depth_estimator_path: str = option(
+        "", "local transformers depth model dir (DPT, Depth Anything); tiny preset: '' = a tiny random one"
+    )
 
 
 def token_vocab(model: ModelConfig) -> TokenVocab:
@@ -82,11 +98,13 @@ class TokenizeActor:
     Takes the ``model`` block (preset, checkpoint paths, ``image_size``, ``num_style_tokens``) and a
     :class:`TokenizeConfig`; builds the VQGAN, the vocab and the prompt tokenizer once.
     ``__call__`` takes a batch (a pyarrow table or a dict of columns) with ``id``, ``prompt``, ``image`` (encoded bytes) and optionally
-    ``source`` and returns a ``pyarrow.Table`` with the ``stylear.token_shards/2`` columns
-    (``id, prompt, prompt_ids, image_tokens, height, width, source, image``: ``image`` is the PNG of the
-    working-size crop the tokens encode) plus ``error`` / ``error_stage``; a row whose image does not
-    decode or whose prompt does not tokenize carries its reason in ``error`` (and empty id lists and
-    image) instead of failing the batch.
+    ``source`` and ``condition`` (encoded bytes) and returns a ``pyarrow.Table`` with the
+    ``stylear.token_shards/2`` columns (``id, prompt, prompt_ids, image_tokens, height, width, source,
+    image, condition_tokens``: ``image`` is the PNG of the working-size crop the tokens encode,
+    ``condition_tokens`` null on rows without a condition) plus ``error`` / ``error_stage``; a row whose
+    image (or condition) does not decode or whose prompt does not tokenize carries its reason in
+    ``error`` (and empty id lists and image) instead of failing the batch. With ``condition: depth`` a
+    depth estimator is built once too, and rows without a ``condition`` get their image's depth map.
     """
 
     def __init__(self, model: ModelConfig, cfg: TokenizeConfig | None = None) -> None:
@@ -98,12 +116,19 @@ class TokenizeActor:
         self.tokenizer = build_prompt_tokenizer(model, self.vocab)
         self.size = model.image_size
         self.layout = ImageTokenLayout.for_resolution(self.size, self.size, self.vocab)
+        self.depth = None
+        if self.cfg.condition == "depth":
+            if not self.cfg.depth_estimator_path:
+                raise ConfigError("tokenize.depth_estimator_path: condition: depth needs a depth estimator")
+            self.depth = build_depth_estimator(self.cfg.depth_estimator_path, self.device)
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """The prompt's ids in the configured format, for an image of the configured resolution."""
+    def prompt_ids(self, prompt: str, condition: bool = False) -> list[int]:
+        """The prompt's ids in the configured format, for an image of the configured resolution
+        (``condition``: in the condition wording, with its one ``<image>`` placeholder)."""
         if self.cfg.prompt_format == "style":
-            return style_prompt_ids(self.tokenizer, prompt, self.model.num_style_tokens, self.size, self.size)
-        return text_prompt_ids(self.tokenizer, prompt, self.size, self.size)
+            n = self.model.num_style_tokens
+            return style_prompt_ids(self.tokenizer, prompt, n, self.size, self.size, condition=condition)
+        return text_prompt_ids(self.tokenizer, prompt, self.size, self.size, condition=condition)
 
     def working_image(self, image: Image.Image) -> Image.Image:
         """``image`` centre-cropped and resized to the model's square resolution (what the VQGAN encodes)."""
@@ -111,15 +136,34 @@ class TokenizeActor:
             return image
         return center_crop_resize(image, self.size, self.size)
 
-    @torch.inference_mode()
+    def _given_condition(self, data: bytes | None) -> Image.Image | None:
+        """A row's own condition image (its ``condition`` bytes), working size; None without one."""
+        if data is None or not len(data):
+            return None
+        try:
+            return self.working_image(decode_image(bytes(data), max_pixels=self.cfg.max_pixels))
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"condition: {e}") from None
+
+    def condition_tokens(
+        self, rows: Sequence[int], images: Sequence[Image.Image], given: Sequence[Image.Image | None]
+    ) -> dict[int, list[int]]:
+        """Row -> condition token ids: each row's given condition, else (``condition: depth``) the depth
+        map of its working image; rows with neither are left out."""
+        missing = [i for i, c in enumerate(given) if c is None]
+        depth = self.depth([images[i] for i in missing]) if self.depth is not None and missing else []
+        chosen = list(given)
+        for i, depth_map in zip(missing, depth):
+            chosen[i] = depth_map
+        kept = [i for i, c in enumerate(chosen) if c is not None]
+        if not kept:
+            return {}
+        tokens = self.image_tokens([chosen[i] for i in kept]).tolist()
+        return {rows[i]: seq for i, seq in zip(kept, tokens)}
+
     def image_tokens(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> token ids ``(B, layout.num_tokens)``: crop/resize, VQGAN-encode in chunks, lay out."""
-        chunks = []
-        for start in range(0, len(images), self.cfg.encode_batch_size):
-            part = images[start : start + self.cfg.encode_batch_size]
-            pixels = to_tensor([self.working_image(im) for im in part])
-            chunks.append(self.vq.encode(pixels.to(self.device)).cpu())
-        return self.layout.encode(torch.cat(chunks))
+        return encode_image_tokens(self.vq, images, self.layout, self.cfg.encode_batch_size)
 
     def __call__(self, batch: Batch) -> pa.Table:
         """Tokenize a batch; see the class docstring for the columns."""
@@ -128,18 +172,23 @@ class TokenizeActor:
         prompts = batch_values(batch, "prompt", n)
         images = batch_values(batch, "image", n)
         sources = [s or "raw" for s in batch_values(batch, "source", n)]
+        given = batch_values(batch, "condition", n)
         prompt_ids: list[list[int]] = [[] for _ in range(n)]
         image_ids: list[list[int]] = [[] for _ in range(n)]
+        condition_ids: list[list[int] | None] = [None] * n
         errors: list[str | None] = [None] * n
 
-        rows, decoded = [], []
+        rows, decoded, conditions = [], [], []
         for k in range(n):
             try:
                 if not isinstance(prompts[k], str) or not prompts[k].strip():
                     raise ValueError("empty prompt")
-                prompt_ids[k] = self.prompt_ids(prompts[k])
+                condition = self._given_condition(given[k])
+                has_condition = condition is not None or self.depth is not None
+                prompt_ids[k] = self.prompt_ids(prompts[k], condition=has_condition)
                 image = decode_image(bytes(images[k] or b""), max_pixels=self.cfg.max_pixels)
                 decoded.append(self.working_image(image))
+                conditions.append(condition)
             except (ImageDecodeError, ValueError, KeyError) as e:
                 errors[k] = f"{type(e).__name__}: {e}"
                 continue
@@ -150,6 +199,8 @@ class TokenizeActor:
             for k, seq, image in zip(rows, tokens, decoded):
                 image_ids[k] = seq
                 pngs[k] = encode_png(image)
+            for k, seq in self.condition_tokens(rows, decoded, conditions).items():
+                condition_ids[k] = seq
 
         ok = [e is None for e in errors]
         return pa.table(
@@ -162,6 +213,7 @@ class TokenizeActor:
                 "width": pa.array([self.size if good else 0 for good in ok], pa.int32()),
                 "source": pa.array(sources, pa.string()),
                 "image": pa.array(pngs, pa.binary()),
+                "condition_tokens": pa.array(condition_ids, pa.list_(pa.int32())),
                 "error": pa.array(errors, pa.string()),
                 "error_stage": pa.array([None if good else STAGE for good in ok], pa.string()),
             }

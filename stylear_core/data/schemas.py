@@ -20,7 +20,9 @@ nothing but pyarrow. The formats, in the order data flows:
   style evaluation's samples with their scores, and each variant's mean scores.
 
 A column may restrict its values with the field metadata key ``choices`` (comma separated),
-checked by :func:`validate_table`.
+checked by :func:`validate_table`. A column marked ``optional`` (nullable, added within a major
+version) may be missing from files written before it: :func:`validate_table` accepts them and
+:func:`conform_table` fills it with nulls.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import pyarrow.parquet as pq
 
 SCHEMA_VERSION_KEY = b"schema_version"
 CHOICES_KEY = b"choices"
+OPTIONAL_KEY = b"optional"
 
 
 class SchemaError(ValueError):
@@ -46,6 +49,11 @@ def _versioned(version: str, fields: list[pa.Field]) -> pa.Schema:
 
 def _choices(*values: str) -> dict[bytes, bytes]:
     return {CHOICES_KEY: ",".join(values).encode()}
+
+
+def is_optional(field: pa.Field) -> bool:
+    """Whether ``field`` is an optional column: files written before it was added may lack it."""
+    return (field.metadata or {}).get(OPTIONAL_KEY) == b"true"
 
 
 RAW_PAIRS_SCHEMA = _versioned(
@@ -106,6 +114,8 @@ TOKEN_SHARDS_SCHEMA = _versioned(
         pa.field("width", pa.int32(), nullable=False),
         pa.field("source", pa.string(), nullable=False, metadata=_choices("raw", "stylized", "proxy")),
         pa.field("image", pa.binary(), nullable=False),  # PNG, height x width: the image the tokens encode
+        # A condition image's tokens (e.g. the image's depth map), Lumina layout; null: no condition.
+        pa.field("condition_tokens", pa.list_(pa.int32()), nullable=True, metadata={OPTIONAL_KEY: b"true"}),
     ],
 )
 """One training row: prompt ids, the Lumina-layout image tokens, and the curated image centre-cropped and
@@ -121,6 +131,11 @@ bytes (1.77 MB for noise); procedural images take 10 KB (stylized) to 79 KB (raw
 compression. Readers that need only the tokens read just their columns (``columns=...``) and never
 load it. Version-1 shards (no ``image``) still serve every reader but ``style_source: image``, which
 names the missing column (:func:`require_parquet_columns`).
+
+``condition_tokens`` (optional, nullable) holds a condition image's tokens in the same layout, e.g. the
+depth map curation derived from the row's image; training splices them into the prompt where its
+``<image>`` placeholder stands. It was added within version 2: shards written before it lack the
+column and still validate and read, as rows without a condition.
 """
 
 STYLE_REQUESTS_SCHEMA = _versioned(
@@ -309,6 +324,8 @@ def validate_table(table: pa.Table, schema: pa.Schema, allow_extra_columns: bool
         raise SchemaError(f"table has schema_version {actual_version!r}, expected {expected_version!r}")
     names = set(table.column_names)
     for field in schema:
+        if field.name not in names and is_optional(field):
+            continue
         if field.name not in names:
             raise SchemaError(
                 f"missing column {field.name!r} ({field.type}) for {expected_version or 'schema'}; "
@@ -387,6 +404,9 @@ def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
     validate_table(table, schema)
     columns = []
     for field in schema:
+        if field.name not in table.column_names:  # an optional column the table predates
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
         column = table.column(field.name)
         try:
             columns.append(column.cast(field.type, safe=True))

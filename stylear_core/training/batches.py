@@ -13,6 +13,12 @@ StyleAR prompts carry exactly ``num_style_tokens`` style-placeholder ids. A row 
 ``prompt_ids`` do not (a token shard written for plain text-to-image, or for another style-token
 count) is re-tokenised from its ``prompt`` text with :func:`style_prompt_ids`, so the same shards
 serve StyleAR (style tokens) and subject tuning (``num_style_tokens=0``, plain text prompts).
+
+A row with ``condition_tokens`` (a condition image, e.g. its depth map, in the Lumina layout) trains on
+the condition wording: those tokens are spliced into its prompt where the ``<image>`` placeholder
+stands, as StyleAR's release feeds a condition image (:mod:`stylear_core.data.condition_tokens`).
+Shards carry the column when curation derived conditions; :func:`read_parquet_dataset` reads it
+whenever every file has it, so the training stages need not name it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -30,12 +37,15 @@ try:
 except ImportError:  # a GPU box without Ray still runs the in-process benchmark paths
     NumpyBatchCollateFn = object  # type: ignore[assignment,misc]
 
+from stylear_core.data.condition_tokens import splice_condition_tokens
 from stylear_core.data.images import decode_image
 from stylear_core.data.layout import TokenVocab
-from stylear_core.data.schemas import SchemaError, require_parquet_columns
+from stylear_core.data.schemas import SchemaError, parquet_files, require_parquet_columns
 from stylear_core.data.tokenizer import PromptTokenizer, style_prompt_ids, text_prompt_ids
 
 TOKEN_SHARD_COLUMNS = ("id", "prompt", "prompt_ids", "image_tokens", "height", "width")
+# Read along with the columns asked for whenever every file has them (newer shards).
+OPTIONAL_TOKEN_SHARD_COLUMNS = ("condition_tokens",)
 IMAGE_COLUMN_HINT = (
     "SFT's style_source: image reads each row's image from the token shards, which curation writes "
     "since stylear.token_shards/2: tokenize the curated set again with this version, or train with "
@@ -78,19 +88,28 @@ def conditioned_prompt_ids(
     width: int,
     tokenizer: PromptTokenizer,
     num_style_tokens: int,
+    condition: Sequence[int] | None = None,
 ) -> list[int]:
     """The prompt ids to train on: ``stored`` when they hold exactly ``num_style_tokens`` style
-    placeholders (0 = a plain text prompt), else the prompt re-tokenised in the right template."""
-    placeholder = tokenizer.vocab.style_placeholder
-    if (
-        stored is not None
-        and len(stored)
-        and int(np.sum(np.asarray(stored) == placeholder)) == num_style_tokens
-    ):
-        return [int(i) for i in stored]
-    if num_style_tokens > 0:
-        return style_prompt_ids(tokenizer, prompt, num_style_tokens, height, width)
-    return text_prompt_ids(tokenizer, prompt, height, width)
+    placeholders (0 = a plain text prompt), else the prompt re-tokenised in the right template.
+
+    With ``condition`` (a condition image's tokens; None or empty: none) the prompt is the condition
+    wording (one ``<image>`` id, re-tokenised if ``stored`` lacks it) with the tokens spliced there.
+    """
+    vocab = tokenizer.vocab
+    has_condition = condition is not None and len(condition) > 0
+    ids = None
+    if stored is not None and len(stored):
+        stored_ids = np.asarray(stored)
+        if int(np.sum(stored_ids == vocab.style_placeholder)) == num_style_tokens and (
+            not has_condition or int(np.sum(stored_ids == vocab.image_placeholder)) == 1
+        ):
+            ids = [int(i) for i in stored_ids]
+    if ids is None and num_style_tokens > 0:
+        ids = style_prompt_ids(tokenizer, prompt, num_style_tokens, height, width, condition=has_condition)
+    elif ids is None:
+        ids = text_prompt_ids(tokenizer, prompt, height, width, condition=has_condition)
+    return splice_condition_tokens(ids, condition, vocab) if has_condition else ids
 
 
 def style_pixels_from_png(
@@ -102,7 +121,8 @@ def style_pixels_from_png(
 
 class TokenBatchCollate(NumpyBatchCollateFn):
     """Token-shard rows -> ``{prompt_ids, prompt_mask, image_tokens, image_mask, height, width, id_hash}``
-    (plus ``style_pixels``, from the rows' ``image`` column, when ``preprocess`` is given).
+    (plus ``style_pixels``, from the rows' ``image`` column, when ``preprocess`` is given). Rows with
+    ``condition_tokens`` get them spliced into their prompt ids (:func:`conditioned_prompt_ids`).
 
     Takes the model's ``vocab``, the prompt ``tokenizer``, ``num_style_tokens`` (0 for prompts without
     style tokens) and optionally the style encoder's PIL preprocessing.
@@ -124,6 +144,7 @@ class TokenBatchCollate(NumpyBatchCollateFn):
         heights = [int(h) for h in batch["height"]]
         widths = [int(w) for w in batch["width"]]
         stored = batch.get("prompt_ids")
+        conditions = batch.get("condition_tokens")
         prompts = [
             conditioned_prompt_ids(
                 stored[i] if stored is not None else None,
@@ -132,6 +153,7 @@ class TokenBatchCollate(NumpyBatchCollateFn):
                 widths[i],
                 self.tokenizer,
                 self.num_style_tokens,
+                conditions[i] if conditions is not None else None,
             )
             for i in range(len(heights))
         ]
@@ -200,11 +222,27 @@ class PreferenceBatchCollate(NumpyBatchCollateFn):
         }
 
 
+def _columns_in_every_file(
+    path: str | list[str], names: Sequence[str], exclude: Sequence[str] = ()
+) -> list[str]:
+    """Those of ``names`` (but not ``exclude``) that every local parquet file of ``path`` has (footers only;
+    none for remote paths, whose files are not listed here)."""
+    paths = [path] if isinstance(path, str) else list(path)
+    files = (
+        [f for f in parquet_files(paths) if f.is_file()] if not any("://" in str(p) for p in paths) else []
+    )
+    if not files:
+        return []
+    schemas = [set(pq.read_schema(f).names) for f in files]
+    return [n for n in names if n not in exclude and all(n in s for s in schemas)]
+
+
 def read_parquet_dataset(
     path: str | list[str], columns: Sequence[str] | None = None, limit: int | None = None, cache: bool = False
 ) -> Any:
     """A parquet file or directory (or a list of files) as a Ray Dataset (optionally only ``columns``, the first ``limit`` rows;
     ``cache`` materialises it in the object store, so later epochs do not read and list files again).
+    With ``columns``, :data:`OPTIONAL_TOKEN_SHARD_COLUMNS` that every file has are read too.
 
     Files are read in path order, and the training loops read with ``preserve_order``, so a resumed
     run sees the same rows in the same order as the run it continues.
@@ -213,6 +251,7 @@ def read_parquet_dataset(
 
     if columns:  # a missing column (an older shard version) fails here with its file, not deep in Ray
         require_parquet_columns(path, columns, {"image": IMAGE_COLUMN_HINT})
+        columns = [*columns, *_columns_in_every_file(path, OPTIONAL_TOKEN_SHARD_COLUMNS, exclude=columns)]
     ds = ray.data.read_parquet(path, columns=list(columns) if columns else None, file_extensions=["parquet"])
     if limit:
         ds = ds.limit(limit)
