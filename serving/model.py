@@ -231,7 +231,15 @@ class StyleARModelDeployment:
             self._check_subject_prompt(job, adapter)
             ids = self.generator.text_prompt_ids(job.prompt, job.height, job.width, condition)
         request = self.generator.request(ids, job.height, job.width, sampling, seed, style_embeds=style)
-        self.engine.validate(request)
+        try:
+            self.engine.validate(request)
+        except GenerationRequestError as e:
+            if condition is None or e.field != "prompt":
+                raise
+            # The prompt is too long because of the condition's tokens: name the field that made it so.
+            raise GenerationRequestError(
+                "condition", f"with the condition image's {len(condition)} tokens, {e}"
+            ) from None
         return request
 
     @staticmethod

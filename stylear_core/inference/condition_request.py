@@ -17,7 +17,8 @@ from torch import nn
 
 from stylear_core.data.condition_tokens import encode_image_tokens
 from stylear_core.data.images import ImageDecodeError
-from stylear_core.data.layout import ImageTokenLayout, TokenVocab
+from stylear_core.data.layout import ImageTokenLayout, LayoutError, TokenVocab
+from stylear_core.inference.engine import GenerationRequestError
 from stylear_core.models.depth import DepthEstimator
 
 
@@ -55,8 +56,13 @@ class ConditionEncoder:
     def tokens(
         self, images: Sequence[Image.Image], height: int, width: int, depth: bool = False
     ) -> torch.Tensor:
-        """Token ids ``(B, num_tokens)`` of each image (its depth map with ``depth``) at ``height x width``."""
-        layout = ImageTokenLayout.for_resolution(height, width, self.vocab)
+        """Token ids ``(B, num_tokens)`` of each image (its depth map with ``depth``) at ``height x width``
+        (:class:`GenerationRequestError` on ``height`` / ``width`` for a size the vocabulary cannot lay out)."""
+        try:
+            layout = ImageTokenLayout.for_resolution(height, width, self.vocab)
+        except LayoutError as e:  # named as the engine names it, before any work on the image
+            field = "height" if "height" in str(e) or "h_latent" in str(e) else "width"
+            raise GenerationRequestError(field, str(e)) from None
         images = self.depth_maps(images) if depth else list(images)
         return encode_image_tokens(self.vq, images, layout)
 

@@ -123,3 +123,17 @@ def test_bad_condition_images_fail_their_request_naming_the_field(serving_model)
     outcome = run_job(serving_model, condition=b"\x89PNG\r\n\x1a\n not an image")
     assert (outcome.status, outcome.field) == (400, "condition")
     assert run_job(serving_model, condition=encode_png(depth_like(1)), prompt="x <image>").field == "prompt"
+    # A size the vocabulary cannot lay out names the size, as without a condition.
+    outcome = run_job(serving_model, condition=encode_png(depth_like(1)), height=1024)
+    assert (outcome.status, outcome.field) == (422, "height")
+    # A prompt too long for the model only because of its condition's tokens names the condition.
+    positions, serving_model.engine.max_positions = serving_model.engine.max_positions, 150  # a shorter model
+    try:
+        assert run_job(serving_model).status == 200  # 24 image tokens fit beside the prompt alone
+        outcome = run_job(serving_model, condition=encode_png(depth_like(1)))
+    finally:
+        serving_model.engine.max_positions = positions
+    assert (outcome.status, outcome.field) == (
+        422,
+        "condition",
+    ) and "condition image's 24 tokens" in outcome.error
