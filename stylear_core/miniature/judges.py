@@ -72,8 +72,10 @@ class _Trunk(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         channels = 3
-        for out in (width, 2 * width, 2 * width, 4 * width):
-            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.BatchNorm2d(out), nn.GELU()]
+        # Three halvings then a stride-1 layer: an 8x8 map (8 px per cell, as the VQGAN's codes), so the
+        # content judge's 3x3 pooling sees each grid cell through about three features, not one.
+        for out, stride in ((width, 2), (2 * width, 2), (2 * width, 2), (4 * width, 1)):
+            layers += [nn.Conv2d(channels, out, 3, stride=stride, padding=1), nn.BatchNorm2d(out), nn.GELU()]
             channels = out
         self.net = nn.Sequential(*layers)
         self.channels = channels
@@ -134,7 +136,7 @@ class ContentJudge(nn.Module):
 class JudgeTrainingConfig:
     """How both judges are trained on procedural images."""
 
-    num_images: int = option(6000, "training images (random content and style)")
+    num_images: int = option(12000, "training images (random content and style)")
     steps: int = option(1500, "optimizer steps per judge")
     batch_size: int = option(64, "images per step")
     lr: float = option(3e-3, "peak AdamW learning rate (cosine decay)")

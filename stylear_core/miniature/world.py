@@ -44,7 +44,7 @@ from stylear_core.models.presets import build_style_encoder
 from stylear_core.models.vqgan import ChameleonVQGAN, mini_vqgan_config, random_vqgan
 from stylear_core.models.vqgan_checkpoint import load_chameleon_vqgan, vqgan_config_to_yaml
 
-WORLD_FORMAT = "stylear.miniature_world/1"
+WORLD_FORMAT = "stylear.miniature_world/2"
 # How much more an object pixel's reconstruction error counts than a background pixel's.
 OBJECT_WEIGHT = 4.0
 
@@ -61,8 +61,10 @@ class WorldConfig:
     held_images: int = option(256, "held-out procedural images the figures are measured on")
 
     def digest(self) -> str:
-        """A short hash of every field: a changed config gets its own cache entry."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        """A short hash of every field and the world's format: a changed config, or a world whose parts
+        changed shape, gets its own cache entry."""
+        fields = json.dumps([WORLD_FORMAT, asdict(self)], sort_keys=True)
+        return hashlib.sha256(fields.encode()).hexdigest()[:10]
 
 
 @dataclass
