@@ -46,12 +46,6 @@ class ModelConfig:
     num_style_tokens: int = option(
         16, "style tokens per image = placeholder ids per prompt (resampler queries)"
     )
-    style_token_scale: Literal["unit", "embeddings"] = option(
-        "unit",
-        "scale of a freshly initialised resampler's output: unit (LayerNorm gain 1, as IP-Adapter) or "
-        "embeddings (gain = RMS of the backbone's input embeddings, so new style tokens start at the "
-        "size of the text tokens they sit among); a loaded resampler keeps its own",
-    )
     noise_strength_train: float = option(0.1, "std of the Gaussian noise added to style tokens in training")
     noise_strength_infer: float = option(0.3, "std of the Gaussian noise added to style tokens at inference")
     image_size: int = option(768, "generated / trained image side in pixels (multiple of 32)")

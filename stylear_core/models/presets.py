@@ -27,7 +27,7 @@ from stylear_core.models.backbone_checkpoint import load_lumina_backbone
 from stylear_core.models.clip import ClipScorer, ClipVisionTower
 from stylear_core.models.config import ModelConfig
 from stylear_core.models.lora import add_lora, load_stylear_release
-from stylear_core.models.resampler import StyleResampler, match_embedding_scale, tiny_resampler
+from stylear_core.models.resampler import StyleResampler, tiny_resampler
 from stylear_core.models.stylear import StyleARModel
 from stylear_core.models.vqgan import (
     ChameleonVQGAN,
@@ -139,8 +139,6 @@ def build_stylear_model(cfg: ModelConfig, device: str | torch.device = "cpu") ->
     backbone, vocab = build_backbone(cfg, device)
     encoder = build_style_encoder(cfg, device)
     resampler = build_resampler(cfg, encoder.width, backbone.config.hidden_size, device)
-    if cfg.style_token_scale == "embeddings" and not cfg.stylear_release:
-        match_embedding_scale(resampler, backbone.get_input_embeddings().weight)
     if cfg.trainable == "lora":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 3)

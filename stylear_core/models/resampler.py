@@ -152,21 +152,6 @@ def stylear_resampler_7b() -> StyleResampler:
     )
 
 
-@torch.no_grad()
-def match_embedding_scale(resampler: StyleResampler, embeddings: torch.Tensor) -> float:
-    """Set the output LayerNorm's gain to the RMS of ``embeddings`` (the backbone's input table) and its
-    bias to 0, so fresh style tokens have the per-dimension size of the tokens around them; returns it.
-
-    A LayerNorm output has unit size per dimension: against a small backbone's text embeddings (the
-    miniature world's: RMS 0.04) that is a 25x louder token the backbone has never seen, and the
-    style-token noise strength means nothing relative to either.
-    """
-    rms = float(embeddings.detach().float().pow(2).mean().sqrt())
-    resampler.norm_out.weight.fill_(rms)
-    resampler.norm_out.bias.zero_()
-    return rms
-
-
 def tiny_resampler(embedding_dim: int, output_dim: int, num_queries: int = 4) -> StyleResampler:
     """A small resampler of the same architecture for tests and the CPU demo (dim 64, 2 layers, 4 heads)."""
     return StyleResampler(
