@@ -36,7 +36,7 @@ class WorldEvalConfig:
     prompts_per_style: int = option(3, "held-out prompts per held-out style")
     seed: int = option(11, "seed of the prompts, references and samples")
     sampling: SamplingConfig = option(
-        SamplingConfig(cfg_scale=3.0, top_k=64, temperature=1.0, noise_strength=0.3), "sampling"
+        SamplingConfig(cfg_scale=3.0, top_k=64, temperature=1.0, noise_strength=0.2), "sampling"
     )
 
 

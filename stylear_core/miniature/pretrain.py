@@ -54,9 +54,9 @@ def mini_model_config(**overrides: Any) -> ModelConfig:
 
 def _pretrain_loop() -> TrainLoopConfig:
     return TrainLoopConfig(
-        max_steps=600,
+        max_steps=3000,
         micro_batch_size=32,
-        checkpoint_every=200,
+        checkpoint_every=500,
         log_every=50,
         optimizer=OptimizerConfig(lr=2e-3, weight_decay=0.01, warmup_steps=30, min_lr_ratio=0.05),
     )
@@ -66,7 +66,7 @@ def _pretrain_loop() -> TrainLoopConfig:
 class PretrainDataConfig:
     """The procedural pairs the base trains on."""
 
-    rows: int = option(6000, "(prompt, image) pairs in the training styles, for pretraining")
+    rows: int = option(16000, "(prompt, image) pairs in the training styles, for pretraining")
     sft_rows: int = option(3000, "stylized pairs in the training styles written for SFT (sft_tokens/)")
     seed: int = option(0, "seed of the scenes")
 

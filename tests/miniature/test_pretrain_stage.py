@@ -11,9 +11,8 @@ import torch
 
 from jobs import pretrain
 from stylear_core.config import from_dict
-from stylear_core.data.tokenizer import ByteTokenizer
 from stylear_core.models.config import ModelConfig
-from stylear_core.models.presets import build_backbone
+from stylear_core.models.presets import build_backbone, build_prompt_tokenizer
 from stylear_core.training.metrics import read_metrics_log
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -84,7 +83,8 @@ def test_pretrain_trains_publishes_and_reuses_the_base(tmp_path):
     assert table.num_rows == 16 and set(table.column_names) >= {"prompt_ids", "image_tokens", "image"}
     placeholder = vocab.style_placeholder
     assert all(ids.count(placeholder) == 16 for ids in table.column("prompt_ids").to_pylist())
-    assert ByteTokenizer(vocab).decode(table.column("prompt_ids")[0].as_py()).startswith("Generate an image")
+    tokenizer = build_prompt_tokenizer(model, vocab)
+    assert tokenizer.decode(table.column("prompt_ids")[0].as_py()).startswith("Generate an image")
     # A forced rerun (a fresh stage dir, same cache) trains nothing: the world and the base are reused.
     again = run(tmp_path, "force=true")
     assert again["trained"] == "reused" and again["base"] == summary["base"]
