@@ -159,8 +159,12 @@ class ByteTokenizer:
             if piece in self.specials:
                 ids.append(self.specials[piece])
             else:
-                ids.extend(self.byte_offset + b for b in piece.encode("utf-8"))
+                ids.extend(self._encode_text(piece))
         return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Ids of text holding no special-token name: its UTF-8 bytes."""
+        return [self.byte_offset + b for b in text.encode("utf-8")]
 
     def decode(self, ids: list[int]) -> str:
         """Ids -> text; BOS is dropped, specials and image codes are written by name."""
@@ -285,21 +289,15 @@ class WordTokenizer(ByteTokenizer):
         self._word_ids = {piece: first + i for i, piece in enumerate(pieces)}
         self._word_of_id = {i: piece for piece, i in self._word_ids.items()}
 
-    def encode(self, text: str) -> list[int]:
-        """``text`` -> ``[bos, ...]``: specials by name, listed words as one id each, the rest bytes."""
-        ids = [self.vocab.bos]
-        for piece in self._pattern.split(text):
-            if not piece:
-                continue
-            if piece in self.specials:
-                ids.append(self.specials[piece])
-                continue
-            for match in self._WORD.finditer(piece):
-                word = match.group()
-                if word in self._word_ids:
-                    ids.append(self._word_ids[word])
-                else:
-                    ids.extend(self.byte_offset + b for b in word.encode("utf-8"))
+    def _encode_text(self, text: str) -> list[int]:
+        """Listed words as one id each, the rest as bytes (specials are split off by ``encode``)."""
+        ids: list[int] = []
+        for match in self._WORD.finditer(text):
+            word = match.group()
+            if word in self._word_ids:
+                ids.append(self._word_ids[word])
+            else:
+                ids.extend(super()._encode_text(word))
         return ids
 
     def decode(self, ids: list[int]) -> str:
