@@ -71,3 +71,40 @@ def tiny_adapter(
 
 
 __all__ = ["TINY_MODEL", "perturb_", "tiny_adapter", "tiny_model_cfg"]
+
+
+def write_release_word_tokenizer(path: str | Path, words: Sequence[str]) -> Path:
+    """A Chameleon-like word-level tokenizer dir for prompt-parity tests: the real special ids (``S*`` at
+    its release id, 16393, an ordinary entry), then ``words`` in order of first appearance.
+
+    The pre-tokenizer keeps ``S*`` one piece and splits ``S*.`` / ``instruction:`` into word and
+    punctuation, as the real BPE does.
+    """
+    from tokenizers import Regex, Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Sequence as PreSequence
+    from tokenizers.pre_tokenizers import Split, WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    from stylear_core.data.layout import TokenVocab, image_token_name
+    from stylear_core.data.tokenizer import special_token_names
+
+    vocab = TokenVocab.for_prompt_template("stylear_release")
+    table = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    table.update({image_token_name(c): i for c, i in enumerate(vocab.image_code_ids)})
+    table.update(special_token_names(vocab))
+    table.update({w: vocab.style_placeholder + 1 + i for i, w in enumerate(dict.fromkeys(words))})
+    tok = Tokenizer(WordLevel(table, unk_token="<unk>"))
+    tok.pre_tokenizer = PreSequence(
+        [WhitespaceSplit(), Split(Regex(r"S\*|[A-Za-z0-9]+|[^A-Za-z0-9\s]"), behavior="isolated")]
+    )
+    specials = [n for n in special_token_names(vocab) if n not in ("<s>", "<pad>", "S*")]
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=specials,
+    ).save_pretrained(str(path))
+    return Path(path)

@@ -13,21 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Sequence, Split, WhitespaceSplit
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer
 
 from stylear_core.data.condition_tokens import splice_condition_tokens
-from stylear_core.data.layout import ImageTokenLayout, LayoutError, TokenVocab, image_token_name
+from stylear_core.data.layout import ImageTokenLayout, LayoutError
 from stylear_core.data.tokenizer import (
     ByteTokenizer,
     ChameleonPromptTokenizer,
-    special_token_names,
     style_prompt_ids,
     text_prompt_ids,
 )
 from stylear_core.models.backbone import tiny_vocab, vocab_from_vocabulary_map
+from stylear_core.testing.fixtures import write_release_word_tokenizer
 
 PROMPT = "a red cat on the beach"
 WORDS = [
@@ -58,26 +55,8 @@ WORDS = [
 
 
 def write_release_tokenizer(path: Path) -> Path:
-    """A Chameleon-like word-level tokenizer dir: the real special ids, ``S*`` at 16393, the test's words."""
-    vocab = TokenVocab.for_prompt_template("stylear_release")
-    table = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    table.update({image_token_name(c): i for c, i in enumerate(vocab.image_code_ids)})
-    table.update(special_token_names(vocab))
-    table.update({w: vocab.style_placeholder + 1 + i for i, w in enumerate(dict.fromkeys(WORDS))})
-    tok = Tokenizer(WordLevel(table, unk_token="<unk>"))
-    tok.pre_tokenizer = Sequence(
-        [WhitespaceSplit(), Split(Regex(r"S\*|[A-Za-z0-9]+|[^A-Za-z0-9\s]"), behavior="isolated")]
-    )
-    specials = [n for n in special_token_names(vocab) if n not in ("<s>", "<pad>", "S*")]
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        additional_special_tokens=specials,
-    ).save_pretrained(str(path))
-    return path
+    """The shared Chameleon-like word-level tokenizer dir, holding this test's words."""
+    return write_release_word_tokenizer(path, WORDS)
 
 
 def reference_condition_prompt(tokenizer_dir: Path, test_prompt: str, image_ids: list[int]) -> list[int]:

@@ -13,21 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Sequence, Split, WhitespaceSplit
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer
 
-from stylear_core.data.layout import TokenVocab, image_token_name
+from stylear_core.data.layout import TokenVocab
 from stylear_core.data.tokenizer import (
     ByteTokenizer,
     ChameleonPromptTokenizer,
-    special_token_names,
     style_prompt_ids,
 )
 from stylear_core.models.backbone import tiny_backbone, tiny_vocab, vocab_from_vocabulary_map
 from stylear_core.models.presets import ModelConfig, build_backbone, build_prompt_tokenizer
 from stylear_core.models.style_tokens import inject_style_tokens, style_placeholder_mask
+from stylear_core.testing.fixtures import write_release_word_tokenizer
 
 S_STAR_ID = 16393  # the Chameleon tokenizer's id of "S*"
 PROMPT = "a red cat on the beach"
@@ -58,29 +55,8 @@ WORDS = [
 
 
 def write_release_tokenizer(path: Path) -> Path:
-    """A Chameleon-like tokenizer dir with the real special ids and ``S*`` at 16393 (an ordinary entry)."""
-    vocab = TokenVocab.for_prompt_template("stylear_release")
-    table = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    table.update({image_token_name(c): i for c, i in enumerate(vocab.image_code_ids)})
-    table.update(special_token_names(vocab))
-    assert table["S*"] == S_STAR_ID
-    first_word = S_STAR_ID + 1
-    table.update({w: first_word + i for i, w in enumerate(dict.fromkeys(WORDS))})
-    tok = Tokenizer(WordLevel(table, unk_token="<unk>"))
-    # Keeps "S*" one piece and splits "S*." / "instruction:" into word and punctuation, as BPE does.
-    tok.pre_tokenizer = Sequence(
-        [WhitespaceSplit(), Split(Regex(r"S\*|[A-Za-z0-9]+|[^A-Za-z0-9\s]"), behavior="isolated")]
-    )
-    specials = [n for n in special_token_names(vocab) if n not in ("<s>", "<pad>", "S*")]
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        additional_special_tokens=specials,
-    ).save_pretrained(str(path))
-    return path
+    """The shared Chameleon-like word-level tokenizer dir, holding this test's words."""
+    return write_release_word_tokenizer(path, WORDS)
 
 
 def reference_prompt_and_index_list(tokenizer_dir: Path, test_prompt: str) -> tuple[list[int], list[int]]:
