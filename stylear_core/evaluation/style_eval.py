@@ -1,7 +1,7 @@
 """Style evaluation: generate for held (prompt, style reference) pairs with the base and tuned models, score.
 
-For every held pair (procedural rows of :class:`~stylear_core.data.synthetic.SyntheticStyleSet`, drawn
-with a seed the training data does not use) each *variant* (``base``: the untuned model, no LoRA and
+For every held pair (your own prompts and style references from parquet, or procedural rows of
+:class:`~stylear_core.data.synthetic.SyntheticStyleSet` drawn with a seed the training data does not use) each *variant* (``base``: the untuned model, no LoRA and
 the freshly initialised resampler; any number of tuned adapter directories) generates
 ``samples_per_pair`` images through :class:`~stylear_core.inference.engine.ImageGenerationEngine`
 (batched CFG, per-sample seeds, the same seeds for every variant) and the VQGAN decodes them. Each
@@ -39,6 +39,7 @@ Outputs of :func:`write_style_eval` (``stylear.style_eval/1``)::
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +66,19 @@ PALETTE_BINS = 8  # per channel: 512 joint bins keep the synthetic palettes apar
 
 @dataclass
 class HeldPairsConfig:
-    """The held (prompt, style reference) pairs: procedural, from a seed the training data does not use."""
+    """The held (prompt, style reference) pairs: your own (``path``), or procedural from a seed the training
+    data does not use."""
 
-    count: int = option(8, "held (prompt, style reference) pairs")
+    count: int = option(
+        8, "held (prompt, style reference) pairs (procedural; with path: the first count, 0 all)"
+    )
     num_styles: int = option(4, "distinct styles among them (>= 2: the *_other scores need another style)")
     seed: int = option(2, "seed of the procedural set (curation uses 0, preference pairs 1)")
+    path: str = option(
+        "",
+        "parquet file or dir of your own pairs: prompt, style_image (image bytes), optional id and "
+        "style_ref (a style name; default: each distinct image is its own style); empty: procedural",
+    )
 
 
 @dataclass
@@ -84,9 +93,57 @@ class EvalSamplingConfig(SamplingConfig):
     )
 
 
+def read_held_pairs(path: str | Path, size: int, count: int = 0) -> list[dict[str, Any]]:
+    """Your own held pairs from parquet (see :attr:`HeldPairsConfig.path`) as ``{id, prompt, style_ref,
+    style_image}``, each reference centre-cropped to ``size`` and re-encoded as PNG.
+
+    Ids become safe, unique file stems (other characters -> ``_``; a clash or none -> ``pair-<n>``).
+    Raises ``ValueError`` naming the row for a missing column, an empty prompt or an unreadable image,
+    and when fewer than two styles are present (the ``*_other`` scores compare with another style).
+    """
+    import hashlib
+
+    from stylear_core.data.images import ImageDecodeError, center_crop_resize
+
+    table = pq.read_table(str(path))
+    missing = [c for c in ("prompt", "style_image") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"held pairs {path}: missing column(s) {missing} (have {table.column_names})")
+    rows = table.to_pylist()[: count or None]
+    pairs: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for n, row in enumerate(rows):
+        # The id names the output files: keep it to a safe, unique file stem.
+        row_id = re.sub(r"[^A-Za-z0-9_-]+", "_", str(row.get("id") or ""))[:64]
+        if not row_id.strip("_") or row_id in seen:
+            row_id = f"pair-{n:05d}"
+        seen.add(row_id)
+        prompt = str(row.get("prompt") or "").strip()
+        if not prompt:
+            raise ValueError(f"held pairs {path}: row {row_id!r} has an empty prompt")
+        data = row.get("style_image")
+        try:
+            image = decode_image(bytes(data or b""), max_pixels=64_000_000)
+        except ImageDecodeError as e:
+            raise ValueError(f"held pairs {path}: row {row_id!r}: style_image: {e}") from None
+        style = row.get("style_ref") or "image-" + hashlib.blake2b(bytes(data), digest_size=6).hexdigest()
+        png = encode_png(center_crop_resize(image, size, size))
+        pairs.append({"id": row_id, "prompt": prompt, "style_ref": str(style), "style_image": png})
+    styles = {p["style_ref"] for p in pairs}
+    if len(styles) < 2:
+        raise ValueError(
+            f"held pairs {path}: {len(pairs)} row(s) of {len(styles)} style(s); at least 2 styles are "
+            "needed (the *_other scores compare each sample with the other styles' references)"
+        )
+    return pairs
+
+
 def held_pairs(cfg: HeldPairsConfig, size: int) -> list[dict[str, Any]]:
-    """The held pairs ``{id, prompt, style_ref, style_image}`` (PNG bytes of side ``size``), taking the
-    styles in turn so that every one of the ``num_styles`` styles is among the first few pairs."""
+    """The held pairs ``{id, prompt, style_ref, style_image}`` (PNG bytes of side ``size``): those in
+    ``cfg.path`` (:func:`read_held_pairs`), else procedural ones, taking the styles in turn so that
+    every one of the ``num_styles`` styles is among the first few pairs."""
+    if cfg.path:
+        return read_held_pairs(cfg.path, size, cfg.count)
     if cfg.num_styles < 2:
         raise ValueError(
             f"num_styles must be >= 2 (the *_other scores need another style), got {cfg.num_styles}"
@@ -377,6 +434,7 @@ __all__ = [
     "colour_histogram",
     "evaluate_variant",
     "held_pairs",
+    "read_held_pairs",
     "palette_similarity",
     "eval_sample_seed",
     "StyleSample",

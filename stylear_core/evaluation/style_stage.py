@@ -1,7 +1,7 @@
 """The style evaluation stage: every tuned adapter against the untuned base model, and the run's report.
 
 :func:`run_style_evaluation` takes a :class:`StyleEvalStageConfig`: held (prompt, style reference) pairs
-(procedural, a seed the training data does not use), the model block (default: the one in the ``tuned``
+(your own from parquet, ``pairs.path``, or procedural from a seed the training data does not use), the model block (default: the one in the ``tuned``
 adapter's manifest) and ``adapters`` (variant name -> adapter dir). Every variant -- ``base`` plus each
 adapter -- generates and scores the pairs in its own Ray task
 (:func:`~stylear_core.evaluation.style_eval.evaluate_variant`, ``resources`` each). It writes
@@ -11,7 +11,7 @@ adapter -- generates and scores the pairs in its own Ray task
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -81,7 +81,8 @@ def run_style_evaluation(cfg: StyleEvalStageConfig) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"adapter dir(s) without a manifest: {missing}")
     model = adapter_model_config(adapters[cfg.tuned], cfg.model)
-    pairs = held_pairs(cfg.pairs, model.image_size)
+    held = replace(cfg.pairs, path=cfg.path(cfg.pairs.path)) if cfg.pairs.path else cfg.pairs
+    pairs = held_pairs(held, model.image_size)
     task = ray.remote(evaluate_variant).options(**cfg.resources.ray_options())
     variants: dict[str, str | None] = {BASE_VARIANT: None, **adapters}
     futures = [task.remote(v, a, model, pairs, cfg.sampling) for v, a in variants.items()]

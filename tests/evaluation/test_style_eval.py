@@ -217,3 +217,50 @@ def test_evaluate_job_writes_tables_manifest_and_report(ray_session, tmp_path):
     ]
     report = (run / "report.html").read_text()
     assert "Style evaluation" in report and "dpo" in report
+
+
+def _write_pairs(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _style_png(palette: str, seed: int, side: int = 96) -> bytes:
+    content = sample_content(random.Random(seed))
+    return encode_png(render(content, StyleSpec(palette, "stripes", "filled"), size=side))
+
+
+def test_own_held_pairs_are_read_checked_and_evaluated(tmp_path):
+    """A user's own (prompt, reference) rows replace the procedural pairs: references come back at the
+    model's size, ids become safe file stems, a missing style_ref makes each image its own style, and
+    the base model generates and scores every pair."""
+    first, second = list(PALETTES)[:2]
+    red, blue = _style_png(first, 0), _style_png(second, 1)
+    rows = [
+        {"id": "../../etc/passwd", "prompt": "a red circle on the left", "style_image": red},
+        {"id": "own-2", "prompt": "a blue square in the centre", "style_image": blue},
+        {"id": "own-2", "prompt": "a green star on the right", "style_image": red},
+    ]
+    pairs = held_pairs(HeldPairsConfig(path=str(_write_pairs(tmp_path / "own.parquet", rows))), 64)
+    assert [p["prompt"] for p in pairs] == [r["prompt"] for r in rows]
+    assert [p["id"] for p in pairs] == ["_etc_passwd", "own-2", "pair-00002"]
+    assert pairs[0]["style_ref"] == pairs[2]["style_ref"] != pairs[1]["style_ref"]
+    assert all(decode_image(p["style_image"]).size == (64, 64) for p in pairs)
+    assert len(held_pairs(HeldPairsConfig(path=str(tmp_path / "own.parquet"), count=2), 64)) == 2
+
+    scored = evaluate_variant("base", None, TINY, pairs, SAMPLING, "cpu")
+    assert [r["pair_id"] for r in scored] == [
+        p["id"] for p in pairs for _ in range(SAMPLING.samples_per_pair)
+    ]
+    assert all(0.0 <= r["code_style"] <= 1.0 for r in scored)
+
+    bad = [
+        ([{"prompt": "x", "style_image": red}, {"prompt": "y", "style_image": red}], "at least 2 styles"),
+        ([{"prompt": "x", "style_image": b"not an image"}], "style_image"),
+        ([{"prompt": " ", "style_image": red}], "empty prompt"),
+        ([{"text": "x", "style_image": red}], "missing column"),
+    ]
+    for n, (table, message) in enumerate(bad):
+        with pytest.raises(ValueError, match=message):
+            held_pairs(HeldPairsConfig(path=str(_write_pairs(tmp_path / f"bad{n}.parquet", table))), 64)
