@@ -50,7 +50,19 @@ class ModelConfig:
     noise_strength_infer: float = option(0.3, "std of the Gaussian noise added to style tokens at inference")
     image_size: int = option(768, "generated / trained image side in pixels (multiple of 32)")
     trainable: Literal["lora", "full"] = option("lora", "train LoRA factors only, or the whole backbone")
-    gradient_checkpointing: bool = option(False, "recompute decoder layers in the backward pass")
+    gradient_checkpointing: bool | float = option(
+        False,
+        "recompute decoder layers in the backward pass: true = every layer, false = none, a number in "
+        "(0, 1] = that fraction of the decoder layers, spread evenly (0.5 = every 2nd, 0.25 = every 4th): "
+        "less recompute for more activation memory. The 7B LoRA default is to be chosen from a GPU run "
+        "(the smallest fraction whose step fits in memory, benchmarks/gpu_check.sh); until that run the "
+        "lumina7b configs keep true",
+    )
+    padding_free: bool = option(
+        True,
+        "training and scoring run each row as real prompt | real image | pads with no attention mask "
+        "(causal SDPA, its flash path on GPU); false = the padded layout with an explicit mask",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = option(
         "float32", "parameter dtype of the built models"
     )
@@ -69,8 +81,24 @@ class ModelConfig:
         for name in ("noise_strength_train", "noise_strength_infer"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        gc = self.gradient_checkpointing
+        if not isinstance(gc, bool) and not 0.0 <= gc <= 1.0:
+            raise ConfigError(f"gradient_checkpointing: a fraction must be in [0, 1], got {gc}")
         if self.stylear_release and self.trainable != "lora":
             raise ConfigError("stylear_release: the release is a LoRA adapter; it needs trainable: lora")
+
+    def checkpointed_layers(self, num_layers: int) -> list[int]:
+        """Indices of the decoder layers that ``gradient_checkpointing`` recomputes, of ``num_layers``.
+
+        A fraction ``f`` checkpoints ``round(f * num_layers)`` layers (at least one when ``f > 0``), spread
+        evenly from layer 0: which layers does not change the memory saved, spreading keeps it even.
+        """
+        gc = self.gradient_checkpointing
+        fraction = (1.0 if gc else 0.0) if isinstance(gc, bool) else float(gc)
+        if fraction <= 0 or num_layers <= 0:
+            return []
+        count = min(num_layers, max(1, round(fraction * num_layers)))
+        return sorted({(j * num_layers) // count for j in range(count)})
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -149,8 +149,12 @@ def build_stylear_model(cfg: ModelConfig, device: str | torch.device = "cpu") ->
         backbone.to(device=device, dtype=cfg.torch_dtype)
     else:
         backbone.requires_grad_(True)
-    if cfg.gradient_checkpointing:
+    checkpointed = set(cfg.checkpointed_layers(len(backbone.model.layers)))
+    if checkpointed:
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # A fraction: the other layers keep their activations (transformers reads the flag per layer).
+        for i, layer in enumerate(backbone.model.layers):
+            layer.gradient_checkpointing = i in checkpointed
     return StyleARModel(
         backbone,
         encoder,
@@ -158,6 +162,7 @@ def build_stylear_model(cfg: ModelConfig, device: str | torch.device = "cpu") ->
         vocab,
         noise_strength_train=cfg.noise_strength_train,
         noise_strength_infer=cfg.noise_strength_infer,
+        padding_free=cfg.padding_free,
     )
 
 

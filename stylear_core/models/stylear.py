@@ -10,7 +10,10 @@ is set.
 
 Sequence layout of one training row: ``prompt (L, left-padded) | image tokens (T, right-padded)``
 where the image tokens are a full Lumina image (``<racm3:break>``, grid tokens, rows with new-line,
-``<eoss>``).
+``<eoss>``). With ``padding_free`` (the default) the backbone sees each row reordered to
+``real prompt | real image | pads`` with positions ``0..S-1`` and no attention mask, so SDPA runs plain
+causal attention (``is_causal``, its flash path on GPU): under a causal mask no real token attends to
+the trailing pads, and pad labels are ignored, so losses and log-probabilities equal the masked layout's.
 """
 
 from __future__ import annotations
@@ -62,13 +65,29 @@ def image_token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return torch.where(valid, picked, 0.0).sum(dim=1)
 
 
+def padding_free_order(mask: torch.Tensor) -> torch.Tensor:
+    """Per-row permutation ``(B, S)`` putting the real positions of ``mask`` first, each group in its order.
+
+    A stable argsort of ``~mask``: ``x.gather(1, order)`` moves every row's real tokens to the front.
+    """
+    return torch.argsort((~mask.bool()).to(torch.uint8), dim=1, stable=True)
+
+
+def gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x[b, order[b, s], ...]`` for ``x`` of shape ``(B, S, ...)`` and ``order`` ``(B, S')``."""
+    index = order.reshape(*order.shape, *([1] * (x.dim() - 2))).expand(*order.shape, *x.shape[2:])
+    return x.gather(1, index)
+
+
 class StyleARModel(nn.Module):
     """Backbone + frozen style encoder + trainable resampler, over one :class:`TokenVocab`.
 
     Takes ``backbone`` (a :class:`LuminaChameleonForCausalLM`, LoRA-injected or not),
     ``style_encoder`` (an ``nn.Module`` mapping CLIP-normalised pixels ``(B, 3, S, S)`` to features
     ``(B, tokens, width)``; frozen and kept in eval mode), ``resampler`` (features -> ``(B, N, hidden)``),
-    ``vocab``, and the default noise strengths for training and inference.
+    ``vocab``, the default noise strengths for training and inference, and ``padding_free``: run the
+    backbone on rows reordered to ``real | pads`` with no attention mask (True), or on the padded
+    layout with an explicit mask (False). Both give the same losses; generation is not affected.
     """
 
     def __init__(
@@ -79,6 +98,7 @@ class StyleARModel(nn.Module):
         vocab: TokenVocab,
         noise_strength_train: float = 0.0,
         noise_strength_infer: float = 0.0,
+        padding_free: bool = True,
     ):
         super().__init__()
         self.backbone = backbone
@@ -87,6 +107,7 @@ class StyleARModel(nn.Module):
         self.vocab = vocab
         self.noise_strength_train = noise_strength_train
         self.noise_strength_infer = noise_strength_infer
+        self.padding_free = padding_free
         self.style_encoder.requires_grad_(False)
         self.style_encoder.eval()
         hidden = backbone.config.hidden_size
@@ -154,12 +175,43 @@ class StyleARModel(nn.Module):
         style_tokens: torch.Tensor,
         prompt_mask: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
+        padding_free: bool | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, L+T, V)`` of ``prompt | image`` with the style tokens placed in the prompt.
 
         ``prompt_mask`` (default: ids != pad) marks real prompt tokens of left-padded prompts,
         ``image_mask`` (default: all) real image tokens of right-padded images; positions count
-        from each row's first real token.
+        from each row's first real token. ``padding_free`` (default: the model's setting) picks the
+        layout the backbone runs on; the logits come back in the padded layout either way (at padded
+        positions they are meaningless).
+        """
+        logits, order, _ = self._backbone_logits(
+            prompt_ids, image_tokens, style_tokens, prompt_mask, image_mask, padding_free
+        )
+        if order is None:
+            return logits
+        # Back to the padded layout: position order[b, s] gets compact logit s; the pads cut off by
+        # the trim stay zero.
+        full = logits.new_zeros(logits.shape[0], order.shape[1], logits.shape[2])
+        index = order[:, : logits.shape[1]]
+        return full.scatter(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[2]), logits)
+
+    def _backbone_logits(
+        self,
+        prompt_ids: torch.Tensor,
+        image_tokens: torch.Tensor,
+        style_tokens: torch.Tensor,
+        prompt_mask: torch.Tensor | None,
+        image_mask: torch.Tensor | None,
+        padding_free: bool | None,
+        labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Run the backbone; give ``(logits, order, labels)`` in the layout it ran on.
+
+        Masked layout: ``order`` is None and ``labels`` as given. Padding-free: ``order`` ``(B, L+T)`` is
+        the per-row permutation to ``real | pads`` (:func:`padding_free_order`), and logits and labels
+        are in that order, cut after the longest row's real tokens (columns that are pads in every row
+        would only be computed to be ignored).
         """
         if prompt_mask is None:
             prompt_mask = prompt_ids != self.vocab.pad
@@ -168,12 +220,31 @@ class StyleARModel(nn.Module):
         prompt_embeds = self.prompt_embeddings(prompt_ids, style_tokens)
         image_embeds = self.backbone.get_input_embeddings()(image_tokens)
         embeds = torch.cat([prompt_embeds, image_embeds.to(prompt_embeds.dtype)], dim=1)
-        attention_mask = torch.cat([prompt_mask, image_mask], dim=1).long()
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        mask = torch.cat([prompt_mask, image_mask], dim=1).bool()
+        if not (self.padding_free if padding_free is None else padding_free):
+            attention_mask = mask.long()
+            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+            out = self.backbone(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
+            return out.logits, None, labels
+        order = padding_free_order(mask)
+        # One host sync for the trim: it saves the compute of every all-pad column.
+        length = max(int(mask.sum(dim=1).max()), 1)
+        keep = order[:, :length]
+        position_ids = torch.arange(length, device=embeds.device).unsqueeze(0).expand(embeds.shape[0], -1)
+        # attention_mask=None with positions 0..S-1: transformers' create_causal_mask finds no padding
+        # and no packed sequences and returns None, so SDPA is called with is_causal=True.
         out = self.backbone(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            inputs_embeds=gather_rows(embeds, keep),
+            attention_mask=None,
+            position_ids=position_ids,
+            use_cache=False,
         )
-        return out.logits
+        return out.logits, order, None if labels is None else labels.gather(1, keep.to(labels.device))
 
     def forward(
         self,
@@ -197,8 +268,13 @@ class StyleARModel(nn.Module):
         tokens = self._resolve_style_tokens(
             style_tokens, style_pixels, style_features, noise_strength, generator
         )
-        logits = self.sequence_logits(prompt_ids, image_tokens, tokens, prompt_mask, image_mask)
         labels = sequence_labels(prompt_ids.shape[1], image_tokens, image_mask)
+        if return_logits:  # the caller reads logits by padded position
+            logits = self.sequence_logits(prompt_ids, image_tokens, tokens, prompt_mask, image_mask)
+        else:  # the loss is a sum over labelled positions: any layout's order will do
+            logits, _, labels = self._backbone_logits(
+                prompt_ids, image_tokens, tokens, prompt_mask, image_mask, None, labels
+            )
         terms = next_token_loss(logits, labels, getattr(self.backbone.config, "z_loss_weight", 0.0))
         return StyleAROutput(
             loss=terms.total,
@@ -224,8 +300,11 @@ class StyleARModel(nn.Module):
         tokens = self._resolve_style_tokens(
             style_tokens, style_pixels, style_features, noise_strength, generator
         )
-        logits = self.sequence_logits(prompt_ids, image_tokens, tokens, prompt_mask, image_mask)
-        return image_token_log_probs(logits, sequence_labels(prompt_ids.shape[1], image_tokens, image_mask))
+        labels = sequence_labels(prompt_ids.shape[1], image_tokens, image_mask)
+        logits, _, labels = self._backbone_logits(
+            prompt_ids, image_tokens, tokens, prompt_mask, image_mask, None, labels
+        )
+        return image_token_log_probs(logits, labels)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that train: the resampler's and the backbone's with ``requires_grad`` (LoRA or all)."""
