@@ -65,6 +65,28 @@ class OptimizerConfig:
     grad_clip: float = option(1.0, "gradient-norm clip (0 = off)")
 
 
+def adamw_kernel(device_types: set[str], offload: bool = False) -> dict[str, bool]:
+    """AdamW's implementation switch for parameters on ``device_types``: ``{"fused": True}`` or ``{"foreach": True}``.
+
+    Fused (one kernel for the whole update) where every parameter is on a CUDA device; foreach (a
+    few batched kernels) otherwise. With ``offload`` DeepSpeed moves the optimizer's partitions to CPU
+    memory after the optimizer is built, so the CUDA-only choice made here would not hold: foreach.
+    """
+    if device_types == {"cuda"} and not offload:
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def build_adamw(
+    params: list[torch.nn.Parameter], opt: OptimizerConfig, offload: bool = False
+) -> torch.optim.AdamW:
+    """torch AdamW over ``params`` with ``opt``'s settings and the :func:`adamw_kernel` implementation."""
+    kernel = adamw_kernel({p.device.type for p in params}, offload)
+    return torch.optim.AdamW(
+        params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay, **kernel
+    )
+
+
 @dataclass
 class TrainLoopConfig:
     """Steps, batch geometry, ZeRO stage, precision, checkpointing and logging of a training run."""
@@ -212,9 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     module = objective.setup(device, precision)
     opt = train.optimizer
     trainable = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
-    )
+    optimizer = build_adamw(trainable, opt, train.offload_optimizer)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=optimizer,
@@ -229,6 +249,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             precision,
             opt.grad_clip,
             train.offload_optimizer,
+            on_gpu=use_gpu,
         ),
     )
 
