@@ -12,15 +12,24 @@ backbone with activation checkpointing; loss on image tokens) on the same synthe
 * ``ray``: ``TorchTrainer`` workers running the project's training loop
   (:func:`stylear_core.training.loop.train_loop_per_worker`) with its data path, reports and checkpoints.
 
-It prints tokens/s (every sequence position of every row, prompt and image), MFU by the 6N rule (N =
-backbone parameters; peak = the GPU's dense bf16 FLOP/s, or on CPU a measured fp32 matmul rate), and
-each runner's ratio to ``plain``. The median step after ``--warmup`` steps is used; the Ray runner's
-last step (which checkpoints and exports) is left out.
+* ``plain_masked``: ``plain`` on the padded layout with an explicit attention mask
+  (``model.padding_free: false``), to time the padding-free default against it.
+
+The synthetic rows have mixed prompt lengths (every micro-batch holds the same mix), so batches are
+padded and the masked and padding-free paths differ. It prints, each with its formula
+(:mod:`stylear_core.training.flops`): tokens/s (real prompt + image tokens, pads not counted);
+model-FLOPs utilisation (LoRA ``4N + 2N_lora`` ≈ ``4N``, full fine-tuning ``6N``, plus causal
+attention; ``N`` = the backbone's computing parameters, embedding table excluded, LM head included);
+hardware-FLOPs utilisation (adds the forward that activation checkpointing recomputes). Peak = the
+GPU's dense bf16 FLOP/s, or on CPU a measured fp32 matmul rate. Also each runner's ratio to
+``plain``. The median step after ``--warmup`` steps is used; the Ray runner's last step (which
+checkpoints and exports) is left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -39,12 +48,29 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from cluster.local import apply_project_env  # noqa: E402
 from stylear_core.data.layout import ImageTokenLayout  # noqa: E402
 from stylear_core.data.tokenizer import style_prompt_ids  # noqa: E402
+from stylear_core.models.lora import add_lora  # noqa: E402
 from stylear_core.models.presets import ModelConfig, build_backbone, build_prompt_tokenizer  # noqa: E402
 from stylear_core.training.deepspeed_config import build_deepspeed_config  # noqa: E402
+from stylear_core.training.flops import (  # noqa: E402
+    HARDWARE_FLOPS_FORMULA,
+    MODEL_FLOPS_FORMULA,
+    BackboneFlopCounts,
+    backbone_flop_counts,
+    training_step_flops,
+)
+from stylear_core.training.loop import OptimizerConfig, build_adamw  # noqa: E402
 from stylear_core.training.objectives import StyleSFTObjective  # noqa: E402
 
 # Dense bf16 tensor-core peak per GPU (FLOP/s), by a substring of the device name.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def checkpointing_setting(text: str) -> bool | float:
+    """``--checkpointing``: ``true`` / ``false``, or a fraction of the decoder layers."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    return float(text)
 
 
 def synchronize(device: torch.device) -> None:
@@ -70,8 +96,16 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
     return 10 * 2 * 1024**3 / seconds, "measured CPU fp32 matmul rate"
 
 
-def synthetic_rows(model_cfg: ModelConfig, count: int, seed: int = 0) -> list[dict]:
-    """Token-shard rows of random VQ codes at ``model_cfg.image_size`` with StyleAR prompts."""
+# Prompt tails of different lengths: rows of one micro-batch differ in length, so batches carry padding.
+PROMPT_TAILS = ("", " under a grey evening sky with thin clouds", " on a wide plain", " drawn in ink")
+
+
+def synthetic_rows(model_cfg: ModelConfig, count: int, seed: int = 0, micro_batch: int = 2) -> list[dict]:
+    """Token-shard rows of random VQ codes at ``model_cfg.image_size`` with StyleAR prompts.
+
+    Prompt lengths differ within each run of ``micro_batch`` rows and repeat from one run to the next,
+    so every micro-batch holds the same mix of lengths (and so the same FLOPs).
+    """
     vocab = build_backbone(model_cfg, "meta")[1]
     tokenizer = build_prompt_tokenizer(model_cfg, vocab)
     size = model_cfg.image_size
@@ -80,7 +114,7 @@ def synthetic_rows(model_cfg: ModelConfig, count: int, seed: int = 0) -> list[di
     rows = []
     for i in range(count):
         codes = torch.randint(0, vocab.codebook_size, (layout.h_latent, layout.w_latent), generator=gen)
-        prompt = f"a red circle at the center number {i}"
+        prompt = f"a red circle at the center{PROMPT_TAILS[(i % micro_batch) % len(PROMPT_TAILS)]}"
         rows.append(
             {
                 "id": f"bench-{i}",
@@ -131,7 +165,7 @@ def run_plain(model_cfg: ModelConfig, rows: list[dict], args, device: torch.devi
         {k: v.to(device) for k, v in collate(b).items()} for b in numpy_batches(rows, args.micro_batch)
     ]
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = build_adamw(params, OptimizerConfig(lr=1e-4))  # the training loop's AdamW (fused on CUDA)
 
     def step(batch: dict) -> int:
         result = objective.compute(module, batch)
@@ -141,8 +175,19 @@ def run_plain(model_cfg: ModelConfig, rows: list[dict], args, device: torch.devi
         return result.tokens
 
     times, tokens = time_steps(step, batches, args.warmup + args.steps, device)
-    backbone_params = sum(p.numel() for p in objective.model.backbone.parameters())
-    return {"step_s": statistics.median(times[args.warmup :]), "tokens": tokens, "params": backbone_params}
+    return {"step_s": statistics.median(times[args.warmup :]), "tokens": tokens}
+
+
+def flop_counts(model_cfg: ModelConfig) -> BackboneFlopCounts:
+    """The FLOP-relevant parameter counts of the backbone ``model_cfg`` trains (built on the meta device:
+    no memory, so the 7B counts cost nothing), with its LoRA factors when it trains LoRA."""
+    backbone = build_backbone(model_cfg, "meta")[0]
+    if model_cfg.trainable == "lora":
+        with torch.device("meta"):
+            add_lora(backbone, rank=model_cfg.lora_rank, alpha=model_cfg.lora_alpha)
+    else:
+        backbone.requires_grad_(True)
+    return backbone_flop_counts(backbone)
 
 
 def run_deepspeed(model_cfg: ModelConfig, rows: list[dict], args, device: torch.device) -> dict:
@@ -181,7 +226,7 @@ def _time_deepspeed_engine(model_cfg: ModelConfig, rows: list[dict], args, devic
     params = [p for p in module.parameters() if p.requires_grad]
     config = build_deepspeed_config(args.zero_stage, args.micro_batch, 1, 1, args.precision)
     engine, *_ = deepspeed.initialize(
-        model=module, optimizer=torch.optim.AdamW(params, lr=1e-4), config=config
+        model=module, optimizer=build_adamw(params, OptimizerConfig(lr=1e-4)), config=config
     )
     engine.train()
 
@@ -249,7 +294,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (1 per GPU)")
-    parser.add_argument("--runners", default="plain,deepspeed,ray")
+    parser.add_argument("--runners", default="plain,plain_masked,deepspeed,ray")
+    parser.add_argument(
+        "--checkpointing",
+        type=checkpointing_setting,
+        default=True,
+        help="model.gradient_checkpointing: true, false, or the fraction of decoder layers to recompute",
+    )
     parser.add_argument("--ray-address", default="local")
     parser.add_argument(
         "--threads", type=int, default=1, help="CPU threads of the in-process runners (Ray workers get 1)"
@@ -267,18 +318,20 @@ def main(argv: list[str] | None = None) -> dict:
         preset=args.preset,
         image_size=size,
         num_style_tokens=16 if args.preset == "lumina7b" else 4,
-        gradient_checkpointing=True,
+        gradient_checkpointing=args.checkpointing,
         dtype="bfloat16" if on_gpu else "float32",
     )
-    rows = synthetic_rows(model_cfg, args.micro_batch * 4)
+    model_cfg.validate()
+    rows = synthetic_rows(model_cfg, args.micro_batch * 4, micro_batch=args.micro_batch)
     peak, peak_source = peak_flops(device)
     runners = [r for r in args.runners.split(",") if r]
     results: dict[str, dict] = {}
-    params = 0
     for runner in runners:
         if runner == "plain":
             results[runner] = run_plain(model_cfg, rows, args, device)
-            params = results[runner]["params"]
+        elif runner == "plain_masked":
+            masked_cfg = dataclasses.replace(model_cfg, padding_free=False)
+            results[runner] = run_plain(masked_cfg, rows, args, device)
         elif runner == "deepspeed":
             results[runner] = run_deepspeed(model_cfg, rows, args, device)
         elif runner == "ray":
@@ -288,24 +341,51 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
         if on_gpu:
             torch.cuda.empty_cache()
-    if not params:
-        params = sum(p.numel() for p in build_backbone(model_cfg, "meta")[0].parameters())
-    seq = len(rows[0]["prompt_ids"]) + len(rows[0]["image_tokens"])
+    counts = flop_counts(model_cfg)
+    checkpointed = len(model_cfg.checkpointed_layers(counts.layers))
+    lengths = [len(r["prompt_ids"]) + len(r["image_tokens"]) for r in rows]
+    flops = training_step_flops(counts, lengths, checkpointed)  # all rows; per token below
+    seq = max(lengths)
     print(
-        f"preset {args.preset}, image {size}px, seq {seq} tokens, micro-batch {args.micro_batch}, "
-        f"ZeRO-{args.zero_stage}, {args.precision}, backbone {params / 1e6:.1f}M params; peak = {peak_source}"
+        f"preset {args.preset}, image {size}px, rows of {min(lengths)}-{seq} tokens (mixed prompt lengths), "
+        f"micro-batch {args.micro_batch}, ZeRO-{args.zero_stage}, {args.precision}, {model_cfg.trainable}, "
+        f"checkpointing {checkpointed}/{counts.layers} layers; peak = {peak_source} ({peak / 1e12:.3g} TFLOP/s)"
     )
+    print(
+        f"  N = {counts.compute_params / 1e6:.2f}M computing backbone params (embedding table excluded, "
+        f"LM head included), N_train = {counts.trainable_params / 1e6:.3f}M, L = {counts.layers}, "
+        f"d = {counts.hidden}, S = each row's real tokens"
+    )
+    print("  tokens/s = real prompt + image tokens per step (pads not counted) / median step time")
+    print(f"  MFU = [{MODEL_FLOPS_FORMULA}] per second / peak")
+    print(f"  HFU = [{HARDWARE_FLOPS_FORMULA}] per second / peak")
     for r in results.values():
         r["tokens_per_s"] = r["tokens"] / r["step_s"]
-        r["mfu"] = 6 * params * r["tokens_per_s"] / peak
+        r["mfu"] = flops.model / flops.tokens * r["tokens_per_s"] / peak
+        r["hfu"] = flops.hardware / flops.tokens * r["tokens_per_s"] / peak
     plain = results.get("plain", {}).get("tokens_per_s", float("nan"))
     for runner, r in results.items():
         r["vs_plain"] = r["tokens_per_s"] / plain
         print(
-            f"  {runner:10s} {r['step_s'] * 1e3:9.1f} ms/step  {r['tokens_per_s']:10.1f} tok/s  "
-            f"MFU {100 * r['mfu']:5.1f}%  x{r['vs_plain']:.3f} of plain"
+            f"  {runner:12s} {r['step_s'] * 1e3:9.1f} ms/step  {r['tokens_per_s']:10.1f} tok/s  "
+            f"MFU {100 * r['mfu']:5.1f}%  HFU {100 * r['hfu']:5.1f}%  x{r['vs_plain']:.3f} of plain"
         )
-    summary = {"preset": args.preset, "seq": seq, "zero_stage": args.zero_stage, "results": results}
+    if "plain" in results and "plain_masked" in results:
+        free, masked = results["plain"]["step_s"], results["plain_masked"]["step_s"]
+        print(
+            f"  padding-free vs masked attention (plain loop, same rows): {free * 1e3:.1f} vs "
+            f"{masked * 1e3:.1f} ms/step, x{masked / free:.3f} speed-up"
+        )
+    summary = {
+        "preset": args.preset,
+        "seq": seq,
+        "row_lengths": lengths,
+        "zero_stage": args.zero_stage,
+        "flop_counts": dataclasses.asdict(counts),
+        "checkpointed_layers": checkpointed,
+        "step_flops": dataclasses.asdict(flops),
+        "results": results,
+    }
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     return summary
