@@ -174,8 +174,13 @@ def run_plain(model_cfg: ModelConfig, rows: list[dict], args, device: torch.devi
         optimizer.zero_grad(set_to_none=True)
         return result.tokens
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times, tokens = time_steps(step, batches, args.warmup + args.steps, device)
-    return {"step_s": statistics.median(times[args.warmup :]), "tokens": tokens}
+    result = {"step_s": statistics.median(times[args.warmup :]), "tokens": tokens}
+    if device.type == "cuda":  # what a checkpointing fraction must fit in
+        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return result
 
 
 def flop_counts(model_cfg: ModelConfig) -> BackboneFlopCounts:
@@ -369,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"  {runner:12s} {r['step_s'] * 1e3:9.1f} ms/step  {r['tokens_per_s']:10.1f} tok/s  "
             f"MFU {100 * r['mfu']:5.1f}%  HFU {100 * r['hfu']:5.1f}%  x{r['vs_plain']:.3f} of plain"
+            + (f"  peak {r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else "")
         )
     if "plain" in results and "plain_masked" in results:
         free, masked = results["plain"]["step_s"], results["plain_masked"]["step_s"]
