@@ -13,7 +13,8 @@ backbone with activation checkpointing; loss on image tokens) on the same synthe
   (:func:`stylear_core.training.loop.train_loop_per_worker`) with its data path, reports and checkpoints.
 
 * ``plain_masked``: ``plain`` on the padded layout with an explicit attention mask
-  (``model.padding_free: false``), to time the padding-free default against it.
+  (``model.padding_free: false``), to time the padding-free default against it (with ``plain`` in
+  the same run, their steps alternate on one model so that load on a shared machine hits both alike).
 
 The synthetic rows have mixed prompt lengths (every micro-batch holds the same mix), so batches are
 padded and the masked and padding-free paths differ. It prints, each with its formula
@@ -156,8 +157,14 @@ def time_steps(step, batches: list[dict], steps: int, device: torch.device) -> t
     return times, tokens
 
 
-def run_plain(model_cfg: ModelConfig, rows: list[dict], args, device: torch.device) -> dict:
-    """The baseline: one process, torch AdamW on the trainable parameters."""
+def run_plain(
+    model_cfg: ModelConfig, rows: list[dict], args, device: torch.device, interleave_masked: bool = False
+) -> dict:
+    """The baseline: one process, torch AdamW on the trainable parameters.
+
+    ``interleave_masked``: every step is followed by one on the masked layout (same model, same batch),
+    timed apart and given as ``masked_step_s``: drifting load on a shared machine then hits both alike.
+    """
     objective = StyleSFTObjective(model_cfg)
     module = objective.setup(device, args.precision).train()
     collate = objective.collate_fn()
@@ -176,8 +183,21 @@ def run_plain(model_cfg: ModelConfig, rows: list[dict], args, device: torch.devi
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, tokens = time_steps(step, batches, args.warmup + args.steps, device)
+    masked_times: list[float] = []
+    if interleave_masked:
+        times = []
+        for i in range(args.warmup + args.steps):
+            batch = [batches[i % len(batches)]]
+            for padding_free, into in ((True, times), (False, masked_times)):
+                objective.model.padding_free = padding_free
+                seconds, tokens = time_steps(step, batch, 1, device)
+                into += seconds
+        objective.model.padding_free = model_cfg.padding_free
+    else:
+        times, tokens = time_steps(step, batches, args.warmup + args.steps, device)
     result = {"step_s": statistics.median(times[args.warmup :]), "tokens": tokens}
+    if masked_times:
+        result["masked_step_s"] = statistics.median(masked_times[args.warmup :])
     if device.type == "cuda":  # what a checkpointing fraction must fit in
         result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return result
@@ -332,8 +352,13 @@ def main(argv: list[str] | None = None) -> dict:
     runners = [r for r in args.runners.split(",") if r]
     results: dict[str, dict] = {}
     for runner in runners:
-        if runner == "plain":
+        if runner == "plain" and "plain_masked" in runners:  # both layouts, step by step on one model
+            results[runner] = run_plain(model_cfg, rows, args, device, interleave_masked=True)
+            masked = {"step_s": results[runner].pop("masked_step_s"), "tokens": results[runner]["tokens"]}
+        elif runner == "plain":
             results[runner] = run_plain(model_cfg, rows, args, device)
+        elif runner == "plain_masked" and "plain" in runners:
+            continue  # timed with plain, interleaved
         elif runner == "plain_masked":
             masked_cfg = dataclasses.replace(model_cfg, padding_free=False)
             results[runner] = run_plain(masked_cfg, rows, args, device)
@@ -346,6 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
         if on_gpu:
             torch.cuda.empty_cache()
+    if "plain" in results and "plain_masked" in runners:
+        results = {"plain": results["plain"], "plain_masked": masked, **results}
     counts = flop_counts(model_cfg)
     checkpointed = len(model_cfg.checkpointed_layers(counts.layers))
     lengths = [len(r["prompt_ids"]) + len(r["image_tokens"]) for r in rows]
@@ -379,7 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "plain" in results and "plain_masked" in results:
         free, masked = results["plain"]["step_s"], results["plain_masked"]["step_s"]
         print(
-            f"  padding-free vs masked attention (plain loop, same rows): {free * 1e3:.1f} vs "
+            f"  padding-free vs masked attention (plain loop, same model and rows, steps interleaved): "
+            f"{free * 1e3:.1f} vs "
             f"{masked * 1e3:.1f} ms/step, x{masked / free:.3f} speed-up"
         )
     summary = {
