@@ -14,6 +14,12 @@ from a depth estimator (:mod:`stylear_core.models.depth`, ``depth_estimator_path
 into ``condition_tokens`` by the same path as the image, and the row's prompt takes the condition
 wording (one ``<image>`` placeholder that training replaces with those tokens).
 
+Style features (``style_features: image | vq_decode``): the frozen style encoder of the ``model`` block
+encodes each row's style image once -- its working-size PNG, or the VQ round trip of its tokens, the
+inputs of SFT's ``style_source: image`` / ``vq_decode`` -- into the fp16 ``style_features`` column, with
+``style_features_key`` naming the encoder and input (:mod:`stylear_core.data.style_features`: layout,
+bytes per row, why a column); SFT with ``style_source: features`` then runs neither CLIP nor the VQGAN.
+
 Models come from the ``model`` block of the job config (:class:`~stylear_core.models.presets.ModelConfig`):
 ``preset: tiny`` builds the seeded random tiny VQGAN and the byte tokenizer over the tiny vocab;
 ``preset: lumina7b`` loads ``vqgan_ckpt`` (random Chameleon-size weights when unset) and the
@@ -42,10 +48,17 @@ from stylear_core.data.images import (
     encode_png,
 )
 from stylear_core.data.layout import ImageTokenLayout, TokenVocab
+from stylear_core.data.style_features import (
+    compute_style_features,
+    features_arrow,
+    features_key,
+    style_encoder_digest,
+    vq_decoded_images,
+)
 from stylear_core.data.tokenizer import style_prompt_ids, text_prompt_ids
 from stylear_core.devices import resolve_device
 from stylear_core.models.depth import build_depth_estimator
-from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_vqgan
+from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_style_encoder, build_vqgan
 
 STAGE = "tokenize"
 
@@ -68,6 +81,13 @@ class TokenizeConfig:
     )
     depth_estimator_path: str = option(
         "", "local transformers depth model dir (DPT, Depth Anything); tiny preset: '' = a tiny random one"
+    )
+    style_features: Literal["none", "image", "vq_decode"] = option(
+        "none",
+        "precompute each row's frozen style-encoder features for SFT's style_source: features, from the "
+        "row's image or from the VQ round trip of its tokens (match the source SFT would use on the fly); "
+        "none = no features (null column)",
+        choices=("none", "image", "vq_decode"),
     )
 
 
@@ -100,11 +120,12 @@ class TokenizeActor:
     ``__call__`` takes a batch (a pyarrow table or a dict of columns) with ``id``, ``prompt``, ``image`` (encoded bytes) and optionally
     ``source`` and ``condition`` (encoded bytes) and returns a ``pyarrow.Table`` with the
     ``stylear.token_shards/2`` columns (``id, prompt, prompt_ids, image_tokens, height, width, source,
-    image, condition_tokens``: ``image`` is the PNG of the working-size crop the tokens encode,
-    ``condition_tokens`` null on rows without a condition) plus ``error`` / ``error_stage``; a row whose
+    image, condition_tokens, style_features, style_features_key``: ``image`` is the PNG of the working-size
+    crop the tokens encode, ``condition_tokens`` null on rows without a condition, the style features
+    null unless ``style_features`` is set) plus ``error`` / ``error_stage``; a row whose
     image (or condition) does not decode or whose prompt does not tokenize carries its reason in
     ``error`` (and empty id lists and image) instead of failing the batch. With ``condition: depth`` a
-    depth estimator is built once too, and rows without a ``condition`` get their image's depth map.
+    depth estimator is built once too, and rows without a ``condition`` get their image's depth map. With ``style_features`` the style encoder is built once too.
     """
 
     def __init__(self, model: ModelConfig, cfg: TokenizeConfig | None = None) -> None:
@@ -121,6 +142,22 @@ class TokenizeActor:
             if not self.cfg.depth_estimator_path:
                 raise ConfigError("tokenize.depth_estimator_path: condition: depth needs a depth estimator")
             self.depth = build_depth_estimator(self.cfg.depth_estimator_path, self.device)
+        self.style_encoder = None
+        self.features_key = None
+        if self.cfg.style_features != "none":
+            self.style_encoder = build_style_encoder(model, self.device)
+            self.features_key = features_key(style_encoder_digest(model), self.cfg.style_features)
+
+    def style_features(self, pngs: Sequence[bytes], tokens: torch.Tensor) -> torch.Tensor:
+        """Frozen style features ``(B, tokens, width)`` fp16 of rows with these PNGs and image tokens, from
+        the configured source: the PNG decoded as ``style_source: image`` reads it, or the tokens decoded
+        by the VQGAN as ``style_source: vq_decode`` does."""
+        if self.cfg.style_features == "image":
+            images = [decode_image(png) for png in pngs]
+        else:
+            sizes = [(self.size, self.size)] * tokens.shape[0]
+            images = vq_decoded_images(self.vq, tokens, sizes, self.vocab)
+        return compute_style_features(self.style_encoder, images, self.cfg.encode_batch_size)
 
     def prompt_ids(self, prompt: str, condition: bool = False) -> list[int]:
         """The prompt's ids in the configured format, for an image of the configured resolution
@@ -194,13 +231,18 @@ class TokenizeActor:
                 continue
             rows.append(k)
         pngs: list[bytes] = [b""] * n
+        features: list[torch.Tensor | None] = [None] * n
         if rows:
-            tokens = self.image_tokens(decoded).tolist()
+            token_tensor = self.image_tokens(decoded)
+            tokens = token_tensor.tolist()
             for k, seq, image in zip(rows, tokens, decoded):
                 image_ids[k] = seq
                 pngs[k] = encode_png(image)
             for k, seq in self.condition_tokens(rows, decoded, conditions).items():
                 condition_ids[k] = seq
+            if self.style_encoder is not None:
+                for k, f in zip(rows, self.style_features([pngs[k] for k in rows], token_tensor)):
+                    features[k] = f
 
         ok = [e is None for e in errors]
         return pa.table(
@@ -214,6 +256,10 @@ class TokenizeActor:
                 "source": pa.array(sources, pa.string()),
                 "image": pa.array(pngs, pa.binary()),
                 "condition_tokens": pa.array(condition_ids, pa.list_(pa.int32())),
+                "style_features": features_arrow(features),
+                "style_features_key": pa.array(
+                    [self.features_key if f is not None else None for f in features], pa.string()
+                ),
                 "error": pa.array(errors, pa.string()),
                 "error_stage": pa.array([None if good else STAGE for good in ok], pa.string()),
             }

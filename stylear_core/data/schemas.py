@@ -116,6 +116,10 @@ TOKEN_SHARDS_SCHEMA = _versioned(
         pa.field("image", pa.binary(), nullable=False),  # PNG, height x width: the image the tokens encode
         # A condition image's tokens (e.g. the image's depth map), Lumina layout; null: no condition.
         pa.field("condition_tokens", pa.list_(pa.int32()), nullable=True, metadata={OPTIONAL_KEY: b"true"}),
+        # Frozen CLIP features of the row's style image, (tokens, width) flattened, fp16; null: none.
+        pa.field("style_features", pa.list_(pa.float16()), nullable=True, metadata={OPTIONAL_KEY: b"true"}),
+        # Which encoder and input made them (stylear_core.data.style_features.features_key).
+        pa.field("style_features_key", pa.string(), nullable=True, metadata={OPTIONAL_KEY: b"true"}),
     ],
 )
 """One training row: prompt ids, the Lumina-layout image tokens, and the curated image centre-cropped and
@@ -136,6 +140,12 @@ names the missing column (:func:`require_parquet_columns`).
 depth map curation derived from the row's image; training splices them into the prompt where its
 ``<image>`` placeholder stands. It was added within version 2: shards written before it lack the
 column and still validate and read, as rows without a condition.
+
+``style_features`` and ``style_features_key`` (optional, nullable, also added within version 2) hold the
+frozen style encoder's features of the row's style image, computed once by curation
+(``tokenize.style_features``) for SFT's ``style_source: features``, and which encoder and input made
+them; see :mod:`stylear_core.data.style_features` for their layout and bytes (0.66 MB per row for
+ViT-H/14, 2.2 KB for the tiny CLIP).
 """
 
 STYLE_REQUESTS_SCHEMA = _versioned(

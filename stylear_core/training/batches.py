@@ -19,6 +19,10 @@ the condition wording: those tokens are spliced into its prompt where the ``<ima
 stands, as StyleAR's release feeds a condition image (:mod:`stylear_core.data.condition_tokens`).
 Shards carry the column when curation derived conditions; :func:`read_parquet_dataset` reads it
 whenever every file has it, so the training stages need not name it.
+
+With ``features_shape`` the collate yields ``style_features`` (fp16 ``(B, tokens, width)``) from the rows'
+precomputed ``style_features`` column (:mod:`stylear_core.data.style_features`) after checking that
+their ``style_features_key`` names the model's style encoder; the stage asks for the column by name.
 """
 
 from __future__ import annotations
@@ -41,6 +45,13 @@ from stylear_core.data.condition_tokens import splice_condition_tokens
 from stylear_core.data.images import decode_image
 from stylear_core.data.layout import TokenVocab
 from stylear_core.data.schemas import SchemaError, parquet_files, require_parquet_columns
+from stylear_core.data.style_features import (
+    FEATURES_COLUMN,
+    KEY_COLUMN,
+    PRECOMPUTE_HINT,
+    check_feature_keys,
+    features_tensor,
+)
 from stylear_core.data.tokenizer import PromptTokenizer, style_prompt_ids, text_prompt_ids
 
 TOKEN_SHARD_COLUMNS = ("id", "prompt", "prompt_ids", "image_tokens", "height", "width")
@@ -51,6 +62,7 @@ IMAGE_COLUMN_HINT = (
     "since stylear.token_shards/2: tokenize the curated set again with this version, or train with "
     "style_source: vq_decode."
 )
+FEATURES_COLUMN_HINT = f"SFT's style_source: features reads precomputed style features: {PRECOMPUTE_HINT}."
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,11 +133,13 @@ def style_pixels_from_png(
 
 class TokenBatchCollate(NumpyBatchCollateFn):
     """Token-shard rows -> ``{prompt_ids, prompt_mask, image_tokens, image_mask, height, width, id_hash}``
-    (plus ``style_pixels``, from the rows' ``image`` column, when ``preprocess`` is given). Rows with
+    (plus ``style_pixels``, from the rows' ``image`` column, when ``preprocess`` is given, or
+    ``style_features``, from their precomputed features, when ``features_shape`` is). Rows with
     ``condition_tokens`` get them spliced into their prompt ids (:func:`conditioned_prompt_ids`).
 
     Takes the model's ``vocab``, the prompt ``tokenizer``, ``num_style_tokens`` (0 for prompts without
-    style tokens) and optionally the style encoder's PIL preprocessing.
+    style tokens) and optionally the style encoder's PIL preprocessing, or the ``(tokens, width)`` of its
+    features and its digest ``features_encoder`` (rows whose features another encoder made are refused).
     """
 
     def __init__(
@@ -134,11 +148,17 @@ class TokenBatchCollate(NumpyBatchCollateFn):
         tokenizer: PromptTokenizer,
         num_style_tokens: int,
         preprocess: Callable[[Sequence[Image.Image]], torch.Tensor] | None = None,
+        features_shape: tuple[int, int] | None = None,
+        features_encoder: str | None = None,
     ):
+        if features_shape is not None and (preprocess is not None or features_encoder is None):
+            raise ValueError("precomputed features take features_encoder and no preprocess")
         self.vocab = vocab
         self.tokenizer = tokenizer
         self.num_style_tokens = num_style_tokens
         self.preprocess = preprocess
+        self.features_shape = features_shape
+        self.features_encoder = features_encoder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         heights = [int(h) for h in batch["height"]]
@@ -172,6 +192,13 @@ class TokenBatchCollate(NumpyBatchCollateFn):
             if "image" not in batch:  # else the objective would look for a VQGAN it never built
                 raise SchemaError(f"token-shard rows carry no 'image' column. {IMAGE_COLUMN_HINT}")
             out["style_pixels"] = style_pixels_from_png(list(batch["image"]), self.preprocess)
+        if self.features_shape is not None:
+            if FEATURES_COLUMN not in batch or KEY_COLUMN not in batch:
+                raise SchemaError(
+                    f"token-shard rows carry no {FEATURES_COLUMN!r} column. {FEATURES_COLUMN_HINT}"
+                )
+            check_feature_keys(list(batch[KEY_COLUMN]), self.features_encoder, "token-shard batch")
+            out["style_features"] = features_tensor(list(batch[FEATURES_COLUMN]), self.features_shape)
         return out
 
 
@@ -250,7 +277,12 @@ def read_parquet_dataset(
     import ray.data
 
     if columns:  # a missing column (an older shard version) fails here with its file, not deep in Ray
-        require_parquet_columns(path, columns, {"image": IMAGE_COLUMN_HINT})
+        hints = {
+            "image": IMAGE_COLUMN_HINT,
+            FEATURES_COLUMN: FEATURES_COLUMN_HINT,
+            KEY_COLUMN: FEATURES_COLUMN_HINT,
+        }
+        require_parquet_columns(path, columns, hints)
         columns = [*columns, *_columns_in_every_file(path, OPTIONAL_TOKEN_SHARD_COLUMNS, exclude=columns)]
     ds = ray.data.read_parquet(path, columns=list(columns) if columns else None, file_extensions=["parquet"])
     if limit:

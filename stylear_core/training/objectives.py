@@ -13,6 +13,7 @@ parameter shards.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,8 +23,12 @@ from torch import nn
 
 from stylear_core.adapters.io import load_adapter
 from stylear_core.adapters.probe import make_probe, probe_outputs, probe_style_tokens
-from stylear_core.data.images import to_pil
-from stylear_core.data.layout import ImageTokenLayout
+from stylear_core.data.style_features import (
+    PrecomputedStyleEncoder,
+    style_encoder_digest,
+    style_feature_shape,
+    vq_decoded_images,
+)
 from stylear_core.models.lora import (
     DEFAULT_ADAPTER,
     adapter_config,
@@ -116,8 +121,12 @@ class StyleSFTObjective:
     checkpointing, training noise strength), ``style_source`` and ``use_style_tokens``. The style tokens
     come from the target image itself (StyleAR needs no reference for training): ``"vq_decode"``
     rebuilds the target from its VQ tokens with the frozen VQGAN, ``"image"`` reads PNG bytes from an
-    ``image`` column of the training table. ``use_style_tokens=False`` trains plain text prompts
-    (subject tuning) with no style tokens.
+    ``image`` column of the training table, ``"features"`` reads the frozen CLIP features of either,
+    precomputed once by curation (:mod:`stylear_core.data.style_features`): then neither CLIP nor the
+    VQGAN is built or run, and rows whose features another encoder made are refused
+    (``encoder_digest``: the model block's :func:`style_encoder_digest`, computed on the worker when not
+    given). The resampler and the style-token noise run in the step whatever the source.
+    ``use_style_tokens=False`` trains plain text prompts (subject tuning) with no style tokens.
     """
 
     name = "sft"
@@ -125,19 +134,30 @@ class StyleSFTObjective:
     def __init__(
         self,
         model: ModelConfig,
-        style_source: Literal["vq_decode", "image"] = "vq_decode",
+        style_source: Literal["vq_decode", "image", "features"] = "vq_decode",
         use_style_tokens: bool = True,
+        encoder_digest: str | None = None,
     ):
         self.model_cfg = model
         self.style_source = style_source
         self.use_style_tokens = use_style_tokens
+        self.encoder_digest = encoder_digest
         self.model: StyleARModel | None = None
         self.vqgan: nn.Module | None = None
 
     # -- set-up on the worker -------------------------------------------------------------------
     def build_model(self, device: torch.device | str = "cpu") -> StyleARModel:
-        """The StyleAR model of the model block, before any training (also used to check exports)."""
-        return build_stylear_model(self.model_cfg, device)
+        """The StyleAR model of the model block, before any training (also used to check exports).
+
+        With ``style_source: features`` the CLIP tower is a weightless stand-in of its shape: no checkpoint
+        is read for it and nothing of it sits on the device.
+        """
+        if self.style_source != "features":
+            return build_stylear_model(self.model_cfg, device)
+        # Random tower weights (no checkpoint load), dropped at once for the stand-in.
+        model = build_stylear_model(dataclasses.replace(self.model_cfg, clip_checkpoint=None), device)
+        model.style_encoder = PrecomputedStyleEncoder(*style_feature_shape(self.model_cfg))
+        return model
 
     def setup(self, device: torch.device, precision: str) -> nn.Module:
         """Build the model on ``device``; returns the module for ``deepspeed.initialize``."""
@@ -148,12 +168,23 @@ class StyleSFTObjective:
         if self.use_style_tokens and self.style_source == "vq_decode":
             self.vqgan = build_vqgan(self.model_cfg, self.model.vocab, device).to(dtype=frozen)
             self.vqgan.requires_grad_(False)
+        if self.use_style_tokens and self.style_source == "features" and self.encoder_digest is None:
+            self.encoder_digest = style_encoder_digest(self.model_cfg)
         return StyleARTrainingModule(self.model)
 
     def collate_fn(self) -> TokenBatchCollate:
         """The numpy -> tensor collate for token-shard rows."""
         preprocess = self.model.style_encoder.preprocess if self.style_source == "image" else None
         n = self.model.num_style_tokens if self.use_style_tokens else 0
+        if self.use_style_tokens and self.style_source == "features":
+            shape = (self.model.style_encoder.num_tokens, self.model.style_encoder.width)
+            return TokenBatchCollate(
+                self.model.vocab,
+                self.tokenizer,
+                n,
+                features_shape=shape,
+                features_encoder=self.encoder_digest,
+            )
         return TokenBatchCollate(self.model.vocab, self.tokenizer, n, preprocess)
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -164,22 +195,19 @@ class StyleSFTObjective:
     @torch.no_grad()
     def target_style_pixels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """CLIP-normalised pixels of each row's own target image, decoded from its VQ tokens."""
-        encoder = self.model.style_encoder
-        rows: list[torch.Tensor | None] = [None] * batch["image_tokens"].shape[0]
         sizes = list(zip(batch["height"].tolist(), batch["width"].tolist()))
-        for size in sorted(set(sizes)):
-            members = [i for i, s in enumerate(sizes) if s == size]
-            layout = ImageTokenLayout.for_resolution(size[0], size[1], self.model.vocab)
-            tokens = batch["image_tokens"][members, : layout.num_tokens].cpu()
-            pixels = self.vqgan.decode(layout.decode(tokens))
-            for i, px in zip(members, encoder.preprocess(to_pil(pixels))):
-                rows[i] = px
-        return torch.stack(rows)  # type: ignore[arg-type]
+        images = vq_decoded_images(self.vqgan, batch["image_tokens"], sizes, self.model.vocab)
+        return self.model.style_encoder.preprocess(images)
 
     def style_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Frozen CLIP features of the style images of a batch (from pixels or decoded targets)."""
+        """Frozen CLIP features of the style images of a batch: precomputed (``style_features``, fp16, cast
+        to the resampler's dtype), or computed from pixels or decoded targets."""
+        device = self.model.backbone.device
+        if "style_features" in batch:
+            dtype = next(self.model.resampler.parameters()).dtype
+            return batch["style_features"].to(device=device, dtype=dtype)
         pixels = batch["style_pixels"] if "style_pixels" in batch else self.target_style_pixels(batch)
-        return self.model.style_features(pixels.to(self.model.backbone.device))
+        return self.model.style_features(pixels.to(device))
 
     def _style_kwargs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.use_style_tokens:

@@ -21,6 +21,12 @@ from typing import Any, Literal
 
 from stylear_core.adapters.format import adapter_model_config
 from stylear_core.config import option
+from stylear_core.data.style_features import (
+    FEATURES_COLUMN,
+    KEY_COLUMN,
+    check_feature_files,
+    style_encoder_digest,
+)
 from stylear_core.models.presets import ModelConfig
 from stylear_core.stages import StageConfig
 from stylear_core.training.batches import TOKEN_SHARD_COLUMNS, read_parquet_dataset
@@ -38,8 +44,11 @@ class SFTDataConfig:
     """The training rows."""
 
     token_shards: str = option("{run_dir}/curate/tokens", "token-shard parquet file or directory")
-    style_source: Literal["vq_decode", "image"] = option(
-        "vq_decode", "style image = the target decoded from its VQ tokens, or an `image` PNG column"
+    style_source: Literal["vq_decode", "image", "features"] = option(
+        "vq_decode",
+        "style image = the target decoded from its VQ tokens, or an `image` PNG column; features = the "
+        "frozen CLIP features of either, precomputed once by curation (tokenize.style_features): no CLIP "
+        "or VQGAN runs in training",
     )
     limit: int = option(0, "use only the first N rows (0 = all)")
     synthetic_rows: int = option(0, "write N synthetic rows to an empty token_shards dir first (demo)")
@@ -62,9 +71,17 @@ def run_style_training(cfg: StyleTrainConfig) -> dict[str, Any]:
     shards = Path(cfg.path(cfg.data.token_shards))
     if cfg.data.synthetic_rows and not any(shards.glob("**/*.parquet")):
         write_synthetic_token_shards(shards, cfg.model, cfg.data.synthetic_rows)
-    columns = [*TOKEN_SHARD_COLUMNS, *(["image"] if cfg.data.style_source == "image" else [])]
+    source = cfg.data.style_source
+    columns = [
+        *TOKEN_SHARD_COLUMNS,
+        *{"image": ["image"], "features": [FEATURES_COLUMN, KEY_COLUMN]}.get(source, []),
+    ]
     dataset = read_parquet_dataset(str(shards), columns, cfg.data.limit or None, cfg.data.cache)
-    objective = StyleSFTObjective(cfg.model, cfg.data.style_source)
+    digest = None
+    if source == "features":  # before any worker starts: rows without features, or another encoder's
+        digest = style_encoder_digest(cfg.model)
+        check_feature_files(str(shards), digest)
+    objective = StyleSFTObjective(cfg.model, source, encoder_digest=digest)
     out = cfg.stage_dir
     outcome = run_training(objective, cfg.train, cfg.ray, {"train": dataset}, out)
     adapter = export_training_outcome(outcome.checkpoint, out, cfg.model, outcome.metrics, kind="style")
