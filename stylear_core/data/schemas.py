@@ -219,9 +219,23 @@ PREFERENCE_PAIRS_SCHEMA = _versioned(
         pa.field("chosen_seed", pa.int64(), nullable=False),
         pa.field("rejected_seed", pa.int64(), nullable=False),
         pa.field("num_samples", pa.int32(), nullable=False),
+        # The DPO reference's summed image-token log-probs, scored once (optional within version 1).
+        pa.field("reference_chosen_logp", pa.float64(), nullable=True, metadata={OPTIONAL_KEY: b"true"}),
+        pa.field("reference_rejected_logp", pa.float64(), nullable=True, metadata={OPTIONAL_KEY: b"true"}),
+        pa.field("reference_noise_strength", pa.float32(), nullable=True, metadata={OPTIONAL_KEY: b"true"}),
+        pa.field("reference_digest", pa.string(), nullable=True, metadata={OPTIONAL_KEY: b"true"}),
     ],
 )
-"""One preference pair per (prompt, style reference)."""
+"""One preference pair per (prompt, style reference).
+
+The ``reference_*`` columns (optional, nullable; added within version 1, so older pair files still
+validate and read, as pairs without them) hold ``log pi_ref`` of the chosen and rejected tokens under
+the SFT model, summed over image tokens exactly as the DPO step sums them, the style-noise strength
+they were scored with, and ``reference_digest``
+(:func:`~stylear_core.preferences.reference.reference_digest`: the SFT adapter's weight files, the
+model block's weight-defining fields and that strength). DPO reads them instead of running the
+reference model only where the digest is the one its own adapter and strength give.
+"""
 
 EVAL_SCORE_COLUMNS = (
     "code_style",

@@ -10,9 +10,10 @@ scores each one with CLIP:
 * ``score = style_weight * style_score + text_weight * text_score``.
 
 The best sample is ``chosen``, the worst ``rejected``; rows whose two scores are within ``min_margin``
-are dropped (no preference). Output rows follow :data:`PREFERENCE_PAIRS_SCHEMA`
-(``stylear.preference_pairs/1``), which :class:`~stylear_core.training.batches.PreferenceBatchCollate`
-reads.
+are dropped (no preference). The same actor then scores each kept pair under the SFT model (DPO's
+reference) once, so DPO needs no reference forward per step (:mod:`stylear_core.preferences.reference`).
+Output rows follow :data:`PREFERENCE_PAIRS_SCHEMA` (``stylear.preference_pairs/1``), which
+:class:`~stylear_core.training.batches.PreferenceBatchCollate` reads.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from stylear_core.data.synthetic import SyntheticStyleSet
 from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.inference.generator import StyleARGenerator
 from stylear_core.models.presets import ModelConfig, build_clip_scorer
+from stylear_core.preferences.reference import reference_digest, score_reference_columns
+from stylear_core.training.batches import PreferenceBatchCollate
 
 
 @dataclass
@@ -67,14 +70,20 @@ def synthetic_style_requests(
 class PreferencePairSampler:
     """Ray Data actor: (prompt, style reference) rows -> preference-pair rows (``PREFERENCE_PAIRS_SCHEMA``).
 
-    Takes the model block, the SFT artefact directory, a :class:`PreferenceSamplingConfig` and the
-    device (``"auto"``: CUDA when the actor has a GPU). Builds the SFT model's
+    Takes the model block, the SFT artefact directory, a :class:`PreferenceSamplingConfig`, the
+    style-noise strength of the DPO run the pairs are for (``reference_noise_strength``; None: store no
+    reference log-probs) and the device (``"auto"``: CUDA when the actor has a GPU). Builds the SFT model's
     :class:`~stylear_core.inference.generator.StyleARGenerator` and a CLIP scorer (the model block's CLIP,
-    with its text tower) once per actor.
+    with its text tower) once per actor; the generator's model also scores the reference log-probs.
     """
 
     def __init__(
-        self, model: ModelConfig, adapter_dir: str, sampling: PreferenceSamplingConfig, device: str = "auto"
+        self,
+        model: ModelConfig,
+        adapter_dir: str,
+        sampling: PreferenceSamplingConfig,
+        device: str = "auto",
+        reference_noise_strength: float | None = 0.0,
     ):
         sampling.validate()
         self.sampling = sampling
@@ -83,6 +92,13 @@ class PreferencePairSampler:
         self.device = self.generator.device
         self.vqgan = self.generator.vq
         self.scorer = build_clip_scorer(model, self.device)  # the style encoder's CLIP
+        self.reference_noise_strength = reference_noise_strength
+        if reference_noise_strength is not None:
+            g = self.generator
+            self.reference_digest = reference_digest(adapter_dir, model, reference_noise_strength)
+            self.reference_collate = PreferenceBatchCollate(
+                g.vocab, g.tokenizer, g.num_style_tokens, g.model.style_encoder.preprocess
+            )
 
     def pair_for_row(self, row_id: str, prompt: str, style_image: bytes) -> dict[str, Any]:
         """Sample, score and pick for one row: the preference-pair fields (without ``id``/``style_ref``)."""
@@ -130,7 +146,27 @@ class PreferencePairSampler:
             rows.append(
                 {"id": str(batch["id"][i]), "style_ref": None if style_ref is None else str(style_ref), **row}
             )
+        if rows and self.reference_noise_strength is not None:
+            columns = ("id", "prompt", "prompt_ids", "style_image", "height", "width")
+            numpy_rows = {k: _object_array([r[k] for r in rows]) for k in columns}
+            for k in ("chosen_tokens", "rejected_tokens"):
+                numpy_rows[k] = _object_array([np.asarray(r[k]) for r in rows])
+            scored = score_reference_columns(
+                self.generator.model,
+                self.reference_collate,
+                numpy_rows,
+                self.reference_noise_strength,
+                self.reference_digest,
+            )
+            for i, row in enumerate(rows):
+                row.update({k: v[i] for k, v in scored.items()})
         return rows_to_table(rows, PREFERENCE_PAIRS_SCHEMA)
+
+
+def _object_array(values: list) -> np.ndarray:
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr
 
 
 def make_preference_pairs(
@@ -142,14 +178,21 @@ def make_preference_pairs(
     gpus_per_actor: float = 0.0,
     cpus_per_actor: float = 1.0,
     batch_size: int = 4,
+    reference_noise_strength: float | None = 0.0,
 ) -> Any:
     """A Ray Dataset of request rows (``id, prompt, style_image[, style_ref]``) -> a lazy Dataset of
-    preference pairs, computed by up to ``actors`` :class:`PreferencePairSampler` actors."""
+    preference pairs with reference log-probs at ``reference_noise_strength`` (None: without), computed
+    by up to ``actors`` :class:`PreferencePairSampler` actors."""
     from ray.data import ActorPoolStrategy
 
     return requests.map_batches(
         PreferencePairSampler,
-        fn_constructor_kwargs={"model": model, "adapter_dir": adapter_dir, "sampling": sampling},
+        fn_constructor_kwargs={
+            "model": model,
+            "adapter_dir": adapter_dir,
+            "sampling": sampling,
+            "reference_noise_strength": reference_noise_strength,
+        },
         compute=ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
         num_gpus=gpus_per_actor,
         num_cpus=cpus_per_actor,

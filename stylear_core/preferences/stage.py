@@ -4,7 +4,9 @@
 its manifest names the model block unless ``model`` is set) and request rows (``requests``: parquet with
 ``id, prompt, style_image`` and optionally ``style_ref``; or ``synthetic_requests`` procedural rows). The
 sampler runs as Ray Data actors (``resources`` each) and writes ``<output_dir>/pairs/*.parquet``
-(``stylear.preference_pairs/1``: prompt, style, chosen and rejected tokens, scores).
+(``stylear.preference_pairs/1``: prompt, style, chosen and rejected tokens, scores and, unless
+``reference_logps`` is off, the SFT model's log-probs of both for DPO's reference at
+``reference_noise_strength``, which must be the DPO stage's ``dpo.noise_strength`` for DPO to use them).
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class PreferenceStageConfig(StageConfig):
     actors: int = option(1, "sampler actors (one model each)")
     resources: Resources = option(Resources, "CPUs and GPUs of each sampler actor")
     batch_size: int = option(4, "request rows per actor call")
+    reference_logps: bool = option(True, "store the SFT model's log-probs of each pair (DPO's reference)")
+    reference_noise_strength: float = option(
+        0.0, "style-noise strength of those log-probs: the DPO stage's dpo.noise_strength"
+    )
 
 
 def run_preference_stage(cfg: PreferenceStageConfig) -> dict[str, Any]:
@@ -70,6 +76,7 @@ def run_preference_stage(cfg: PreferenceStageConfig) -> dict[str, Any]:
         cfg.resources.gpus,
         cfg.resources.cpus,
         cfg.batch_size,
+        cfg.reference_noise_strength if cfg.reference_logps else None,
     )
     pairs.write_parquet(str(out / "pairs"))
     table = pq.read_table(out / "pairs")

@@ -202,12 +202,21 @@ class TokenBatchCollate(NumpyBatchCollateFn):
         return out
 
 
+def _float_or_nan(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
 class PreferenceBatchCollate(NumpyBatchCollateFn):
     """Preference-pair rows (``stylear.preference_pairs/1``) -> ``{prompt_ids, prompt_mask, chosen_tokens,
     chosen_mask, rejected_tokens, rejected_mask, style_pixels, id_hash}``.
 
     Chosen and rejected sequences are padded to one common length, so they stack into one forward
     batch. ``style_pixels`` are the style references through the style encoder's ``preprocess``.
+
+    Rows with stored reference log-probs (the ``reference_*`` columns) also give
+    ``reference_chosen_logp`` / ``reference_rejected_logp`` (float64, NaN where null) and
+    ``reference_valid`` (bool: values present and scored for ``reference_digest``, the digest of the
+    reference this run trains against; None: no row is valid).
     """
 
     def __init__(
@@ -216,11 +225,13 @@ class PreferenceBatchCollate(NumpyBatchCollateFn):
         tokenizer: PromptTokenizer,
         num_style_tokens: int,
         preprocess: Callable[[Sequence[Image.Image]], torch.Tensor],
+        reference_digest: str | None = None,
     ):
         self.vocab = vocab
         self.tokenizer = tokenizer
         self.num_style_tokens = num_style_tokens
         self.preprocess = preprocess
+        self.reference_digest = reference_digest
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         n = len(batch["id"])
@@ -237,7 +248,7 @@ class PreferenceBatchCollate(NumpyBatchCollateFn):
         ]
         prompt_ids, prompt_mask = left_pad(prompts, self.vocab.pad)
         both, both_mask = right_pad([*batch["chosen_tokens"], *batch["rejected_tokens"]], self.vocab.pad)
-        return {
+        out = {
             "prompt_ids": prompt_ids,
             "prompt_mask": prompt_mask,
             "chosen_tokens": both[:n],
@@ -247,6 +258,27 @@ class PreferenceBatchCollate(NumpyBatchCollateFn):
             "style_pixels": style_pixels_from_png(list(batch["style_image"]), self.preprocess),
             "id_hash": torch.tensor([id_hash(i) for i in batch["id"]], dtype=torch.long),
         }
+        if "reference_chosen_logp" in batch and "reference_digest" in batch:
+            chosen = [_float_or_nan(v) for v in batch["reference_chosen_logp"]]
+            rejected = [_float_or_nan(v) for v in batch["reference_rejected_logp"]]
+            out["reference_chosen_logp"] = torch.tensor(chosen, dtype=torch.float64)
+            out["reference_rejected_logp"] = torch.tensor(rejected, dtype=torch.float64)
+            finite = out["reference_chosen_logp"].isfinite() & out["reference_rejected_logp"].isfinite()
+            digests = [None if d is None else str(d) for d in batch["reference_digest"]]
+            scored_here = [self.reference_digest is not None and d == self.reference_digest for d in digests]
+            out["reference_valid"] = finite & torch.tensor(scored_here, dtype=torch.bool)
+        return out
+
+
+def preference_sequences(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A :class:`PreferenceBatchCollate` batch of ``B`` pairs as one batch of ``2B`` sequences for
+    ``StyleARModel.log_probs``: the chosen rows, then the rejected rows, on the same prompts."""
+    return {
+        "prompt_ids": torch.cat([batch["prompt_ids"], batch["prompt_ids"]]),
+        "prompt_mask": torch.cat([batch["prompt_mask"], batch["prompt_mask"]]),
+        "image_tokens": torch.cat([batch["chosen_tokens"], batch["rejected_tokens"]]),
+        "image_mask": torch.cat([batch["chosen_mask"], batch["rejected_mask"]]),
+    }
 
 
 def _columns_in_every_file(

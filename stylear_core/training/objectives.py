@@ -38,11 +38,13 @@ from stylear_core.models.lora import (
 )
 from stylear_core.models.presets import ModelConfig, build_prompt_tokenizer, build_stylear_model, build_vqgan
 from stylear_core.models.stylear import StyleARModel
-from stylear_core.training.batches import PreferenceBatchCollate, TokenBatchCollate
+from stylear_core.preferences import reference as stored_reference
+from stylear_core.training.batches import PreferenceBatchCollate, TokenBatchCollate, preference_sequences
 from stylear_core.training.export import export_adapter
 from stylear_core.training.losses import dpo_loss
 
 REFERENCE_ADAPTER = "reference"
+REFERENCE_LOGPS_MODES = ("auto", "cached", "live")
 
 
 @dataclass
@@ -251,11 +253,22 @@ class StyleSFTObjective:
 class StyleDPOObjective(StyleSFTObjective):
     """DPO post-training of a StyleAR model on preference pairs (see :func:`dpo_loss`).
 
-    Takes the model block, the SFT artefact directory (``sft_adapter``), ``beta``, ``label_smoothing``
-    and the style-noise strength used for both policy and reference. The policy is the SFT LoRA,
-    trained further; the reference is a second, frozen LoRA adapter holding the SFT factors on the
-    same base weights (peft adapter switching, no second copy of the base). The resampler is frozen,
-    so policy and reference see the same style tokens of the reference image.
+    Takes the model block, the SFT artefact directory (``sft_adapter``), ``beta``, ``label_smoothing``,
+    the style-noise strength used for both policy and reference, and where the reference's log-probs
+    come from (``reference_logps``). The policy is the SFT LoRA, trained further. The resampler is
+    frozen, so policy and reference see the same style tokens of the reference image.
+
+    * ``live``: the reference is a second, frozen LoRA adapter holding the SFT factors on the same base
+      weights (peft adapter switching, no second copy of the base), run without gradient every step;
+      style noise is drawn fresh each step and shared by policy and reference.
+    * ``cached``: the batch's stored ``reference_*`` log-probs
+      (:mod:`stylear_core.preferences.reference`), scored once for ``reference_digest`` (default: the
+      digest of ``sft_adapter``, the model block and ``noise_strength``). No reference forward and no
+      adapter switch per step; the reference adapter is not even built. A batch whose values are
+      missing or were scored for another digest (another adapter or noise strength) is refused. With
+      noise above 0 the stored values hold for one fixed draw per pair, and the policy gets that same
+      draw (:func:`~stylear_core.preferences.reference.pair_style_tokens`) instead of a fresh one.
+    * ``auto``: per batch, cached when every row's values are valid for ``reference_digest``, else live.
     """
 
     name = "dpo"
@@ -267,22 +280,40 @@ class StyleDPOObjective(StyleSFTObjective):
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         noise_strength: float = 0.0,
+        reference_logps: Literal["auto", "cached", "live"] = "auto",
+        reference_digest: str | None = None,
     ):
         super().__init__(model, style_source="image", use_style_tokens=True)
         if model.trainable != "lora":
             raise ValueError(
                 "DPO trains a LoRA policy against a frozen LoRA reference: model.trainable must be lora"
             )
+        if reference_logps not in REFERENCE_LOGPS_MODES:
+            raise ValueError(f"reference_logps: {reference_logps!r} is not one of {REFERENCE_LOGPS_MODES}")
         self.sft_adapter = sft_adapter
         self.beta = beta
         self.label_smoothing = label_smoothing
         self.noise_strength = noise_strength
+        self.reference_logps = reference_logps
+        if reference_digest is None and reference_logps != "live":
+            reference_digest = stored_reference.reference_digest(sft_adapter, model, noise_strength)
+        self.reference_digest = reference_digest
+
+    @property
+    def has_reference_adapter(self) -> bool:
+        """Whether setup builds the live reference adapter (every mode but ``cached``)."""
+        return self.reference_logps != "cached"
 
     def setup(self, device: torch.device, precision: str) -> nn.Module:
-        """The SFT model with a frozen reference copy of its LoRA; LoRA "default" is the policy."""
+        """The SFT model; LoRA "default" is the policy. Unless ``reference_logps`` is ``cached``, a frozen
+        reference copy of the SFT LoRA joins it as a second adapter."""
         module = super().setup(device, precision)
         backbone = self.model.backbone
         load_adapter(self.model, self.sft_adapter)
+        if not self.has_reference_adapter:
+            self._activate(DEFAULT_ADAPTER)
+            self.model.resampler.requires_grad_(False)
+            return module
         with warnings.catch_warnings():
             # peft warns that a second adapter joins the first: that is the point here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -305,38 +336,66 @@ class StyleDPOObjective(StyleSFTObjective):
     def collate_fn(self) -> PreferenceBatchCollate:
         """The numpy -> tensor collate for preference-pair rows."""
         m = self.model
-        return PreferenceBatchCollate(m.vocab, self.tokenizer, m.num_style_tokens, m.style_encoder.preprocess)
+        digest = self.reference_digest if self.reference_logps != "live" else None
+        return PreferenceBatchCollate(
+            m.vocab, self.tokenizer, m.num_style_tokens, m.style_encoder.preprocess, digest
+        )
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """As for SFT, with the reference adapter's factors in their own ``reference`` group."""
+        """As for SFT, with the reference adapter's factors in their own ``reference`` group (none when
+        the reference comes from stored log-probs: there are no reference weights to digest)."""
         groups = _digest_groups(self.model, {})
-        groups["reference"] = [(n, p) for n, p in groups["lora"] if f".{REFERENCE_ADAPTER}." in n]
+        if self.has_reference_adapter:
+            groups["reference"] = [(n, p) for n, p in groups["lora"] if f".{REFERENCE_ADAPTER}." in n]
         groups["lora"] = [(n, p) for n, p in groups["lora"] if f".{DEFAULT_ADAPTER}." in n]
         return groups
 
     def sequence_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Chosen rows then rejected rows as one batch of ``2B`` sequences."""
-        return {
-            "prompt_ids": torch.cat([batch["prompt_ids"], batch["prompt_ids"]]),
-            "prompt_mask": torch.cat([batch["prompt_mask"], batch["prompt_mask"]]),
-            "image_tokens": torch.cat([batch["chosen_tokens"], batch["rejected_tokens"]]),
-            "image_mask": torch.cat([batch["chosen_mask"], batch["rejected_mask"]]),
-        }
+        return preference_sequences(batch)
+
+    def uses_cached_reference(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether this batch's reference log-probs come from its stored columns (see the class docstring);
+        raises ``ValueError`` under ``cached`` when they are missing or scored for another reference."""
+        if self.reference_logps == "live":
+            return False
+        valid = batch.get("reference_valid")
+        ok = valid is not None and bool(valid.all())
+        if self.reference_logps == "cached" and not ok:
+            raise ValueError(
+                "reference_logps=cached: this batch has no stored reference log-probs for reference digest "
+                f"{self.reference_digest} (missing, or scored for another SFT adapter or noise strength); "
+                "score the pairs with reference_logps: precompute, or train with reference_logps: live"
+            )
+        return ok
 
     def compute(self, engine: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
         """DPO loss of one micro-batch of preference pairs; metrics: reward margin, accuracy, rewards."""
         n = batch["prompt_ids"].shape[0]
+        cached = self.uses_cached_reference(batch)
         features = self.style_features(batch)
         with torch.no_grad():
-            style = engine(method="style_tokens", style_features=features, noise_strength=self.noise_strength)
+            if cached and self.noise_strength > 0:
+                # The stored reference saw each pair's fixed draw: the policy must see the same tokens.
+                style = engine(method="style_tokens", style_features=features, noise_strength=0.0)
+                style = stored_reference.pair_style_tokens(style, batch["id_hash"], self.noise_strength)
+            else:
+                style = engine(
+                    method="style_tokens", style_features=features, noise_strength=self.noise_strength
+                )
         seq = self.sequence_batch(batch)
         style2 = torch.cat([style, style])
-        self._activate(REFERENCE_ADAPTER)
-        try:
-            with torch.no_grad():
-                reference = engine(method="log_probs", style_tokens=style2, **seq)
-        finally:
-            self._activate(DEFAULT_ADAPTER)
+        if cached:
+            # float32, as the step's own log-probs (image_token_log_probs sums in float32)
+            stored = torch.cat([batch["reference_chosen_logp"], batch["reference_rejected_logp"]])
+            reference = stored.to(device=seq["prompt_ids"].device, dtype=torch.float32)
+        else:
+            self._activate(REFERENCE_ADAPTER)
+            try:
+                with torch.no_grad():
+                    reference = engine(method="log_probs", style_tokens=style2, **seq)
+            finally:
+                self._activate(DEFAULT_ADAPTER)
         policy = engine(method="log_probs", style_tokens=style2, **seq)
         terms = dpo_loss(
             policy[:n], policy[n:], reference[:n], reference[n:], self.beta, self.label_smoothing
@@ -349,6 +408,7 @@ class StyleDPOObjective(StyleSFTObjective):
             "rejected_reward": float(terms.rejected_rewards.mean()),
             "policy_chosen_logp": float(policy[:n].detach().mean()),
             "policy_rejected_logp": float(policy[n:].detach().mean()),
+            "reference_cached": float(cached),
         }
         return StepResult(terms.loss, tokens, metrics)
 

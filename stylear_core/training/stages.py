@@ -4,8 +4,9 @@
   whole backbone) trained with :class:`~stylear_core.training.objectives.StyleSFTObjective`, a serving
   adapter out.
 * :func:`run_dpo_training` (:class:`DPOTrainConfig`): preference pairs in, the SFT LoRA trained further
-  with the sigmoid DPO loss (:class:`~stylear_core.training.objectives.StyleDPOObjective`) against a
-  frozen reference holding the SFT factors.
+  with the sigmoid DPO loss (:class:`~stylear_core.training.objectives.StyleDPOObjective`) against the
+  frozen SFT reference: its log-probs stored with the pairs (scored once, before training, where
+  ``dpo.reference_logps: precompute`` finds them missing) or a frozen reference adapter run every step.
 
 Both run on Ray Train + DeepSpeed ZeRO (:func:`~stylear_core.training.loop.run_training`) on the
 attached cluster and give ``<output_dir>/adapter/`` and ``<output_dir>/metrics.jsonl``; a rerun with the
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stylear_core.adapters.format import adapter_model_config
-from stylear_core.config import option
+from stylear_core.config import ConfigError, option
 from stylear_core.data.style_features import (
     FEATURES_COLUMN,
     KEY_COLUMN,
@@ -28,6 +29,11 @@ from stylear_core.data.style_features import (
     style_encoder_digest,
 )
 from stylear_core.models.presets import ModelConfig
+from stylear_core.preferences.reference import (
+    precompute_reference_log_probs,
+    reference_digest,
+    reference_logps_state,
+)
 from stylear_core.stages import StageConfig
 from stylear_core.training.batches import TOKEN_SHARD_COLUMNS, read_parquet_dataset
 from stylear_core.training.export import export_training_outcome
@@ -101,6 +107,12 @@ class DPOLossConfig:
     beta: float = option(0.1, "KL-penalty temperature beta")
     label_smoothing: float = option(0.0, "conservative-DPO label noise eps in [0, 0.5)")
     noise_strength: float = option(0.0, "style-token noise for policy and reference log-probs")
+    reference_logps: Literal["auto", "cached", "live", "precompute"] = option(
+        "auto",
+        "reference log-probs: cached (stored with the pairs for this SFT adapter and noise strength, else "
+        "refuse), live (a frozen reference adapter run every step), auto (cached if stored, else live), "
+        "precompute (score the pairs once before training where missing or stale, then cached)",
+    )
 
 
 @dataclass
@@ -121,11 +133,17 @@ def run_dpo_training(cfg: DPOTrainConfig) -> dict[str, Any]:
     """DPO-train the SFT adapter of ``cfg`` on its pairs on the attached cluster; returns the stage summary."""
     adapter = cfg.path(cfg.sft_adapter)
     model = adapter_model_config(adapter, cfg.model)
-    pairs = read_parquet_dataset(cfg.path(cfg.pairs), cache=cfg.cache)
-    objective = StyleDPOObjective(
-        model, adapter, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.noise_strength
-    )
     out = cfg.stage_dir
+    pairs_path, reference_logps = resolve_reference_logps(cfg, model, adapter)
+    pairs = read_parquet_dataset(pairs_path, cache=cfg.cache)
+    objective = StyleDPOObjective(
+        model,
+        adapter,
+        cfg.dpo.beta,
+        cfg.dpo.label_smoothing,
+        cfg.dpo.noise_strength,
+        reference_logps=reference_logps,
+    )
     outcome = run_training(objective, cfg.train, cfg.ray, {"train": pairs}, out)
     exported = export_training_outcome(
         outcome.checkpoint, out, model, outcome.metrics, kind="style", sft_adapter=adapter, beta=cfg.dpo.beta
@@ -133,7 +151,39 @@ def run_dpo_training(cfg: DPOTrainConfig) -> dict[str, Any]:
     keys = ("step", "loss", "reward_margin", "accuracy")
     summary = {"adapter": str(exported), **{k: outcome.metrics.get(k) for k in keys}}
     summary["metrics_log"] = str(outcome.metrics_log)
+    summary.update(reference_logps=reference_logps, pairs_read=pairs_path)
     return summary
+
+
+def resolve_reference_logps(cfg: DPOTrainConfig, model: ModelConfig, adapter: str) -> tuple[str, str]:
+    """The pairs to train on and the objective's ``reference_logps`` (``cached`` or ``live``) for
+    ``cfg.dpo.reference_logps``; ``precompute`` scores pairs without valid stored log-probs into
+    ``<output_dir>/reference_logps/<digest>/`` (kept: a rerun or resume reuses them) before training."""
+    pairs = cfg.path(cfg.pairs)
+    mode = cfg.dpo.reference_logps
+    if mode == "live":
+        return pairs, "live"
+    digest = reference_digest(adapter, model, cfg.dpo.noise_strength)
+    state, why = reference_logps_state(pairs, digest)
+    if state == "valid" or mode == "auto":
+        return pairs, "cached" if state == "valid" else "live"
+    if mode == "cached":
+        raise ConfigError(
+            f"dpo.reference_logps: cached, but the pairs hold no reference log-probs for this SFT adapter "
+            f"and dpo.noise_strength ({why}); use precompute, or live"
+        )
+    w = cfg.ray.worker
+    scored = precompute_reference_log_probs(
+        pairs,
+        model,
+        adapter,
+        cfg.dpo.noise_strength,
+        cfg.stage_dir / "reference_logps",
+        actors=cfg.ray.num_workers,
+        gpus_per_actor=w.gpus,
+        cpus_per_actor=w.cpus,
+    )
+    return str(scored), "cached"
 
 
 __all__ = [
@@ -143,6 +193,7 @@ __all__ = [
     "DPOTrainConfig",
     "SFTDataConfig",
     "StyleTrainConfig",
+    "resolve_reference_logps",
     "run_dpo_training",
     "run_style_training",
 ]
