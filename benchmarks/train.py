@@ -15,6 +15,10 @@ backbone with activation checkpointing; loss on image tokens) on the same synthe
 * ``plain_masked``: ``plain`` on the padded layout with an explicit attention mask
   (``model.padding_free: false``), to time the padding-free default against it (with ``plain`` in
   the same run, their steps alternate on one model so that load on a shared machine hits both alike).
+* ``plain_features``: the ``plain`` step on the same rows with their CLIP style features computed once
+  before timing (curation's path: VQ round trip of the tokens, frozen CLIP, fp16; ``style_source:
+  features``), so the step runs neither the VQGAN nor CLIP; its steps alternate with on-the-fly
+  ``vq_decode`` steps on one model, and the per-step times before and after the precompute are printed.
 
 The synthetic rows have mixed prompt lengths (every micro-batch holds the same mix), so batches are
 padded and the masked and padding-free paths differ. It prints, each with its formula
@@ -48,9 +52,22 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from cluster.local import apply_project_env  # noqa: E402
 from stylear_core.data.layout import ImageTokenLayout  # noqa: E402
+from stylear_core.data.style_features import (  # noqa: E402
+    compute_style_features,
+    features_key,
+    style_encoder_digest,
+    vq_decoded_images,
+)
 from stylear_core.data.tokenizer import style_prompt_ids  # noqa: E402
 from stylear_core.models.lora import add_lora  # noqa: E402
-from stylear_core.models.presets import ModelConfig, build_backbone, build_prompt_tokenizer  # noqa: E402
+from stylear_core.models.presets import (  # noqa: E402
+    ModelConfig,
+    build_backbone,
+    build_prompt_tokenizer,
+    build_style_encoder,
+    build_vqgan,
+)
+from stylear_core.training.batches import TokenBatchCollate  # noqa: E402
 from stylear_core.training.deepspeed_config import build_deepspeed_config  # noqa: E402
 from stylear_core.training.flops import (  # noqa: E402
     HARDWARE_FLOPS_FORMULA,
@@ -145,6 +162,30 @@ def numpy_batches(rows: list[dict], micro_batch: int) -> list[dict]:
     return batches
 
 
+def with_style_features(
+    model_cfg: ModelConfig, rows: list[dict], device: torch.device
+) -> tuple[list[dict], float]:
+    """``rows`` with their ``style_features`` (and key) precomputed as curation's tokenize step does
+    (``tokenize.style_features: vq_decode``), and the seconds that took per row."""
+    import numpy as np
+
+    vocab = build_backbone(model_cfg, "meta")[1]
+    vqgan, encoder = build_vqgan(model_cfg, vocab, device), build_style_encoder(model_cfg, device)
+    key = features_key(style_encoder_digest(model_cfg), "vq_decode")
+    synchronize(device)
+    start = time.perf_counter()
+    tokens = torch.tensor([r["image_tokens"] for r in rows])
+    sizes = [(r["height"], r["width"]) for r in rows]
+    features = compute_style_features(encoder, vq_decoded_images(vqgan, tokens, sizes, vocab))
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / len(rows)
+    out = [
+        {**r, "style_features": f.reshape(-1).numpy().astype(np.float16), "style_features_key": key}
+        for r, f in zip(rows, features)
+    ]
+    return out, seconds
+
+
 def time_steps(step, batches: list[dict], steps: int, device: torch.device) -> tuple[list[float], int]:
     """Wall seconds of each of ``steps`` calls of ``step(batch)`` (cycling over batches) and tokens per step."""
     times, tokens = [], 0
@@ -201,6 +242,58 @@ def run_plain(
     if device.type == "cuda":  # what a checkpointing fraction must fit in
         result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return result
+
+
+def run_plain_features(
+    model_cfg: ModelConfig, rows: list[dict], args, device: torch.device
+) -> tuple[dict, dict]:
+    """The ``plain`` step with style features on the fly (``vq_decode``) and precomputed once, alternating
+    step by step on one model and the same batches (load drifting on a shared machine hits both alike):
+    a batch carrying ``style_features`` (collated as ``style_source: features`` collates) skips the VQGAN
+    decode, the CLIP preprocessing and CLIP. Gives both results; the second has ``precompute_s`` per row.
+    """
+    feature_rows, precompute_s = with_style_features(model_cfg, rows, device)
+    objective = StyleSFTObjective(model_cfg)
+    module = objective.setup(device, args.precision).train()
+    model = objective.model
+    cached_collate = TokenBatchCollate(
+        model.vocab,
+        objective.tokenizer,
+        model.num_style_tokens,
+        features_shape=(model.style_encoder.num_tokens, model.style_encoder.width),
+        features_encoder=style_encoder_digest(model_cfg),
+    )
+    live = [
+        {k: v.to(device) for k, v in objective.collate_fn()(b).items()}
+        for b in numpy_batches(rows, args.micro_batch)
+    ]
+    cached = [
+        {k: v.to(device) for k, v in cached_collate(b).items()}
+        for b in numpy_batches(feature_rows, args.micro_batch)
+    ]
+    optimizer = build_adamw([p for p in module.parameters() if p.requires_grad], OptimizerConfig(lr=1e-4))
+
+    def step(batch: dict) -> int:
+        result = objective.compute(module, batch)
+        result.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return result.tokens
+
+    live_times: list[float] = []
+    cached_times: list[float] = []
+    for i in range(args.warmup + args.steps):
+        for batches, into in ((live, live_times), (cached, cached_times)):
+            seconds, tokens = time_steps(step, [batches[i % len(batches)]], 1, device)
+            into += seconds
+    return (
+        {"step_s": statistics.median(live_times[args.warmup :]), "tokens": tokens},
+        {
+            "step_s": statistics.median(cached_times[args.warmup :]),
+            "tokens": tokens,
+            "precompute_s": precompute_s,
+        },
+    )
 
 
 def flop_counts(model_cfg: ModelConfig) -> BackboneFlopCounts:
@@ -362,6 +455,8 @@ def main(argv: list[str] | None = None) -> dict:
         elif runner == "plain_masked":
             masked_cfg = dataclasses.replace(model_cfg, padding_free=False)
             results[runner] = run_plain(masked_cfg, rows, args, device)
+        elif runner == "plain_features":  # its own on-the-fly baseline, steps interleaved
+            on_the_fly, results[runner] = run_plain_features(model_cfg, rows, args, device)
         elif runner == "deepspeed":
             results[runner] = run_deepspeed(model_cfg, rows, args, device)
         elif runner == "ray":
@@ -409,6 +504,14 @@ def main(argv: list[str] | None = None) -> dict:
             f"  padding-free vs masked attention (plain loop, same model and rows, steps interleaved): "
             f"{free * 1e3:.1f} vs "
             f"{masked * 1e3:.1f} ms/step, x{masked / free:.3f} speed-up"
+        )
+    if "plain_features" in results:
+        live, cached = on_the_fly["step_s"], results["plain_features"]["step_s"]
+        print(
+            f"  style features on the fly (vq_decode: VQGAN decode + CLIP every step) vs precomputed once "
+            f"(plain loop, same model and rows, steps interleaved): {live * 1e3:.1f} vs {cached * 1e3:.1f} "
+            f"ms/step, x{live / cached:.3f} speed-up; the precompute took "
+            f"{results['plain_features']['precompute_s'] * 1e3:.1f} ms per row, once"
         )
     summary = {
         "preset": args.preset,
