@@ -220,3 +220,18 @@ def test_cached_dpo_run_has_the_losses_of_the_live_run(tmp_path, sft_adapter, pr
         assert a["reward_margin"] == pytest.approx(b["reward_margin"], rel=1e-3, abs=1e-4)
     assert abs(cached[-1]["reward_margin"]) > 1e-2  # the policy moved: the comparison is not of zeros
     assert "digest/reference" not in cached[-1] and "digest/reference" in live[-1]
+
+
+def test_step_time_benchmark_runs_one_forward_fewer_when_cached(capsys):
+    from benchmarks.dpo_reference import main
+
+    summary = main(["--rows", "4", "--steps", "2", "--warmup", "0"])
+    results = summary["results"]
+    assert results["live"]["backbone_forwards_per_step"] == 2
+    assert results["cached"]["backbone_forwards_per_step"] == 1
+    # Same pairs, same SFT start: the first losses agree (log 2: the policy is the reference).
+    assert results["cached"]["first_loss"] == pytest.approx(results["live"]["first_loss"], abs=1e-5)
+    assert summary["cached_over_live"] == pytest.approx(
+        results["cached"]["step_s"] / results["live"]["step_s"]
+    )
+    assert "cached / live step time" in capsys.readouterr().out
