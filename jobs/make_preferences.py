@@ -4,7 +4,8 @@ Takes the SFT artefact (``sft_adapter``; its manifest names the model block unle
 and request rows (``requests``: parquet with ``id, prompt, style_image`` and optionally
 ``style_ref``; or ``synthetic_requests`` procedural rows). Runs the sampler as Ray Data actors and
 gives ``<output_dir>/pairs/*.parquet`` (``stylear.preference_pairs/1``: prompt, style, chosen and
-rejected tokens, scores) and ``<output_dir>/manifest.json``.
+rejected tokens, scores, and the SFT model's log-probs of both at ``reference_noise_strength`` for DPO's
+reference) and ``<output_dir>/manifest.json``.
 A complete output dir (manifest complete) is skipped on rerun (``force=true`` runs it anyway).
 
     python -m jobs.make_preferences --config jobs/configs/make_preferences/tiny.yaml [key=value ...]

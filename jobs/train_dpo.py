@@ -2,8 +2,10 @@
 
 Takes preference pairs (``stylear.preference_pairs/1`` parquet) and the SFT artefact (its manifest
 names the model block unless ``model`` is set). The policy LoRA starts from the SFT LoRA and trains
-with the sigmoid DPO loss (``dpo.beta``) on summed image-token log-probs, against a frozen reference
-adapter holding the SFT factors on the same base weights. Gives ``<output_dir>/adapter/`` (the DPO
+with the sigmoid DPO loss (``dpo.beta``) on summed image-token log-probs, against the SFT model as
+reference: its log-probs stored with the pairs (``dpo.reference_logps``: ``cached``, ``auto``, or
+``precompute``, which scores pairs lacking them once before training) or a frozen reference adapter
+holding the SFT factors on the same base weights, run every step (``live``). Gives ``<output_dir>/adapter/`` (the DPO
 policy's LoRA + resampler, probe, manifest), ``<output_dir>/metrics.jsonl`` (loss, reward margin,
 accuracy, ...) and ``<output_dir>/manifest.json``.
 A complete output dir (manifest complete) is skipped on rerun (``force=true`` runs it anyway).
