@@ -16,12 +16,17 @@ of each side, and the ratio Ray / bare (the target on a GPU is >= 0.9).
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,8 +47,9 @@ from stylear_core.curation.mix import mix_raw_and_stylized  # noqa: E402
 from stylear_core.curation.pipeline import CurationRun  # noqa: E402
 from stylear_core.curation.stages import MaskActor, StylizeActor, normalize_raw_batch  # noqa: E402
 from stylear_core.curation.tokenize import TokenizeActor  # noqa: E402
-from stylear_core.data.passes import InputTable, RoutedParquetSink, table_dir  # noqa: E402
+from stylear_core.data.passes import InputTable, RoutedParquetSink, read_table, table_dir  # noqa: E402
 from stylear_core.data.schemas import TABLE_SCHEMAS  # noqa: E402
+from stylear_core.ray_connection import short_temp_dir  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "curate"
 
@@ -153,7 +159,152 @@ class BareLoop:
         return requests.num_rows + references.num_rows + len(decoded)
 
 
-def main(argv: list[str] | None = None) -> None:
+def scaled_config(cfg: CurationConfig, factor: float) -> CurationConfig:
+    """``cfg`` with ``factor`` times its synthetic inputs (raw pairs, requests, styles), or its ``inputs.limit``
+    when the config names input paths."""
+    i = cfg.inputs
+    if i.raw_path or i.requests_path or i.references_path:
+        if not i.limit:
+            raise ValueError("with input paths, set inputs.limit: the sizes multiply it")
+        return replace(cfg, inputs=replace(i, limit=max(1, round(i.limit * factor))))
+    scale = {
+        n: max(1, round(getattr(i, n) * factor))
+        for n in ("synthetic_raw", "synthetic_requests", "synthetic_styles")
+    }
+    return replace(cfg, inputs=replace(i, **scale))
+
+
+def steady_state(rows: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
+    """Fit ``seconds = start_up + rows / rate`` to runs of different sizes (least squares); ``(rate, start_up)``.
+
+    The rate is the steady state (extra rows per extra second) and the start-up what a run costs
+    before its first row counts (actor and model construction, pass set-up): the line's intercept.
+    """
+    if len(rows) != len(seconds) or len(set(rows)) < 2:
+        raise ValueError("need runs of at least two different sizes")
+    n = len(rows)
+    mr, ms = sum(rows) / n, sum(seconds) / n
+    slope = sum((r - mr) * (s - ms) for r, s in zip(rows, seconds)) / sum((r - mr) ** 2 for r in rows)
+    if slope <= 0:
+        raise ValueError(
+            f"time does not grow with rows (slope {slope:.3g} s/row): runs too noisy or too small"
+        )
+    return 1.0 / slope, ms - slope * mr
+
+
+def table_rows(output_dir: Path) -> dict[str, int]:
+    """Rows in each output table of a curation output directory (what both sides must agree on)."""
+    counts = {}
+    for name in TABLE_SCHEMAS:
+        table = read_table(table_dir(output_dir, name), ["id"])
+        counts[name] = table.num_rows if table is not None else 0
+    return counts
+
+
+def _process_ticks() -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Every process's children and its CPU ticks (own user + system, plus its waited-for children's)."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process exited while we looked
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)  # fields[1]: ppid
+        ticks[pid] = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return children, ticks
+
+
+def tree_cpu_seconds(root: int | None = None) -> dict[int, float]:
+    """CPU seconds used so far by process ``root`` (this one by default) and each live process under it, by pid.
+
+    Read from ``/proc`` (Linux); a process's figure includes its children that exited and were waited for.
+    """
+    children, ticks = _process_ticks()
+    out, todo = {}, [os.getpid() if root is None else root]
+    while todo:
+        pid = todo.pop()
+        out[pid] = ticks.get(pid, 0) / os.sysconf("SC_CLK_TCK")
+        todo.extend(children.get(pid, []))
+    return out
+
+
+class CpuMeter:
+    """CPU seconds of this process and every process under it (the local Ray instance it started) over a block.
+
+    Ray's worker processes are not waited for by their parent, so an actor's time vanishes from
+    ``/proc`` when it exits: the meter samples the tree every ``interval`` seconds and keeps each
+    process's last figure (what a process uses in its last ``interval`` before exiting is missed).
+    ``seconds`` holds the total after the block, ``by_process`` the share of each command name.
+    """
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.seconds = 0.0
+        self.by_process: dict[str, float] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self._start = tree_cpu_seconds()
+        self._last: dict[int, float] = dict(self._start)
+        self._names: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _take(self) -> None:
+        for pid, cpu in tree_cpu_seconds().items():
+            self._last[pid] = max(cpu, self._last.get(pid, 0.0))
+            if pid not in self._names:
+                try:
+                    self._names[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+                except OSError:
+                    self._names[pid] = "?"
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._take()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._take()
+        for pid, cpu in self._last.items():
+            used = cpu - self._start.get(pid, 0.0)
+            name = Path(self._names.get(pid, "?")).name
+            self.by_process[name] = self.by_process.get(name, 0.0) + used
+            self.seconds += used
+
+
+def pin_cores(cores: int) -> list[int]:
+    """Pin this process, and so every process it starts (the local Ray instance), to ``cores`` CPUs."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if cores <= 0 or cores >= len(allowed):
+        return allowed
+    chosen = allowed[:cores]
+    os.sched_setaffinity(0, chosen)
+    return chosen
+
+
+def _warm_imports() -> None:
+    # The models' modules are imported once before any timing so the first timed run does not pay them.
+    import diffusers  # noqa: F401
+    import torch  # noqa: F401
+
+    from stylear_core.curation.stylizer import per_row_style_pipeline_class
+
+    per_row_style_pipeline_class()
+
+
+def _spread(values: Sequence[float]) -> str:
+    return f"{statistics.median(values):.2f} (min {min(values):.2f}, max {max(values):.2f}, n={len(values)})"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark (see the module docstring); returns the figures it printed."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -162,15 +313,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--address", default="local", help="Ray cluster for the Ray side ('local' starts one)"
     )
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    parser.add_argument(
+        "--sizes", default="2,8", help="input sizes as multiples of the config's inputs (two or more)"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each side at each size")
+    parser.add_argument(
+        "--cores",
+        type=int,
+        default=None,
+        help="physical cores both sides run on (this process and the local Ray instance are pinned to "
+        "them); default 1 on cpu (the bare loop is one process), all on cuda; 0 = all",
+    )
+    parser.add_argument(
+        "--num-cpus", type=int, default=4, help="logical CPUs of the local Ray instance (room for every pool)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the curation config")
     args = parser.parse_args(argv)
+    sizes = [float(s) for s in args.sizes.split(",")]
+    if len(set(sizes)) < 2:
+        parser.error("--sizes needs at least two different sizes")
 
     import ray
 
+    cores = pin_cores(args.cores if args.cores is not None else (1 if args.device == "cpu" else 0))
     work = Path(tempfile.mkdtemp(prefix="bench-curation-"))
-    cfg = bench_config(args.preset, args.device, work, args.overrides)
-    inputs = load_inputs(cfg.inputs)
+    base = bench_config(args.preset, args.device, work, args.overrides)
     if not ray.is_initialized():
         local = args.address == "local"
         ray.init(
@@ -179,24 +346,106 @@ def main(argv: list[str] | None = None) -> None:
             include_dashboard=False,
             log_to_driver=False,
             # A private instance on loopback with its own temp dir, so it cannot meet another cluster.
-            **({"_node_ip_address": "127.0.0.1", "_temp_dir": str(work / "ray_tmp")} if local else {}),
+            **({"_node_ip_address": "127.0.0.1", "_temp_dir": short_temp_dir("bench-cur-")} if local else {}),
         )
-    # Build the tiny stylizer's files once, outside both timings.
-    cfg = replace(cfg, stylizer=CurationRun(cfg, inputs).stylizer_config())
+    _warm_imports()
+    # Inputs are made, and the tiny stylizer's files built, once per size, outside both timings.
+    runs = []
+    for size in sizes:
+        cfg = scaled_config(base, size)
+        inputs = load_inputs(cfg.inputs)
+        cfg = replace(cfg, stylizer=CurationRun(cfg, inputs).stylizer_config())
+        runs.append((size, cfg, inputs))
 
+    times: dict[str, dict[float, list[float]]] = {"ray": {}, "bare": {}}
+    cpu_s: dict[str, dict[float, list[float]]] = {"ray": {}, "bare": {}}
+    pass_s: dict[float, dict[str, float]] = {}
+    rows: dict[str, dict[float, int]] = {"ray": {}, "bare": {}}
+    tables: dict[str, dict[float, dict[str, int]]] = {"ray": {}, "bare": {}}
+    # A first run of each side at the smallest size, outside the fits: it pays what only the first run
+    # does (Ray Data's own actors, the first worker processes, lazy imports).
+    size, cfg, inputs = runs[0]
     start = time.perf_counter()
-    summary = CurationRun(replace(cfg, output_dir=str(work / "ray")), inputs).run()
-    ray_s = time.perf_counter() - start
-    ray_rows = summary["rows_in"]
+    CurationRun(replace(cfg, output_dir=str(work / "ray-first")), inputs).run()
+    first = {"ray": time.perf_counter() - start}
+    start = time.perf_counter()
+    BareLoop(cfg, inputs, work / "bare-first").run()
+    first["bare"] = time.perf_counter() - start
+    ray_cpu_by_process: dict[str, float] = {}
+    for repeat in range(args.repeats):
+        # Sizes alternate direction between repeats so neither size always runs first.
+        for size, cfg, inputs in runs if repeat % 2 == 0 else runs[::-1]:
+            out = work / f"ray-{size:g}-{repeat}"
+            start = time.perf_counter()
+            with CpuMeter() as cpu:
+                summary = CurationRun(replace(cfg, output_dir=str(out)), inputs).run()
+            times["ray"].setdefault(size, []).append(time.perf_counter() - start)
+            cpu_s["ray"].setdefault(size, []).append(cpu.seconds)
+            if size == max(sizes):
+                for name, used in cpu.by_process.items():
+                    ray_cpu_by_process[name] = ray_cpu_by_process.get(name, 0.0) + used / args.repeats
+            pass_s[size] = summary["pass_seconds"]
+            rows["ray"][size], tables["ray"][size] = summary["rows_in"], table_rows(out)
 
-    start = time.perf_counter()
-    bare_rows = BareLoop(cfg, inputs, work / "bare").run()
-    bare_s = time.perf_counter() - start
+            out = work / f"bare-{size:g}-{repeat}"
+            start = time.perf_counter()
+            with CpuMeter() as cpu:
+                bare_rows = BareLoop(cfg, inputs, out).run()
+            times["bare"].setdefault(size, []).append(time.perf_counter() - start)
+            cpu_s["bare"].setdefault(size, []).append(cpu.seconds)
+            rows["bare"][size], tables["bare"][size] = bare_rows, table_rows(out)
 
     print(f"curation benchmark: preset {args.preset}, device {args.device}, outputs in {work}")
-    print(f"  ray data pipeline: {ray_rows} rows in {ray_s:.1f} s = {ray_rows / ray_s:.2f} rows/s")
-    print(f"  bare python loop:  {bare_rows} rows in {bare_s:.1f} s = {bare_rows / bare_s:.2f} rows/s")
-    print(f"  ratio ray / bare:  {(ray_rows / ray_s) / (bare_rows / bare_s):.3f}  (GPU target >= 0.9)")
+    print(
+        f"  compute: both sides pinned to cores {cores} ({len(cores)} core(s)); bare = 1 process; "
+        f"ray = driver + raylet + one actor per pool ({args.num_cpus} logical CPUs), same cores"
+    )
+    print(
+        f"  first run (cold, x{sizes[0]:g}, not fitted): ray {first['ray']:.1f} s, bare {first['bare']:.1f} s"
+    )
+    for size in sizes:
+        same = tables["ray"][size] == tables["bare"][size]
+        print(
+            f"  size x{size:g}: {rows['ray'][size]} rows in; ray {_spread(times['ray'][size])} s, "
+            f"bare {_spread(times['bare'][size])} s; CPU s ray {_spread(cpu_s['ray'][size])}, "
+            f"bare {_spread(cpu_s['bare'][size])}; output tables "
+            f"{'match' if same else 'DIFFER'} {tables['ray'][size] if same else tables}"
+        )
+    figures: dict[str, Any] = {"sizes": sizes, "rows": rows, "seconds": times, "cpu_seconds": cpu_s}
+    figures["cores"], figures["ray_pass_seconds"] = cores, pass_s
+    figures["tables_match"] = all(tables["ray"][s] == tables["bare"][s] for s in sizes)
+    # One fit per repeat and side (its runs at every size), so the spread shows the noise of the machine.
+    for clock, measured, unit in (("wall", times, "rows/s"), ("cpu", cpu_s, "rows per CPU-second")):
+        fits = {
+            side: [
+                steady_state([rows[side][s] for s in sizes], [measured[side][s][r] for s in sizes])
+                for r in range(args.repeats)
+            ]
+            for side in ("ray", "bare")
+        }
+        label = "wall clock" if clock == "wall" else "CPU time of all processes (robust to other load)"
+        print(f"  steady state by {label}:")
+        for side, name in (("ray", "ray data pipeline"), ("bare", "bare python loop")):
+            rates, starts = [f[0] for f in fits[side]], [f[1] for f in fits[side]]
+            print(f"    {name + ':':19s} {_spread(rates)} {unit}; start-up {_spread(starts)} s")
+            figures[f"{side}_{clock}"] = {"rates": rates, "start_up_s": starts}
+        ratios = [r[0] / b[0] for r, b in zip(fits["ray"], fits["bare"])]
+        figures[f"ratio_{clock}"] = ratios
+        print(f"    ratio ray / bare:   {_spread(ratios)}")
+    largest = max(sizes)
+    print(
+        f"  steady-state ratio ray / bare (wall clock, slope from {min(rows['ray'].values())} to "
+        f"{max(rows['ray'].values())} input rows): {statistics.median(figures['ratio_wall']):.3f} "
+        f"(target >= 0.9)"
+    )
+    whole = statistics.median(times["bare"][largest]) / statistics.median(times["ray"][largest])
+    print(
+        f"  whole-run ratio at x{largest:g} (start-up included): {whole:.3f}; ray passes (s): {pass_s[largest]}"
+    )
+    top = sorted(ray_cpu_by_process.items(), key=lambda kv: -kv[1])[:8]
+    print(f"  ray side CPU s by process at x{largest:g}: " + ", ".join(f"{n} {v:.1f}" for n, v in top))
+    figures["first_run_seconds"], figures["ray_cpu_by_process"] = first, ray_cpu_by_process
+    return figures
 
 
 if __name__ == "__main__":
