@@ -9,6 +9,7 @@ ever downloaded.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from stylear_core.config import ConfigError
 from stylear_core.data.layout import TokenVocab
@@ -128,16 +129,20 @@ def build_resampler(
     return resampler.to(dtype=cfg.torch_dtype)
 
 
-def build_stylear_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> StyleARModel:
+def build_stylear_model(
+    cfg: ModelConfig, device: str | torch.device = "cpu", style_encoder: nn.Module | None = None
+) -> StyleARModel:
     """Compose backbone (+LoRA or full training), frozen style encoder and resampler into a :class:`StyleARModel`.
 
     With ``stylear_release`` set, the released LoRA and ``image_proj.pth`` are loaded (rank and alpha
     from the release); otherwise a fresh LoRA of ``lora_rank`` / ``lora_alpha`` is added when
-    ``trainable`` is ``lora``, or every backbone weight trains when it is ``full``.
+    ``trainable`` is ``lora``, or every backbone weight trains when it is ``full``. ``style_encoder``
+    replaces the preset's CLIP tower (e.g. a stand-in when features are precomputed: no ViT is built);
+    it needs a ``width``.
     """
     cfg.validate()
     backbone, vocab = build_backbone(cfg, device)
-    encoder = build_style_encoder(cfg, device)
+    encoder = style_encoder if style_encoder is not None else build_style_encoder(cfg, device)
     resampler = build_resampler(cfg, encoder.width, backbone.config.hidden_size, device)
     if cfg.trainable == "lora":
         with torch.random.fork_rng(devices=[]):

@@ -13,7 +13,6 @@ parameter shards.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -156,10 +155,8 @@ class StyleSFTObjective:
         """
         if self.style_source != "features":
             return build_stylear_model(self.model_cfg, device)
-        # Random tower weights (no checkpoint load), dropped at once for the stand-in.
-        model = build_stylear_model(dataclasses.replace(self.model_cfg, clip_checkpoint=None), device)
-        model.style_encoder = PrecomputedStyleEncoder(*style_feature_shape(self.model_cfg))
-        return model
+        stand_in = PrecomputedStyleEncoder(*style_feature_shape(self.model_cfg))
+        return build_stylear_model(self.model_cfg, device, style_encoder=stand_in)
 
     def setup(self, device: torch.device, precision: str) -> nn.Module:
         """Build the model on ``device``; returns the module for ``deepspeed.initialize``."""
