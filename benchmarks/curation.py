@@ -8,9 +8,20 @@ directory: stylize + CLIP-filter the requests, SAM-mask the references, mix raw 
 tokenize the curated set. The Ray side is :func:`~stylear_core.curation.pipeline.run_curation` on a
 local Ray instance (or ``--address``); the bare side calls the same actor classes (``StylizeActor``,
 ``ClipFilter``, ``MaskActor``, ``TokenizeActor``, ``normalize_raw_batch``) one batch at a time in this
-process, with the same batch sizes, and writes with the same sink code. Both timings include model
-construction (the Ray side builds its models in its actors). Printed: input rows, seconds and rows/s
-of each side, and the ratio Ray / bare (the target on a GPU is >= 0.9).
+process, with the same batch sizes, and writes with the same sink code; the output tables of the two
+must hold the same rows (checked and printed).
+
+Steady state and start-up are measured apart: after a cold first run of each side (printed, not
+fitted), each side runs at every ``--sizes`` multiple of the config's inputs (default x2 and x8: 224
+and 908 input rows on the tiny preset), ``--repeats`` times, sizes interleaved. Per repeat a line
+``seconds = start-up + rows / rate`` through the sizes gives the steady-state rate (the slope: extra
+rows per extra second) and the start-up (the intercept: actor start-up and model construction, pass
+set-up); the median and range over repeats are printed, by wall clock and by the CPU time of the
+whole process tree (this process and the local Ray instance it starts; that figure is robust to other
+work on the machine). On CPU both sides are pinned to the same single core (``--cores``): the bare
+loop is one process, the Ray side gets that core for its driver, raylet and one actor per pool. Last
+comes the Ray side's CPU time per process (ms per extra row, and seconds at the smallest size), which
+shows where its overhead goes. The target is a steady-state ratio Ray / bare >= 0.9.
 """
 
 from __future__ import annotations
@@ -258,11 +269,15 @@ class CpuMeter:
     def _take(self) -> None:
         for pid, cpu in tree_cpu_seconds().items():
             self._last[pid] = max(cpu, self._last.get(pid, 0.0))
-            if pid not in self._names:
-                try:
-                    self._names[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-                except OSError:
-                    self._names[pid] = "?"
+            try:  # read each time: a Ray worker renames itself (ray::IDLE, ray::MapWorker(...)) once it has a job
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            name = Path(cmd[0].decode()).name
+            if name.startswith("python") and len(cmd) > 1:  # a Ray worker before it names itself
+                name = Path(cmd[1].decode()).name
+            if name.strip():  # an exited, not yet reaped process has an empty command line
+                self._names[pid] = name.strip()
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
@@ -371,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     BareLoop(cfg, inputs, work / "bare-first").run()
     first["bare"] = time.perf_counter() - start
-    ray_cpu_by_process: dict[str, float] = {}
+    ray_cpu_by_process: dict[str, dict[float, float]] = {}
     for repeat in range(args.repeats):
         # Sizes alternate direction between repeats so neither size always runs first.
         for size, cfg, inputs in runs if repeat % 2 == 0 else runs[::-1]:
@@ -381,9 +396,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 summary = CurationRun(replace(cfg, output_dir=str(out)), inputs).run()
             times["ray"].setdefault(size, []).append(time.perf_counter() - start)
             cpu_s["ray"].setdefault(size, []).append(cpu.seconds)
-            if size == max(sizes):
-                for name, used in cpu.by_process.items():
-                    ray_cpu_by_process[name] = ray_cpu_by_process.get(name, 0.0) + used / args.repeats
+            for name, used in cpu.by_process.items():
+                by_size = ray_cpu_by_process.setdefault(name, {})
+                by_size[size] = by_size.get(size, 0.0) + used / args.repeats
             pass_s[size] = summary["pass_seconds"]
             rows["ray"][size], tables["ray"][size] = summary["rows_in"], table_rows(out)
 
@@ -442,8 +457,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"  whole-run ratio at x{largest:g} (start-up included): {whole:.3f}; ray passes (s): {pass_s[largest]}"
     )
-    top = sorted(ray_cpu_by_process.items(), key=lambda kv: -kv[1])[:8]
-    print(f"  ray side CPU s by process at x{largest:g}: " + ", ".join(f"{n} {v:.1f}" for n, v in top))
+    # Where the Ray side's CPU goes, per process: start-up (at the smallest size) and ms per extra row.
+    small, extra_rows = min(sizes), rows["ray"][largest] - rows["ray"][min(sizes)]
+    per_row = {
+        n: (1e3 * (v.get(largest, 0.0) - v.get(small, 0.0)) / extra_rows, v.get(small, 0.0))
+        for n, v in ray_cpu_by_process.items()
+    }
+    bare_ms = 1e3 / statistics.median(figures["bare_cpu"]["rates"])
+    print(f"  ray side CPU by process: ms per extra row (bare loop: {bare_ms:.1f} in all) / s at x{small:g}:")
+    for name, (ms, at_small) in sorted(per_row.items(), key=lambda kv: -kv[1][0])[:10]:
+        print(f"    {name[:60]:60s} {ms:7.2f} ms/row {at_small:7.2f} s")
     figures["first_run_seconds"], figures["ray_cpu_by_process"] = first, ray_cpu_by_process
     return figures
 

@@ -6,7 +6,8 @@ reference image) and the style references themselves; with no paths set, all thr
 :class:`~stylear_core.data.synthetic.SyntheticStyleSet`.
 
 Passes, each a streaming Ray Data execution of class UDFs on actor pools
-(``map_batches(Cls, compute=ActorPoolStrategy(min_size, max_size), num_gpus=...)``):
+(``map_batches(Cls, compute=ActorPoolStrategy(min_size, max_size), num_gpus=...)``), fed blocks of
+several batches each (:func:`block_rows`):
 
 1. **stylize**: requests -> :class:`~stylear_core.curation.stylizer.Stylizer` ->
    :class:`~stylear_core.curation.clip_filter.ClipFilter` -> ``stylized/`` (every stylized pair that
@@ -68,6 +69,7 @@ from stylear_core.curation.stages import MaskActor, StylizeActor, normalize_raw_
 from stylear_core.curation.stylizer import StylizerConfig
 from stylear_core.curation.tokenize import TokenizeActor, TokenizeConfig
 from stylear_core.data.passes import (
+    ActorPoolConfig,
     InputTable,
     PassResult,
     RoutedParquetSink,
@@ -99,6 +101,19 @@ SAM_STAGES = ("read:references", "sam")
 TOKENIZE_STAGES = ("tokenize",)
 
 REQUEST_COLUMNS = ("id", "prompt", "style_ref", "style_image", "seed")
+
+
+def block_rows(pool: ActorPoolConfig, rows: int, max_rows: int, blocks_per_actor: int = 4) -> int:
+    """Rows per input block of a pass of ``rows`` rows on ``pool``: whole batches, at most ``max_rows``,
+    and small enough to leave at least ``blocks_per_actor`` blocks for each actor the pool may grow to.
+
+    Each block is one Ray Data task: one object, one scheduling round trip, one hand-off to the next
+    stage. Blocks of a single batch paid that per batch, a cost the bare loop does not have; the
+    actor still sees ``batch_size`` rows per call.
+    """
+    per_actor = -(-rows // (blocks_per_actor * pool.max_actors))
+    batches = min(max_rows // pool.batch_size, per_actor // pool.batch_size)
+    return pool.batch_size * max(1, batches)
 
 
 class NoStylizedPairsError(RuntimeError):
@@ -160,6 +175,9 @@ class CurationRun:
         columns: Sequence[str] | None = None,
     ):
         return source.dataset(ids, rows_per_block, columns, driver_read_bytes=self.cfg.driver_read_mb * 2**20)
+
+    def _block_rows(self, pool: ActorPoolConfig, rows: int) -> int:
+        return block_rows(pool, rows, self.cfg.rows_per_file)
 
     def _table_input(self, name: str) -> InputTable:
         directory = table_dir(self.out, name)
@@ -238,7 +256,7 @@ class CurationRun:
         if not todo:
             return PassResult("stylize")
         pool = self.cfg.stylize_pool
-        ds = self._dataset(source, todo, pool.batch_size, REQUEST_COLUMNS)
+        ds = self._dataset(source, todo, self._block_rows(pool, len(todo)), REQUEST_COLUMNS)
         ds = map_actors(ds, StylizeActor, (self.stylizer_config(),), pool)
         ds = map_actors(ds, ClipFilter, (self.clip_filter_config(),), self.cfg.clip_pool, "pyarrow")
         return write_pass("stylize", ds, self._sink("stylized", "stylize", source.ref), len(todo), t0)
@@ -252,7 +270,10 @@ class CurationRun:
             return PassResult("masks")
         pool = self.cfg.sam_pool
         ds = map_actors(
-            self._dataset(source, todo, pool.batch_size, ("id", "image")), MaskActor, (self.cfg.sam,), pool
+            self._dataset(source, todo, self._block_rows(pool, len(todo)), ("id", "image")),
+            MaskActor,
+            (self.cfg.sam,),
+            pool,
         )
         return write_pass("masks", ds, self._sink("masks", "sam", source.ref), len(todo), t0)
 
@@ -346,7 +367,9 @@ class CurationRun:
         if not todo:
             return PassResult("tokenize")
         pool = self.cfg.tokenize_pool
-        ds = self._dataset(curated, todo, pool.batch_size, ("id", "prompt", "image", "source"))
+        ds = self._dataset(
+            curated, todo, self._block_rows(pool, len(todo)), ("id", "prompt", "image", "source")
+        )
         ds = map_actors(ds, TokenizeActor, (self.cfg.model, self.tokenize_config()), pool, "pyarrow")
         return write_pass("tokenize", ds, self._sink("tokens", "tokenize", curated.ref), len(todo), t0)
 
