@@ -35,49 +35,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stylear_core.config import load_config  # noqa: E402
-from stylear_core.data.layout import ImageTokenLayout  # noqa: E402
-from stylear_core.data.schemas import PREFERENCE_PAIRS_SCHEMA, rows_to_table  # noqa: E402
-from stylear_core.models.backbone import tiny_vocab  # noqa: E402
-from stylear_core.models.presets import tiny_vqgan_codebook_size  # noqa: E402
 from stylear_core.preferences.reference import ReferenceLogProbScorer  # noqa: E402
 from stylear_core.testing.fixtures import tiny_adapter  # noqa: E402
 from stylear_core.training.objectives import StyleDPOObjective  # noqa: E402
 from stylear_core.training.stages import StyleTrainConfig  # noqa: E402
-from stylear_core.training.synthetic_shards import synthetic_token_rows  # noqa: E402
+from stylear_core.training.synthetic_shards import synthetic_preference_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def synthetic_pairs(model_cfg, count: int, seed: int = 3) -> pa.Table:
-    """``count`` preference pairs: chosen = a synthetic image's tokens, rejected = random codes."""
-    vocab = tiny_vocab(codebook_size=tiny_vqgan_codebook_size())
-    size = model_cfg.image_size
-    layout = ImageTokenLayout.for_resolution(size, size, vocab)
-    gen = torch.Generator().manual_seed(seed)
-    pairs = []
-    for i, r in enumerate(synthetic_token_rows(model_cfg, count, seed=seed)):
-        codes = torch.randint(0, vocab.codebook_size, (layout.h_latent, layout.w_latent), generator=gen)
-        pairs.append(
-            {
-                **{k: r[k] for k in ("id", "prompt", "prompt_ids")},
-                "style_ref": None,
-                "style_image": r["image"],
-                "height": size,
-                "width": size,
-                "chosen_tokens": r["image_tokens"],
-                "rejected_tokens": layout.encode(codes).tolist(),
-                "chosen_score": 1.0,
-                "rejected_score": 0.0,
-                "chosen_style_score": 0.5,
-                "chosen_text_score": 0.5,
-                "rejected_style_score": 0.0,
-                "rejected_text_score": 0.0,
-                "chosen_seed": i,
-                "rejected_seed": 100 + i,
-                "num_samples": 2,
-            }
-        )
-    return rows_to_table(pairs, PREFERENCE_PAIRS_SCHEMA)
 
 
 def numpy_batches(table: pa.Table, micro_batch: int) -> list[dict[str, np.ndarray]]:
@@ -143,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_cfg = load_config(StyleTrainConfig, REPO / "jobs/configs/train_style/tiny.yaml").model
     with tempfile.TemporaryDirectory(prefix="dpo-ref-bench-") as tmp:
         adapter = tiny_adapter(Path(tmp) / "sft", model_cfg, perturb=("lora",), seed=1)
-        table = synthetic_pairs(model_cfg, args.rows)
+        table = synthetic_preference_table(model_cfg, args.rows)
         start = time.perf_counter()
         scored = ReferenceLogProbScorer(model_cfg, str(adapter), args.noise, device="cpu")(table)
         scoring_s = time.perf_counter() - start

@@ -15,7 +15,7 @@ import torch
 
 from stylear_core.data.images import decode_image
 from stylear_core.data.layout import ImageTokenLayout
-from stylear_core.data.schemas import TOKEN_SHARDS_SCHEMA, rows_to_table
+from stylear_core.data.schemas import PREFERENCE_PAIRS_SCHEMA, TOKEN_SHARDS_SCHEMA, rows_to_table
 from stylear_core.data.synthetic import SyntheticStyleSet
 from stylear_core.data.tokenizer import style_prompt_ids
 from stylear_core.models.backbone import tiny_vocab
@@ -70,3 +70,37 @@ def write_synthetic_token_shards(
     path.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path / "part-00000.parquet")
     return path / "part-00000.parquet"
+
+
+def synthetic_preference_table(model: ModelConfig, count: int, seed: int = 3, codes_seed: int = 0):
+    """``count`` preference pairs (:data:`PREFERENCE_PAIRS_SCHEMA`) of the tiny vocabulary: chosen = a
+    procedural image's tokens (:func:`synthetic_token_rows` with ``seed``), rejected = random codes in
+    the same layout (``codes_seed``), the style reference = the chosen image."""
+    vocab = tiny_vocab(codebook_size=tiny_vqgan_codebook_size())
+    size = model.image_size
+    layout = ImageTokenLayout.for_resolution(size, size, vocab)
+    gen = torch.Generator().manual_seed(codes_seed)
+    pairs = []
+    for i, r in enumerate(synthetic_token_rows(model, count, seed=seed)):
+        codes = torch.randint(0, vocab.codebook_size, (layout.h_latent, layout.w_latent), generator=gen)
+        pairs.append(
+            {
+                **{k: r[k] for k in ("id", "prompt", "prompt_ids")},
+                "style_ref": None,
+                "style_image": r["image"],
+                "height": size,
+                "width": size,
+                "chosen_tokens": r["image_tokens"],
+                "rejected_tokens": layout.encode(codes).tolist(),
+                "chosen_score": 1.0,
+                "rejected_score": 0.0,
+                "chosen_style_score": 0.5,
+                "chosen_text_score": 0.5,
+                "rejected_style_score": 0.0,
+                "rejected_text_score": 0.0,
+                "chosen_seed": i,
+                "rejected_seed": 100 + i,
+                "num_samples": 2,
+            }
+        )
+    return rows_to_table(pairs, PREFERENCE_PAIRS_SCHEMA)

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from stylear_core.config import load_config
-from stylear_core.data.layout import ImageTokenLayout
-from stylear_core.data.schemas import PREFERENCE_PAIRS_SCHEMA, rows_to_table
 from stylear_core.models.backbone import tiny_vocab
 from stylear_core.models.presets import ModelConfig, tiny_vqgan_codebook_size
 from stylear_core.testing.fixtures import tiny_adapter
-from stylear_core.training.synthetic_shards import synthetic_token_rows, write_synthetic_token_shards
+from stylear_core.training.synthetic_shards import (
+    synthetic_preference_table,
+    write_synthetic_token_shards,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_VOCAB = tiny_vocab(codebook_size=tiny_vqgan_codebook_size())
@@ -85,37 +85,6 @@ def sft_adapter(tmp_path_factory, model_cfg) -> Path:
 @pytest.fixture(scope="session")
 def preference_pairs(tmp_path_factory, model_cfg) -> Path:
     """16 preference rows: chosen = a synthetic image's tokens, rejected = random codes in the same layout."""
-    rows = synthetic_token_rows(model_cfg, 16, seed=3)
-    size = model_cfg.image_size
-    gen = torch.Generator().manual_seed(0)
-    pairs = []
-    for i, r in enumerate(rows):
-        layout = ImageTokenLayout.for_resolution(size, size, TINY_VOCAB)
-        codes = torch.randint(
-            0, layout.vocab.codebook_size, (layout.h_latent, layout.w_latent), generator=gen
-        )
-        pairs.append(
-            {
-                "id": r["id"],
-                "prompt": r["prompt"],
-                "prompt_ids": r["prompt_ids"],
-                "style_ref": None,
-                "style_image": r["image"],
-                "height": size,
-                "width": size,
-                "chosen_tokens": r["image_tokens"],
-                "rejected_tokens": layout.encode(codes).tolist(),
-                "chosen_score": 1.0,
-                "rejected_score": 0.0,
-                "chosen_style_score": 0.5,
-                "chosen_text_score": 0.5,
-                "rejected_style_score": 0.0,
-                "rejected_text_score": 0.0,
-                "chosen_seed": i,
-                "rejected_seed": 100 + i,
-                "num_samples": 2,
-            }
-        )
     path = tmp_path_factory.mktemp("pairs")
-    pq.write_table(rows_to_table(pairs, PREFERENCE_PAIRS_SCHEMA), path / "part-0.parquet")
+    pq.write_table(synthetic_preference_table(model_cfg, 16), path / "part-0.parquet")
     return path

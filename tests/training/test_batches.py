@@ -8,6 +8,7 @@ import torch
 
 from stylear_core.data.tokenizer import ByteTokenizer, style_prompt_ids
 from stylear_core.models.clip import ClipVisionTower
+from stylear_core.testing.fixtures import numpy_batch
 from stylear_core.training.batches import (
     PreferenceBatchCollate,
     TokenBatchCollate,
@@ -15,16 +16,6 @@ from stylear_core.training.batches import (
     left_pad,
     right_pad,
 )
-
-
-def _numpy_batch(table) -> dict[str, np.ndarray]:
-    out = {}
-    for name in table.column_names:
-        values = table.column(name).to_pylist()
-        arr = np.empty(len(values), dtype=object)
-        arr[:] = [np.asarray(v) if isinstance(v, list) else v for v in values]
-        out[name] = arr
-    return out
 
 
 def test_padding_sides_and_masks():
@@ -36,7 +27,7 @@ def test_padding_sides_and_masks():
 
 def test_token_batch_keeps_stored_prompts_and_retokenises_mismatched_ones(token_shards, model_cfg, vocab):
     table = pq.read_table(token_shards).slice(0, 3)
-    batch = _numpy_batch(table)
+    batch = numpy_batch(table)
     tokenizer = ByteTokenizer(vocab)
     # Row 1 was written for plain text-to-image (no placeholders): it must come back as a StyleAR prompt.
     batch["prompt_ids"][1] = np.asarray([vocab.bos, 300, 301])
@@ -54,7 +45,7 @@ def test_token_batch_keeps_stored_prompts_and_retokenises_mismatched_ones(token_
 
 
 def test_token_batch_without_style_tokens_uses_text_prompts(token_shards, vocab):
-    batch = _numpy_batch(pq.read_table(token_shards).slice(0, 2))
+    batch = numpy_batch(pq.read_table(token_shards).slice(0, 2))
     out = TokenBatchCollate(vocab, ByteTokenizer(vocab), num_style_tokens=0)(batch)
     assert not (out["prompt_ids"] == vocab.style_placeholder).any()
     assert out["prompt_ids"][:, -1].tolist() == [vocab.eos, vocab.eos]  # the human turn's end
@@ -62,7 +53,7 @@ def test_token_batch_without_style_tokens_uses_text_prompts(token_shards, vocab)
 
 def test_preference_batch_pads_chosen_and_rejected_together(preference_pairs, model_cfg, vocab):
     table = pq.read_table(preference_pairs).slice(0, 2)
-    batch = _numpy_batch(table)
+    batch = numpy_batch(table)
     batch["rejected_tokens"][0] = batch["rejected_tokens"][0][:10]  # a shorter (e.g. smaller) image
     torch.manual_seed(0)
     encoder = ClipVisionTower.from_preset("tiny")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,23 +19,13 @@ import torch
 from stylear_core.curation.tokenize import TokenizeActor, TokenizeConfig
 from stylear_core.data.schemas import TOKEN_SHARDS_SCHEMA, conform_table
 from stylear_core.data.synthetic import SyntheticStyleSet
+from stylear_core.testing.fixtures import numpy_batch
 from stylear_core.testing.tiny_depth import save_tiny_depth_estimator
 from stylear_core.training.batches import TOKEN_SHARD_COLUMNS, TokenBatchCollate, read_parquet_dataset
 from stylear_core.training.objectives import StyleSFTObjective
 
 ROWS = 8
 STEPS = 24
-
-
-def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
-    """A table as Ray Data's numpy batch format gives it: object arrays, list cells as arrays."""
-    out = {}
-    for name in table.column_names:
-        values = table.column(name).to_pylist()
-        column = np.empty(len(values), dtype=object)
-        column[:] = [np.asarray(v) if isinstance(v, list) else v for v in values]
-        out[name] = column
-    return out
 
 
 @pytest.fixture(scope="module")

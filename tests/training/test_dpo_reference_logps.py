@@ -24,23 +24,12 @@ from stylear_core.preferences.reference import (
     reference_digest,
     reference_logps_state,
 )
-from stylear_core.testing.fixtures import perturb_, tiny_adapter
+from stylear_core.testing.fixtures import numpy_batch, perturb_, tiny_adapter
 from stylear_core.training.metrics import read_metrics_log
 from stylear_core.training.objectives import REFERENCE_ADAPTER, StyleDPOObjective
 from stylear_core.training.stages import DPOTrainConfig, resolve_reference_logps
 
 CPU = torch.device("cpu")
-
-
-def numpy_rows(table, rows: int) -> dict[str, np.ndarray]:
-    table = table.slice(0, rows)
-    out = {}
-    for name in table.column_names:
-        values = table.column(name).to_pylist()
-        arr = np.empty(len(values), dtype=object)
-        arr[:] = [np.asarray(v) if isinstance(v, list) else v for v in values]
-        out[name] = arr
-    return out
 
 
 def dpo_step(model_cfg, sft_adapter, table, mode: str, noise: float = 0.0, perturb: bool = True):
@@ -55,7 +44,7 @@ def dpo_step(model_cfg, sft_adapter, table, mode: str, noise: float = 0.0, pertu
         perturb_(policy, seed=7)  # the policy has moved away from the SFT reference
     forwards = []
     module.backbone.register_forward_hook(lambda *_: forwards.append(1))
-    batch = objective.collate_fn()(numpy_rows(table, 3))
+    batch = objective.collate_fn()(numpy_batch(table.slice(0, 3)))
     result = objective.compute(module, batch)
     result.loss.backward()
     return result, [p.grad.clone() for p in policy], len(forwards), objective
