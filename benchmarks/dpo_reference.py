@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from stylear_core.config import load_config  # noqa: E402
 from stylear_core.preferences.reference import ReferenceLogProbScorer  # noqa: E402
-from stylear_core.testing.fixtures import tiny_adapter  # noqa: E402
+from stylear_core.testing.fixtures import numpy_batch, tiny_adapter  # noqa: E402
 from stylear_core.training.objectives import StyleDPOObjective  # noqa: E402
 from stylear_core.training.stages import StyleTrainConfig  # noqa: E402
 from stylear_core.training.synthetic_shards import synthetic_preference_table  # noqa: E402
@@ -48,14 +48,7 @@ def numpy_batches(table: pa.Table, micro_batch: int) -> list[dict[str, np.ndarra
     """Micro-batches of ``table`` as Ray Data hands them to the collate (object arrays for lists)."""
     out = []
     for start in range(0, table.num_rows - micro_batch + 1, micro_batch):
-        part = table.slice(start, micro_batch)
-        batch = {}
-        for name in part.column_names:
-            values = part.column(name).to_pylist()
-            arr = np.empty(len(values), dtype=object)
-            arr[:] = [np.asarray(v) if isinstance(v, list) else v for v in values]
-            batch[name] = arr
-        out.append(batch)
+        out.append(numpy_batch(table.slice(start, micro_batch)))
     return out
 
 

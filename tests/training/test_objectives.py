@@ -17,6 +17,7 @@ from stylear_core.data.images import to_pil
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.models.lora import DEFAULT_ADAPTER, lora_state_dict, set_lora_state_dict
 from stylear_core.models.presets import build_stylear_model, build_vqgan
+from stylear_core.testing.fixtures import numpy_batch as table_batch
 from stylear_core.testing.fixtures import perturb_
 from stylear_core.training.objectives import REFERENCE_ADAPTER, StyleDPOObjective, StyleSFTObjective
 
@@ -24,14 +25,7 @@ CPU = torch.device("cpu")
 
 
 def numpy_batch(path, rows: int) -> dict[str, np.ndarray]:
-    table = pq.read_table(path).slice(0, rows)
-    out = {}
-    for name in table.column_names:
-        values = table.column(name).to_pylist()
-        arr = np.empty(len(values), dtype=object)
-        arr[:] = [np.asarray(v) if isinstance(v, list) else v for v in values]
-        out[name] = arr
-    return out
+    return table_batch(pq.read_table(path).slice(0, rows))
 
 
 def test_sft_loss_uses_the_target_decoded_by_the_frozen_vqgan(model_cfg, token_shards):
