@@ -1,0 +1,497 @@
+"""Continuous (iteration-level) batching: a fixed pool of row slots over one static KV cache.
+
+:class:`ContinuousBatchingEngine` decodes many requests in one loop. Between decode steps its scheduler
+admits queued requests into free row slots, so a request that arrives mid-decode starts at the next step
+instead of waiting for a whole batch to finish:
+
+* **Slots.** The pool has ``max_slots`` rows and one KV cache of ``(max_slots, heads, cache_len, dim)``
+  per layer (:class:`RowSlotCache`). A request takes one row (no guidance, ``cfg_scale == 1``) or two
+  (its conditional and unconditional rows, admitted and retired together). Admission prefills the new
+  rows into their slots while the other rows keep their cache; the prefill inputs are those of
+  :meth:`ImageGenerationEngine._prefill_inputs`, so a request sees what its solo run sees.
+* **Per-row positions and lengths.** Every row has its own position id, its own cache write column and
+  its own attention mask over the cache (an additive ``(rows, 1, 1, cache_len)`` mask: only the columns
+  the row has written are open). Rows of different prompt lengths and resolutions share a step, and
+  finish independently: a finished or cancelled request frees its rows at once. Empty slots are
+  masked (they attend to their own column 0 only) and nothing is padded to a power of two; a step runs
+  the rows up to the highest occupied slot (admission fills the lowest free slots first).
+* **Sampling** is the engine's: per-request seeds (one ``torch.Generator`` each, advanced only at the
+  request's own code positions), per-request CFG scale, top-k and temperature, and layout-forced
+  header, new-line and end tokens. Under greedy decoding a request gets the tokens of its solo
+  :meth:`ImageGenerationEngine.generate` run.
+* **Policies.** ``"continuous"`` admits whenever rows are free; ``"batch"`` admits only into an empty
+  pool (batch-at-a-time, as the ``@serve.batch`` path decodes), so the two can be compared in one run.
+* **Cancellation.** Setting a request's ``cancel`` event (or :meth:`GenerationHandle.cancel`) retires it
+  at the next step, freeing its rows; it gets no result.
+* **Adapters.** Each request carries an adapter index (0: the base model). Before every forward the
+  engine calls ``row_adapters(indices)`` with the per-row indices of the rows about to run, which is
+  where a batched multi-LoRA layer reads them. Without that hook only index 0 is accepted.
+
+Not here yet: CUDA graphs (one per slot-count bucket), batched prefill of several admissions, and
+attention cut to the longest live row; every step attends over the whole ``cache_len``. The code is
+device-agnostic and runs the model eagerly.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, StaticLayer
+
+from stylear_core.data.layout import ImageTokenLayout
+from stylear_core.inference.engine import (
+    GenerationRequest,
+    GenerationRequestError,
+    GenerationResult,
+    ImageGenerationEngine,
+)
+from stylear_core.inference.sampling import BatchSampling, guided_logits, sample_codes
+
+POLICIES = ("continuous", "batch")
+
+
+class _SlotState:
+    """What every layer of a :class:`RowSlotCache` reads: the rows a forward covers and where they write."""
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.write_col = torch.zeros(rows, dtype=torch.long, device=device)
+        self.row_index = torch.arange(rows, device=device)
+        self.active = rows  # a decode step covers rows [0, active)
+        self.prefill_rows: torch.Tensor | None = None  # set while prefilling these rows
+
+
+class _RowSlotLayer(StaticLayer):
+    """A static cache layer whose rows write at their own columns (decode) or are prefilled alone."""
+
+    def __init__(self, max_cache_len: int, rows: int, state: _SlotState) -> None:
+        super().__init__(max_cache_len=max_cache_len)
+        self.rows, self.state = rows, state
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # The first forward may be a prefill of a few rows: size the tensors for the whole pool.
+        super().lazy_initialization(key_states[:1].expand(self.rows, *key_states.shape[1:]), value_states)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill: write columns ``[0, L)`` of the prefilled rows. Step: write each row at its own column."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rows = self.state.prefill_rows
+        if rows is not None:
+            length = key_states.shape[-2]
+            self.keys[rows, :, :length] = key_states
+            self.values[rows, :, :length] = value_states
+            return self.keys[rows], self.values[rows]
+        n = self.state.active
+        index, cols = self.state.row_index[:n], self.state.write_col[:n]
+        self.keys[index, :, cols] = key_states[:, :, 0]
+        self.values[index, :, cols] = value_states[:, :, 0]
+        return self.keys[:n], self.values[:n]
+
+
+class RowSlotCache(Cache):
+    """A ``(rows, heads, cache_len, dim)`` KV cache per layer whose rows advance independently."""
+
+    def __init__(self, num_layers: int, rows: int, cache_len: int, device: torch.device) -> None:
+        self.state = _SlotState(rows, device)
+        super().__init__(layers=[_RowSlotLayer(cache_len, rows, self.state) for _ in range(num_layers)])
+
+
+@dataclass
+class EngineCounters:
+    """Running totals: decode steps, rows they ran, prefills (admissions), finished and cancelled requests."""
+
+    steps: int = 0
+    rows_stepped: int = 0
+    prefills: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    max_live_rows: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict (for stats endpoints)."""
+        return asdict(self)
+
+
+@dataclass(eq=False)
+class GenerationHandle:
+    """One submitted request: its status, progress (``tokens_done`` of ``tokens_total``) and result.
+
+    ``status`` goes ``queued`` -> ``running`` -> ``done`` (or ``cancelled`` from either). ``wait``
+    blocks until the request is done or cancelled and returns its result (``None`` if cancelled).
+    ``admitted_step``/``finished_step`` are the engine's step counter at admission and at the end.
+    """
+
+    request: GenerationRequest
+    layout: ImageTokenLayout
+    seed: int
+    adapter: int = 0
+    status: str = "queued"
+    tokens_done: int = 0
+    result: GenerationResult | None = None
+    admitted_step: int | None = None
+    finished_step: int | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    finished_at: float | None = None
+    on_progress: Callable[[GenerationHandle], None] | None = None
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def tokens_total(self) -> int:
+        """The image's token count (start to end token)."""
+        return self.layout.num_tokens
+
+    @property
+    def finished(self) -> bool:
+        """Whether the request is done or cancelled."""
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; its rows are freed at the next step."""
+        if self.request.cancel is None:
+            self.request.cancel = threading.Event()
+        self.request.cancel.set()
+
+    def wait(self, timeout: float | None = None) -> GenerationResult | None:
+        """Block until done or cancelled (``TimeoutError`` after ``timeout`` seconds); returns the result."""
+        if not self._done.wait(timeout):
+            raise TimeoutError("the request is still running")
+        return self.result
+
+
+class _Running:
+    """Decode state of an admitted request: its rows, next image position, tokens and sampling settings."""
+
+    def __init__(
+        self, handle: GenerationHandle, rows: list[int], sampling: BatchSampling, device: torch.device
+    ) -> None:
+        self.handle = handle
+        self.rows = rows  # [cond] or [cond, uncond]
+        self.sampling = sampling  # one row: this request's settings and its generator
+        self.forced = handle.layout.forced_tokens()
+        self.pos = 3  # the next image position to fill (the header is the prompt's end)
+        self.out = torch.empty(handle.layout.num_tokens, dtype=torch.long, device=device)
+        self.out[:3] = torch.tensor(handle.layout.header, device=device)
+
+
+class ContinuousBatchingEngine:
+    """Iteration-level batching over ``max_slots`` rows of one KV cache of ``cache_len`` columns.
+
+    Uses ``engine``'s model, vocabulary, device, dtype, request validation and prefill inputs. A request
+    needs ``prompt + header (rounded up to the engine's length bucket) + num_tokens - 4`` columns and one
+    row (two with guidance); requests that cannot fit are refused at :meth:`submit`. ``policy`` is
+    ``"continuous"`` or ``"batch"`` (see the module docstring). ``row_adapters`` receives the per-row
+    adapter indices before every forward. Drive it with :meth:`step` / :meth:`run_until_idle` from one
+    thread, or :meth:`start` a background loop; :meth:`submit` may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        engine: ImageGenerationEngine,
+        max_slots: int,
+        cache_len: int,
+        policy: str = "continuous",
+        row_adapters: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if max_slots < 2:
+            raise ValueError("max_slots must be at least 2 (a guided request takes two rows)")
+        self.engine = engine
+        self.max_slots, self.cache_len, self.policy = max_slots, cache_len, policy
+        self.row_adapters = row_adapters
+        self.lm, self.device, self.dtype = engine.lm, engine.device, engine.dtype
+        self.code_ids = engine.code_ids
+        self.cache = RowSlotCache(int(self.lm.config.num_hidden_layers), max_slots, cache_len, self.device)
+        self.neg = torch.finfo(self.dtype).min
+        self.token_buf = torch.zeros((max_slots, 1), dtype=torch.long, device=self.device)
+        self.pos_buf = torch.zeros((max_slots, 1), dtype=torch.long, device=self.device)
+        self.mask_buf = torch.full(
+            (max_slots, 1, 1, cache_len), self.neg, dtype=self.dtype, device=self.device
+        )
+        self.mask_buf[:, 0, 0, 0] = 0.0  # an empty slot attends to its own column 0: finite, never read
+        self.logits = torch.zeros((max_slots, engine.vocab.codebook_size), device=self.device)
+        self.row_adapter = torch.zeros(max_slots, dtype=torch.long, device=self.device)
+        self.free = list(range(max_slots))
+        self.running: list[_Running] = []
+        self.queue: deque[GenerationHandle] = deque()
+        self.counters = EngineCounters()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # ---- submission -------------------------------------------------------------------------------
+
+    def columns_needed(self, request: GenerationRequest, layout: ImageTokenLayout) -> int:
+        """KV-cache columns the request's rows use: the padded prefix plus every fed image token."""
+        prefix = max(len(request.prompt_ids), len(self.engine.uncond_prefix)) + len(layout.header)
+        bucket = self.engine.length_bucket
+        return -(-prefix // bucket) * bucket + layout.num_tokens - 4
+
+    def submit(
+        self,
+        request: GenerationRequest,
+        adapter: int = 0,
+        on_progress: Callable[[GenerationHandle], None] | None = None,
+    ) -> GenerationHandle:
+        """Queue a request; returns its handle. Raises :class:`GenerationRequestError` if it cannot run.
+
+        ``on_progress(handle)`` is called from the decode loop after every token the request gets.
+        """
+        layout = self.engine.validate(request)
+        if self.columns_needed(request, layout) > self.cache_len:
+            raise GenerationRequestError(
+                "prompt",
+                f"prompt and image need {self.columns_needed(request, layout)} cache columns; "
+                f"the pool has {self.cache_len}",
+            )
+        if adapter != 0 and self.row_adapters is None:
+            raise GenerationRequestError("adapter", "this engine has no adapters loaded")
+        seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**63)
+        handle = GenerationHandle(request, layout, seed, adapter=adapter, on_progress=on_progress)
+        with self._lock:
+            self.queue.append(handle)
+            self._lock.notify_all()
+        return handle
+
+    @property
+    def idle(self) -> bool:
+        """Whether nothing is queued or running."""
+        return not self.queue and not self.running
+
+    @property
+    def live_rows(self) -> int:
+        """Rows currently held by running requests."""
+        return self.max_slots - len(self.free)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One iteration: drop cancelled requests, admit queued ones, pick one token per request, decode."""
+        self._retire_cancelled()
+        self._admit()
+        if not self.running:
+            return
+        self.counters.max_live_rows = max(self.counters.max_live_rows, self.live_rows)
+        chosen = self._choose_tokens()
+        fed_rows: list[int] = []
+        fed_from: list[int] = []
+        for i, run in list(enumerate(self.running)):
+            run.out[run.pos] = chosen[i]
+            run.handle.tokens_done = run.pos + 1
+            if run.pos == run.handle.layout.num_tokens - 1:
+                self._finish(run)
+            else:
+                run.pos += 1
+                fed_rows += run.rows
+                fed_from += [i] * len(run.rows)
+            if run.handle.on_progress is not None:
+                run.handle.on_progress(run.handle)
+        if fed_rows:
+            self._decode(fed_rows, chosen[torch.tensor(fed_from, device=self.device)])
+
+    def run_until_idle(self, max_steps: int | None = None) -> int:
+        """Step until nothing is queued or running (or ``max_steps`` steps); returns the steps taken."""
+        taken = 0
+        while not self.idle and (max_steps is None or taken < max_steps):
+            self.step()
+            taken += 1
+        return taken
+
+    def start(self) -> None:
+        """Run the loop on a daemon thread: it steps while work exists and sleeps while idle."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="continuous-batching", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the background loop (after its current step)."""
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self.idle and not self._stop:
+                    self._lock.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    # ---- scheduling -------------------------------------------------------------------------------
+
+    def _retire_cancelled(self) -> None:
+        with self._lock:
+            for handle in [h for h in self.queue if h.request.cancelled]:
+                self.queue.remove(handle)
+                self._end(handle, "cancelled")
+        for run in [r for r in self.running if r.handle.request.cancelled]:
+            self._release(run)
+            self._end(run.handle, "cancelled")
+
+    def _admit(self) -> None:
+        if self.policy == "batch" and self.running:
+            return
+        admitted: list[GenerationHandle] = []
+        with self._lock:
+            free = len(self.free)
+            # First come, first served: a two-row request at the head is not overtaken by one-row ones.
+            while self.queue and self._rows_of(self.queue[0].request) <= free:
+                handle = self.queue.popleft()
+                free -= self._rows_of(handle.request)
+                admitted.append(handle)
+        for handle in admitted:
+            self._prefill(handle)
+
+    @staticmethod
+    def _rows_of(request: GenerationRequest) -> int:
+        return 2 if request.cfg_scale != 1.0 else 1
+
+    def _prefill(self, handle: GenerationHandle) -> None:
+        request = handle.request
+        with_uncond = request.cfg_scale != 1.0
+        self.free.sort()
+        rows, self.free = self.free[: 1 + with_uncond], self.free[1 + with_uncond :]
+        # The solo run's own prefill inputs (same left padding, positions and style injection).
+        embeds, valid, positions = self.engine._prefill_inputs([request], handle.layout, with_uncond)
+        n, length = valid.shape
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
+        allowed = causal.unsqueeze(0) & valid.unsqueeze(1)
+        # A padding query attends to itself only: a row with nothing to attend to would give NaN.
+        allowed |= torch.eye(length, dtype=torch.bool, device=self.device).unsqueeze(0)
+        mask = torch.full((n, 1, length, self.cache_len), self.neg, dtype=embeds.dtype, device=self.device)
+        mask[:, 0, :, :length].masked_fill_(allowed, 0.0)
+        index = torch.tensor(rows, device=self.device)
+        self.row_adapter[index] = handle.adapter
+        if self.row_adapters is not None:
+            self.row_adapters(self.row_adapter[index])
+        self.cache.state.prefill_rows = index
+        try:
+            out = self.lm.model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        finally:
+            self.cache.state.prefill_rows = None
+        self.logits[index] = self._code_logits(out.last_hidden_state[:, -1])
+        self.mask_buf[index] = self.neg
+        self.mask_buf[index, 0, 0, :length] = torch.where(valid, 0.0, self.neg).to(self.dtype)
+        self.pos_buf[index] = positions[:, -1:]
+        self.cache.state.write_col[index] = length
+        sampling = BatchSampling.build(
+            [request.cfg_scale],
+            [request.top_k],
+            [request.temperature],
+            [handle.seed],
+            self.engine.vocab.codebook_size,
+            self.device,
+        )
+        self.running.append(_Running(handle, rows, sampling, self.device))
+        handle.status = "running"
+        handle.admitted_step = self.counters.steps
+        self.counters.prefills += 1
+
+    def _choose_tokens(self) -> torch.Tensor:
+        """One token id per running request: forced by its layout, or sampled from its rows' logits."""
+        chosen = torch.zeros(len(self.running), dtype=torch.long, device=self.device)
+        forced_at = [i for i, r in enumerate(self.running) if r.pos in r.forced]
+        if forced_at:
+            values = [self.running[i].forced[self.running[i].pos] for i in forced_at]
+            chosen[torch.tensor(forced_at, device=self.device)] = torch.tensor(values, device=self.device)
+        sampled_at = [i for i, r in enumerate(self.running) if r.pos not in r.forced]
+        if not sampled_at:
+            return chosen
+        runs = [self.running[i] for i in sampled_at]
+        cond = self.logits[torch.tensor([r.rows[0] for r in runs], device=self.device)]
+        # A request without guidance has no unconditional row: scale 1 returns its cond logits bit for bit.
+        uncond = self.logits[torch.tensor([r.rows[-1] for r in runs], device=self.device)]
+        sampling = _concat_sampling([r.sampling for r in runs])
+        codes = sample_codes(guided_logits(cond, uncond, sampling.cfg_scale), sampling)
+        chosen[torch.tensor(sampled_at, device=self.device)] = self.code_ids[codes]
+        return chosen
+
+    def _decode(self, rows: list[int], tokens: torch.Tensor) -> None:
+        """Feed ``tokens`` to ``rows`` (each at its own column and position) and keep the next logits."""
+        index = torch.tensor(rows, device=self.device)
+        state = self.cache.state
+        self.token_buf[index, 0] = tokens
+        self.pos_buf[index] += 1
+        self.mask_buf[index, 0, 0, state.write_col[index]] = 0.0
+        active = max(rows) + 1
+        state.active = active
+        if self.row_adapters is not None:
+            self.row_adapters(self.row_adapter[:active])
+        out = self.lm.model(
+            input_ids=self.token_buf[:active],
+            attention_mask=self.mask_buf[:active],
+            position_ids=self.pos_buf[:active],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.logits[index] = self._code_logits(out.last_hidden_state[index, -1])
+        state.write_col[index] += 1
+        self.counters.steps += 1
+        self.counters.rows_stepped += active
+
+    def _code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # As StaticKVDecoder: the full head row (a LoRA on lm_head applies to it), then the code ids.
+        return self.lm.lm_head(hidden).float().index_select(-1, self.code_ids)
+
+    def _release(self, run: _Running) -> None:
+        self.running.remove(run)
+        index = torch.tensor(run.rows, device=self.device)
+        # Back to an empty slot: attends to its own column 0, writes there, position 0.
+        self.mask_buf[index] = self.neg
+        self.mask_buf[index, 0, 0, 0] = 0.0
+        self.pos_buf[index] = 0
+        self.token_buf[index] = 0
+        self.cache.state.write_col[index] = 0
+        self.row_adapter[index] = 0
+        self.free += run.rows
+
+    def _finish(self, run: _Running) -> None:
+        self._release(run)
+        handle = run.handle
+        handle.result = GenerationResult(tokens=run.out.cpu(), layout=handle.layout, seed=handle.seed)
+        self.counters.finished += 1
+        self._end(handle, "done")
+
+    def _end(self, handle: GenerationHandle, status: str) -> None:
+        if status == "cancelled":
+            self.counters.cancelled += 1
+        handle.status = status
+        handle.finished_step = self.counters.steps
+        handle.finished_at = time.perf_counter()
+        handle._done.set()
+
+
+def _concat_sampling(parts: list[BatchSampling]) -> BatchSampling:
+    """The one-row settings of several requests as one batch (their generators are shared, not copied)."""
+    sampled = [b for b, p in enumerate(parts) if p.sampled_rows]
+    device = parts[0].cfg_scale.device
+    return BatchSampling(
+        cfg_scale=torch.cat([p.cfg_scale for p in parts]),
+        top_k=torch.cat([p.top_k for p in parts]),
+        temperature=torch.cat([p.temperature for p in parts]),
+        generators=[p.generators[0] for p in parts],
+        sampled_rows=sampled,
+        sampled_index=torch.tensor(sampled, dtype=torch.long, device=device),
+        k_max=max((p.k_max for p in parts if p.sampled_rows), default=1),
+    )
