@@ -38,6 +38,11 @@ from stylear_core.models.lora import LORA_TARGET_MODULES
 BASE_SLOT = 0
 """The adapter index of a row that runs the base model (no adapter): its factors are zeros."""
 
+LORA_MODES = ("gather", "stacked")
+"""How a :class:`MultiLoraLinear` applies per-row adapters: ``gather`` copies each row's factors out of the
+stack (reads ``rows`` adapters' factors); ``stacked`` runs every slot's factors and masks per row (reads
+``capacity + 1`` adapters' factors). Same result; the cheaper one depends on rows vs capacity."""
+
 _A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
 
@@ -76,25 +81,37 @@ class MultiLoraLinear(nn.Module):
 
     Shares ``weight`` and ``bias`` with the wrapped linear (same parameter objects, same state-dict keys
     as the linear had). The factor buffers are not persistent: they belong to the pool, not to the model.
-    Each row of ``x`` (the first dimension) uses the adapter whose index ``rows.index`` gives it.
+    Each row of ``x`` (the first dimension) uses the adapter whose index ``rows.index`` gives it; a single
+    index applies to every row (a batch of one adapter, whatever its row count).
     """
 
-    def __init__(self, base: nn.Linear, capacity: int, max_rank: int, rows: RowAdapters) -> None:
+    def __init__(
+        self, base: nn.Linear, capacity: int, max_rank: int, rows: RowAdapters, mode: str = "gather"
+    ) -> None:
         super().__init__()
+        if mode not in LORA_MODES:
+            raise ValueError(f"mode must be one of {LORA_MODES}, got {mode!r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
         self.rows = rows
-        self.max_rank = max_rank
+        self.max_rank, self.mode = max_rank, mode
         n = capacity + 1
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.register_buffer(
             "lora_a", torch.zeros(n, max_rank, self.in_features, **factory), persistent=False
         )
+        # B is stored (out, n, r) so that all adapters' B is one (out, n * r) matrix for the stacked mode;
+        # ``lora_b`` is its (n, out, r) view.
         self.register_buffer(
-            "lora_b", torch.zeros(n, self.out_features, max_rank, **factory), persistent=False
+            "lora_b_packed", torch.zeros(self.out_features, n, max_rank, **factory), persistent=False
         )
         self.register_buffer("scaling", torch.zeros(n, **factory), persistent=False)
+
+    @property
+    def lora_b(self) -> torch.Tensor:
+        """The stacked ``B`` factors as ``(n, out, r_max)`` (a view of ``lora_b_packed``)."""
+        return self.lora_b_packed.permute(1, 0, 2)
 
     @torch.no_grad()
     def put(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
@@ -117,14 +134,26 @@ class MultiLoraLinear(nn.Module):
         out = F.linear(x, self.weight, self.bias)
         index = self.rows.index
         rows = x.shape[0]
-        if index.shape[0] != rows:
+        if index.shape[0] == 1 and rows != 1:
+            index = index.expand(rows)  # one index set: every row uses that adapter
+        elif index.shape[0] != rows:
             raise ValueError(
                 f"the input has {rows} rows but {index.shape[0]} adapter indices are set (MultiLoraPool.set_rows)"
             )
         flat = x.reshape(rows, -1, self.in_features).to(self.lora_a.dtype)
-        # Gather each row's factors and run the shrink and expand as two batched matmuls (BGMV in torch).
-        hidden = torch.bmm(flat, self.lora_a[index].transpose(1, 2))
-        delta = torch.bmm(hidden, self.lora_b[index].transpose(1, 2)) * self.scaling[index].view(rows, 1, 1)
+        if self.mode == "gather":
+            # Gather each row's factors, then the shrink and the expand as two batched matmuls (BGMV in torch).
+            hidden = torch.bmm(flat, self.lora_a[index].transpose(1, 2))
+            hidden = hidden * self.scaling[index].view(rows, 1, 1)
+            delta = torch.bmm(hidden, self.lora_b[index].transpose(1, 2))
+        else:
+            # Shrink through every slot's A at once, zero the slots a row does not use (and scale the one
+            # it does), expand through every slot's B at once: two dense matmuls, no gathered copies.
+            n, r = self.lora_a.shape[:2]
+            hidden = F.linear(flat, self.lora_a.view(n * r, self.in_features)).view(rows, -1, n, r)
+            select = (torch.arange(n, device=index.device) == index.unsqueeze(1)) * self.scaling
+            hidden = (hidden * select.view(rows, 1, n, 1)).view(rows, -1, n * r)
+            delta = F.linear(hidden, self.lora_b_packed.view(self.out_features, n * r))
         return out + delta.reshape(out.shape).to(out.dtype)
 
     def extra_repr(self) -> str:
@@ -147,7 +176,8 @@ class MultiLoraPool:
     :class:`MultiLoraLinear` with ``capacity`` adapter slots of rank up to ``max_rank``. Slots are
     numbered ``1..capacity``; :data:`BASE_SLOT` (0) is the base model. :meth:`load` puts an adapter in
     a free slot, evicting the least recently used one when full; :meth:`set_rows` (or
-    :meth:`set_row_adapters`, by name) sets each row's adapter for the following forwards.
+    :meth:`set_row_adapters`, by name) sets each row's adapter for the following forwards. ``mode``
+    picks how the layers apply them (:data:`LORA_MODES`); both give the same outputs.
     """
 
     def __init__(
@@ -156,6 +186,7 @@ class MultiLoraPool:
         capacity: int,
         max_rank: int = 16,
         target_modules: Sequence[str] = LORA_TARGET_MODULES,
+        mode: str = "gather",
     ) -> None:
         if capacity < 1 or max_rank < 1:
             raise ValueError(f"capacity ({capacity}) and max_rank ({max_rank}) must be at least 1")
@@ -170,7 +201,7 @@ class MultiLoraPool:
             linear = _base_linear(module)
             if not isinstance(linear, nn.Linear):
                 continue
-            layer = MultiLoraLinear(linear, capacity, max_rank, self.rows)
+            layer = MultiLoraLinear(linear, capacity, max_rank, self.rows, mode)
             parent_name, _, child = name.rpartition(".")
             setattr(backbone.get_submodule(parent_name) if parent_name else backbone, child, layer)
             self.layers[name] = layer
@@ -180,6 +211,18 @@ class MultiLoraPool:
         # adapter name -> slot, least recently used first.
         self._slots: OrderedDict[str, int] = OrderedDict()
         self._pinned: frozenset[int] = frozenset()
+
+    @property
+    def mode(self) -> str:
+        """How the layers apply per-row adapters (see :data:`LORA_MODES`); set it to switch every layer."""
+        return next(iter(self.layers.values())).mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in LORA_MODES:
+            raise ValueError(f"mode must be one of {LORA_MODES}, got {mode!r}")
+        for layer in self.layers.values():
+            layer.mode = mode
 
     @property
     def slots(self) -> dict[str, int]:
@@ -290,6 +333,8 @@ class MultiLoraPool:
 
     def set_rows(self, indices: Sequence[int] | torch.Tensor) -> None:
         """Set each row's adapter index (a slot, or :data:`BASE_SLOT`) for the following forwards.
+
+        One index applies to every row of any batch (all rows on one adapter, as a batch-at-a-time engine runs).
 
         The slots used here are pinned: :meth:`load` will not evict them until the rows change.
         """

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import OrderedDict
 
 import pytest
 import torch
+from torch import nn
 
 from stylear_core.adapters.format import AdapterError
 from stylear_core.adapters.io import read_adapter_dir, write_adapter_dir
-from stylear_core.inference.multi_lora import BASE_SLOT, MultiLoraLinear, MultiLoraPool, PoolFullError
+from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine
+from stylear_core.inference.multi_lora import (
+    BASE_SLOT,
+    LORA_MODES,
+    MultiLoraLinear,
+    MultiLoraPool,
+    PoolFullError,
+)
+from stylear_core.inference.reference import reference_generate
 from stylear_core.models.backbone import tiny_backbone, tiny_vocab
 from stylear_core.models.lora import add_lora, lora_state_dict
 from stylear_core.models.presets import build_backbone, build_stylear_model
@@ -44,9 +54,14 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def pooled(base, capacity: int, max_rank: int):
+@pytest.fixture(params=LORA_MODES)
+def mode(request):
+    return request.param
+
+
+def pooled(base, capacity: int, max_rank: int, mode: str = "gather"):
     served = copy.deepcopy(base)
-    return served, MultiLoraPool(served, capacity=capacity, max_rank=max_rank)
+    return served, MultiLoraPool(served, capacity=capacity, max_rank=max_rank, mode=mode)
 
 
 def assert_rows_match(got, per_row_models, ids=IDS):
@@ -56,9 +71,9 @@ def assert_rows_match(got, per_row_models, ids=IDS):
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
 
 
-def test_rows_with_different_adapters_and_the_base_match_each_adapter_alone(base):
+def test_rows_with_different_adapters_and_the_base_match_each_adapter_alone(base, mode):
     one, two = tuned(base, 4, 8.0, seed=1), tuned(base, 4, 4.0, seed=2)
-    served, pool = pooled(base, capacity=2, max_rank=4)
+    served, pool = pooled(base, capacity=2, max_rank=4, mode=mode)
     assert all(isinstance(served.get_submodule(n), MultiLoraLinear) for n in pool.layers)
     assert len(pool.layers) == 2 * 5 + 1  # q/k/v/o and down_proj of both layers, and lm_head
     # The base weights are the same parameters, under the same state-dict keys as before.
@@ -75,8 +90,12 @@ def test_rows_with_different_adapters_and_the_base_match_each_adapter_alone(base
     assert not torch.allclose(mixed[0], logits(base, IDS)[0], atol=1e-3)
     assert not torch.allclose(logits(one, IDS), logits(two, IDS), atol=1e-3)
 
-    # Another assignment of the same rows, without reloading anything.
+    # Another assignment of the same rows, without reloading anything, written into the same storage
+    # (what a captured graph reads), also after a step with another row count.
+    storage = pool.rows.index.data_ptr()
+    pool.set_rows([slot_one, slot_two])
     pool.set_rows([slot_two, BASE_SLOT, slot_one])
+    assert pool.rows.index.data_ptr() == storage
     assert_rows_match(logits(served, IDS), [two, base, one])
     # One token per row, as a decode step feeds it, and a 2-D input as the engine's lm_head call gets.
     step = IDS[:, :1]
@@ -87,6 +106,9 @@ def test_rows_with_different_adapters_and_the_base_match_each_adapter_alone(base
         with torch.no_grad():
             torch.testing.assert_close(head[i], model.lm_head(hidden)[i], atol=1e-5, rtol=1e-5)
 
+    pool.set_row_adapters(["one"])  # one index: every row, whatever the row count
+    torch.testing.assert_close(logits(served, IDS), logits(one, IDS), atol=1e-5, rtol=1e-5)
+    pool.set_rows([slot_two, BASE_SLOT, slot_one])
     with pytest.raises(ValueError, match="4 rows but 3"):
         logits(served, IDS[:1].repeat(4, 1))
     with pytest.raises(ValueError, match=r"must be in 0\.\.2"):
@@ -96,9 +118,9 @@ def test_rows_with_different_adapters_and_the_base_match_each_adapter_alone(base
         pool.set_rows([0, slot_one, slot_two])
 
 
-def test_adapters_of_different_ranks_coexist(base, tmp_path):
+def test_adapters_of_different_ranks_coexist(base, mode, tmp_path):
     low, high = tuned(base, 4, 4.0, seed=4), tuned(base, 8, 16.0, seed=5)
-    served, pool = pooled(base, capacity=3, max_rank=8)
+    served, pool = pooled(base, capacity=3, max_rank=8, mode=mode)
     # One from a directory (scaling folded into B), one from the state dict with peft's alpha / r.
     write_adapter_dir(tmp_path / "low", low, kind="style")
     pool.load_dir(tmp_path / "low")
@@ -109,10 +131,10 @@ def test_adapters_of_different_ranks_coexist(base, tmp_path):
         pooled(base, capacity=1, max_rank=4)[1].load("high", lora_state_dict(high))
 
 
-def test_lru_eviction_at_capacity_and_a_reloaded_adapter_gives_the_same_outputs(base):
+def test_lru_eviction_at_capacity_and_a_reloaded_adapter_gives_the_same_outputs(base, mode):
     models = {name: tuned(base, 4, 4.0, seed=10 + i) for i, name in enumerate("abc")}
     states = {name: lora_state_dict(m) for name, m in models.items()}
-    served, pool = pooled(base, capacity=2, max_rank=4)
+    served, pool = pooled(base, capacity=2, max_rank=4, mode=mode)
     pool.load("a", states["a"])
     pool.load("b", states["b"])
     pool.set_row_adapters(["a", "b", None])
@@ -138,7 +160,7 @@ def test_lru_eviction_at_capacity_and_a_reloaded_adapter_gives_the_same_outputs(
     torch.testing.assert_close(logits(served, IDS)[1], first[1], atol=1e-6, rtol=1e-6)
 
 
-def test_the_projects_exported_adapter_directory_loads_into_a_pool(tmp_path):
+def test_the_projects_exported_adapter_directory_loads_into_a_pool(mode, tmp_path):
     cfg = tiny_model_cfg(lora_alpha=8.0)
     trained = build_stylear_model(cfg)
     directory = tiny_adapter(tmp_path / "ink", cfg, model=trained, perturb=("lora",), seed=3)
@@ -147,7 +169,7 @@ def test_the_projects_exported_adapter_directory_loads_into_a_pool(tmp_path):
     served, _ = build_backbone(cfg)
     plain = copy.deepcopy(served).eval()
     served.eval()
-    pool = MultiLoraPool(served, capacity=2, max_rank=8)
+    pool = MultiLoraPool(served, capacity=2, max_rank=8, mode=mode)
     assert pool.load_dir(directory) == 1 and pool.slots == {"ink": 1}
     pool.set_row_adapters(["ink", None, None])
     trained.backbone.eval()
@@ -158,8 +180,35 @@ def test_the_projects_exported_adapter_directory_loads_into_a_pool(tmp_path):
     torch.testing.assert_close(logits(stripped, IDS), logits(plain, IDS), atol=0, rtol=0)
 
 
+def test_the_engine_decodes_through_a_pool_as_through_peft(base, tmp_path):
+    """Today's batch-at-a-time engine (static KV cache, prefill then one token per step) on a pooled
+    backbone: one index set for every row gives the tokens of the peft model with that adapter alone."""
+    tuned_model = tuned(base, 4, 4.0, seed=7)
+    write_adapter_dir(tmp_path / "s", tuned_model, kind="style")
+    served, pool = pooled(base, capacity=2, max_rank=4)
+    pool.load_dir(tmp_path / "s")
+    request = GenerationRequest([VOCAB.bos, 400, 401, 402], 64, 64, top_k=1, seed=0)
+    engine = ImageGenerationEngine(served, VOCAB)
+    pool.set_row_adapters(["s"])
+    (adapted,) = engine.generate([request])
+    assert torch.equal(adapted.tokens, reference_generate(tuned_model, VOCAB, request))
+    pool.set_row_adapters([None])
+    (plain,) = engine.generate([request])
+    assert torch.equal(plain.tokens, reference_generate(base, VOCAB, request))
+    assert not torch.equal(adapted.tokens, plain.tokens)
+
+
+def _mean_seconds(fn, repeats: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
 def test_batched_forward_against_adapter_groups_one_after_another(base, capsys):
-    """A micro-benchmark (printed, not asserted on speed): 8 rows over 4 adapters and the base."""
+    """A micro-benchmark (printed, not asserted on speed): 8 rows over 4 adapters and the base, one token
+    per row, both batched modes against the adapter groups run one after another on the same rows."""
     served, pool = pooled(base, capacity=4, max_rank=8)
     for i, name in enumerate("abcd"):
         pool.load(name, lora_state_dict(tuned(base, 4 + 4 * (i % 2), 4.0, seed=20 + i)))
@@ -178,17 +227,29 @@ def test_batched_forward_against_adapter_groups_one_after_another(base, capsys):
             out[rows] = logits(served, ids[rows])
         return out
 
-    torch.testing.assert_close(batched(), grouped(), atol=1e-5, rtol=1e-5)
-    timings = {}
-    for label, fn in (("batched", batched), ("grouped", grouped)):
-        fn()
-        start = time.perf_counter()
-        for _ in range(20):
-            fn()
-        timings[label] = (time.perf_counter() - start) / 20
+    want = grouped()
+    times = {"groups one after another": _mean_seconds(grouped, 20)}
+    for mode in LORA_MODES:
+        pool.mode = mode
+        torch.testing.assert_close(batched(), want, atol=1e-5, rtol=1e-5)
+        times[f"batched ({mode})"] = _mean_seconds(batched, 20)
+    # One 1024 x 1024 layer at rank 16, 16 rows over 8 adapters: where gathering copies start to cost.
+    layer = MultiLoraPool(nn.Sequential(OrderedDict(q_proj=nn.Linear(1024, 1024))), capacity=8, max_rank=16)
+    gen = torch.Generator().manual_seed(4)
+    for i in range(8):
+        a, b = torch.randn(16, 1024, generator=gen), torch.randn(1024, 16, generator=gen)
+        layer.load(f"s{i}", {"q_proj.lora_A.weight": a, "q_proj.lora_B.weight": b})
+    layer.set_rows([i % 9 for i in range(16)])
+    x = torch.randn(16, 1, 1024, generator=gen)
+    with torch.no_grad():
+        results = {}
+        for mode in LORA_MODES:
+            layer.mode = mode
+            results[mode] = layer.backbone(x)
+            times[f"1024-wide layer, 16 rows, {mode}"] = _mean_seconds(lambda: layer.backbone(x), 50)
+        torch.testing.assert_close(results["gather"], results["stacked"], atol=1e-3, rtol=1e-4)
     with capsys.disabled():
         print(
-            f"\nmixed-adapter decode step, 8 rows / 5 groups, tiny preset CPU: batched "
-            f"{timings['batched'] * 1e3:.2f} ms, groups one after another {timings['grouped'] * 1e3:.2f} ms "
-            f"(x{timings['grouped'] / timings['batched']:.2f})"
+            "\nmixed-adapter forward, tiny preset, CPU: "
+            + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items())
         )
