@@ -239,7 +239,12 @@ class MultiLoraPool:
         return self._slots[name]
 
     def evict(self, name: str) -> int:
-        """Remove adapter ``name`` from the pool (its slot's factors are zeroed); returns the freed slot."""
+        """Remove adapter ``name`` from the pool (its slot's factors are zeroed); returns the freed slot.
+
+        Raises :class:`PoolFullError` if the current rows use it (set other rows first).
+        """
+        if self._slots[name] in self._pinned:
+            raise PoolFullError(f"adapter {name!r} is used by the current rows and cannot be evicted")
         slot = self._slots.pop(name)
         for layer in self.layers.values():
             layer.put(slot, None, None, 0.0)
@@ -334,19 +339,23 @@ class MultiLoraPool:
     def set_rows(self, indices: Sequence[int] | torch.Tensor) -> None:
         """Set each row's adapter index (a slot, or :data:`BASE_SLOT`) for the following forwards.
 
-        One index applies to every row of any batch (all rows on one adapter, as a batch-at-a-time engine runs).
-
-        The slots used here are pinned: :meth:`load` will not evict them until the rows change.
+        One index applies to every row of any batch (all rows on one adapter, as a batch-at-a-time engine
+        runs). Pass a list or a CPU tensor (a device tensor is read back to check it, a sync). The slots
+        used here count as just used (LRU) and are pinned: neither :meth:`load` nor :meth:`evict` frees
+        them until the rows change.
         """
         values = torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu()
-        if values.numel() and (int(values.min()) < 0 or int(values.max()) > self.capacity):
+        used = set(values.tolist())
+        if used and (min(used) < 0 or max(used) > self.capacity):
             raise ValueError(f"adapter indices must be in 0..{self.capacity}, got {values.tolist()}")
-        loaded = set(self._slots.values()) | {BASE_SLOT}
-        empty = sorted(set(values.tolist()) - loaded)
+        empty = sorted(used - set(self._slots.values()) - {BASE_SLOT})
         if empty:
             raise ValueError(f"slot(s) {empty} hold no adapter")
         self.rows.set(values)
-        self._pinned = frozenset(values.tolist())
+        self._pinned = frozenset(used)
+        for name, slot in list(self._slots.items()):
+            if slot in used:
+                self._slots.move_to_end(name)
 
     def set_row_adapters(self, names: Sequence[str | None]) -> list[int]:
         """Set each row's adapter by name (``None`` for the base); each must be loaded. Returns the indices."""

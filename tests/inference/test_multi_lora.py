@@ -113,6 +113,7 @@ def test_rows_with_different_adapters_and_the_base_match_each_adapter_alone(base
         logits(served, IDS[:1].repeat(4, 1))
     with pytest.raises(ValueError, match=r"must be in 0\.\.2"):
         pool.set_rows([0, 1, 3])
+    pool.set_rows([BASE_SLOT])
     pool.evict("two")
     with pytest.raises(ValueError, match="hold no adapter"):
         pool.set_rows([0, slot_one, slot_two])
@@ -144,13 +145,16 @@ def test_lru_eviction_at_capacity_and_a_reloaded_adapter_gives_the_same_outputs(
     slot_b = pool.slot_of("b")
     assert pool.load("c", states["c"]) == slot_b
     assert pool.slots == {"a": 1, "c": slot_b} and pool.slot_of("b") is None
-    pool.set_row_adapters(["a", "c", None])
-    assert_rows_match(logits(served, IDS), [models["a"], models["c"], base])
+    pool.set_row_adapters(["c", "a", None])  # a is now the most recently used
+    assert_rows_match(logits(served, IDS), [models["c"], models["a"], base])
     # Slots the current rows use are pinned: with a and c both in use, nothing can be evicted.
     with pytest.raises(PoolFullError):
         pool.load("b", states["b"])
     assert pool.slots == {"a": 1, "c": slot_b}
-    pool.set_row_adapters(["c", None, None])  # now a is both unused and least recently used
+    with pytest.raises(PoolFullError, match="used by the current rows"):
+        pool.evict("a")
+    pool.set_rows([pool.slot_of("c"), BASE_SLOT, BASE_SLOT])  # indices count as use: c is now the MRU
+    pool.set_rows([BASE_SLOT])  # nothing pinned
     pool.load("b", states["b"])
     assert set(pool.slots) == {"c", "b"}
     pool.set_row_adapters(["b", "b", "c"])
