@@ -9,9 +9,12 @@ rank below ``r_max`` are zero-padded, which adds exact zeros. A forward over ``x
 
     base(x) + scaling[idx] * ((x @ A[idx]^T) @ B[idx]^T)
 
-with the factors gathered by index and two batched matmuls (``torch.bmm``). The indices live in one
-:class:`RowAdapters` tensor shared by every layer; :meth:`MultiLoraPool.set_rows` writes it in place,
-so buffers and shapes never change between steps and a captured CUDA graph replays with new indices.
+with the factors gathered by index and two batched matmuls (``torch.bmm``), or (mode ``stacked``) with
+every slot's factors in two dense matmuls and the slots a row does not use masked to zero; gathering
+copies ``rows`` adapters' factors, stacking reads ``capacity + 1``, so which is cheaper depends on rows
+vs capacity. The indices live in one :class:`RowAdapters` tensor shared by every layer;
+:meth:`MultiLoraPool.set_rows` writes it in place, so buffers and shapes never change between steps and
+a captured CUDA graph replays with new indices. A single index applies to every row.
 
 :class:`MultiLoraPool` converts a backbone's target linears, loads adapters (the project's adapter
 directory, :class:`~stylear_core.adapters.io.AdapterWeights`, or a peft LoRA state dict) into free
