@@ -25,7 +25,8 @@ instead of waiting for a whole batch to finish:
   at the next step, freeing its rows; it gets no result.
 * **Adapters.** Each request carries an adapter index (0: the base model). Before every forward the
   engine calls ``row_adapters(indices)`` with the per-row indices of the rows about to run, which is
-  where a batched multi-LoRA layer reads them. Without that hook only index 0 is accepted.
+  where a batched multi-LoRA layer reads them (``row_adapters=MultiLoraPool.set_rows`` of
+  :mod:`stylear_core.inference.multi_lora`). Without that hook only index 0 is accepted.
 
 Not here yet: CUDA graphs (one per slot-count bucket), batched prefill of several admissions, and
 attention cut to the longest live row; every step attends over the whole ``cache_len``. The code is
@@ -445,7 +446,8 @@ class ContinuousBatchingEngine:
             past_key_values=self.cache,
             use_cache=True,
         )
-        self.logits[index] = self._code_logits(out.last_hidden_state[index, -1])
+        # The head runs over every active row: a per-row adapter on lm_head expects the rows it was given.
+        self.logits[index] = self._code_logits(out.last_hidden_state[:, -1])[index]
         state.write_col[index] += 1
         self.counters.steps += 1
         self.counters.rows_stepped += active

@@ -7,12 +7,17 @@ admitted, what shares the pool with it or which slots it got, so every test comp
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from stylear_core.adapters.io import write_adapter_dir
 from stylear_core.inference.continuous import ContinuousBatchingEngine
 from stylear_core.inference.engine import GenerationRequest, GenerationRequestError, ImageGenerationEngine
+from stylear_core.inference.multi_lora import MultiLoraPool
 from stylear_core.models.backbone import tiny_backbone, tiny_vocab
+from stylear_core.models.lora import add_lora
 
 VOCAB = tiny_vocab()
 TEXT_IDS = (VOCAB.style_placeholder + 1, VOCAB.vocab_size)
@@ -152,3 +157,38 @@ def test_requests_that_do_not_fit_the_cache_are_refused(engine):
     assert e.value.field == "prompt"
     with pytest.raises(GenerationRequestError):
         pool.submit(GenerationRequest(prompt(3, 1), 64, 64, top_k=0))
+
+
+def test_rows_with_different_adapters_and_the_base_share_the_pool(engine, tmp_path):
+    """Per-row adapter indices through a MultiLoraPool: each request gets the tokens of its adapter's
+    peft model run alone, while the base and two adapters decode in the same steps."""
+    base = engine.lm
+    tuned = {}
+    for name, seed in (("one", 1), ("two", 2)):
+        model = copy.deepcopy(base)
+        add_lora(model, rank=4, alpha=8.0)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if ".lora_" in key:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+        write_adapter_dir(tmp_path / name, model.eval(), kind="style")
+        tuned[name] = model
+    served = copy.deepcopy(base)
+    adapters = MultiLoraPool(served, capacity=2, max_rank=4)
+    slots = {name: adapters.load_dir(tmp_path / name) for name in tuned}
+    pool = ContinuousBatchingEngine(
+        ImageGenerationEngine(served, VOCAB), max_slots=6, cache_len=CACHE_LEN, row_adapters=adapters.set_rows
+    )
+    jobs = [(request(60, 5, 4.0), None), (request(61, 9, 1.0), "one"), (request(62, 7, 4.0), "two")]
+    handles = [pool.submit(jobs[0][0], adapter=0), pool.submit(jobs[1][0], adapter=slots["one"])]
+    for _ in range(3):
+        pool.step()
+    handles.append(pool.submit(jobs[2][0], adapter=slots["two"]))
+    pool.run_until_idle(max_steps=200)
+    assert handles[2].admitted_step == 3
+    for h, (req, name) in zip(handles, jobs):
+        alone = engine if name is None else ImageGenerationEngine(tuned[name], VOCAB)
+        assert torch.equal(h.result.tokens, solo(alone, req)), name
+    # The adapters change the outcome: the same request on the base model gives other tokens.
+    assert not torch.equal(handles[1].result.tokens, solo(engine, jobs[1][0]))
