@@ -57,6 +57,10 @@ from stylear_core.inference.sampling import BatchSampling, guided_logits, sample
 POLICIES = ("continuous", "batch")
 
 
+class GenerationFailedError(RuntimeError):
+    """A request's prefill or decode raised; the original exception is its ``__cause__``."""
+
+
 class _SlotState:
     """What every layer of a :class:`RowSlotCache` reads: the rows a forward covers and where they write."""
 
@@ -107,13 +111,14 @@ class RowSlotCache(Cache):
 
 @dataclass
 class EngineCounters:
-    """Running totals: decode steps, rows they ran, prefills (admissions), finished and cancelled requests."""
+    """Running totals: decode steps, rows they ran, prefills (admissions), finished/cancelled/failed requests."""
 
     steps: int = 0
     rows_stepped: int = 0
     prefills: int = 0
     finished: int = 0
     cancelled: int = 0
+    failed: int = 0
     max_live_rows: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -125,8 +130,9 @@ class EngineCounters:
 class GenerationHandle:
     """One submitted request: its status, progress (``tokens_done`` of ``tokens_total``) and result.
 
-    ``status`` goes ``queued`` -> ``running`` -> ``done`` (or ``cancelled`` from either). ``wait``
-    blocks until the request is done or cancelled and returns its result (``None`` if cancelled).
+    ``status`` goes ``queued`` -> ``running`` -> ``done`` (or ``cancelled`` from either, or ``failed``
+    when a forward or its progress callback raised; ``error`` holds the exception). ``wait`` blocks
+    until the request ends and returns its result (``None`` if cancelled; raises if failed).
     ``admitted_step``/``finished_step`` are the engine's step counter at admission and at the end.
     """
 
@@ -141,6 +147,7 @@ class GenerationHandle:
     finished_step: int | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     finished_at: float | None = None
+    error: BaseException | None = None
     on_progress: Callable[[GenerationHandle], None] | None = None
     _done: threading.Event = field(default_factory=threading.Event)
 
@@ -161,9 +168,14 @@ class GenerationHandle:
         self.request.cancel.set()
 
     def wait(self, timeout: float | None = None) -> GenerationResult | None:
-        """Block until done or cancelled (``TimeoutError`` after ``timeout`` seconds); returns the result."""
+        """Block until the request ends (``TimeoutError`` after ``timeout`` s); returns its result.
+
+        Raises :class:`GenerationFailedError` if the request failed.
+        """
         if not self._done.wait(timeout):
             raise TimeoutError("the request is still running")
+        if self.error is not None:
+            raise GenerationFailedError(f"generation failed: {self.error!r}") from self.error
         return self.result
 
 
@@ -282,6 +294,14 @@ class ContinuousBatchingEngine:
         if not self.running:
             return
         self.counters.max_live_rows = max(self.counters.max_live_rows, self.live_rows)
+        try:
+            self._advance()
+        except Exception as exc:  # the rows' state is unknown now: fail them and free their slots
+            for run in list(self.running):
+                self._release(run)
+                self._end(run.handle, "failed", exc)
+
+    def _advance(self) -> None:
         chosen = self._choose_tokens()
         fed_rows: list[int] = []
         fed_from: list[int] = []
@@ -295,7 +315,13 @@ class ContinuousBatchingEngine:
                 fed_rows += run.rows
                 fed_from += [i] * len(run.rows)
             if run.handle.on_progress is not None:
-                run.handle.on_progress(run.handle)
+                try:
+                    run.handle.on_progress(run.handle)
+                except Exception as exc:  # a broken callback ends its own request, not its neighbours
+                    if run in self.running:  # (a request it reported as done stays done)
+                        self._release(run)
+                        fed_rows, fed_from = fed_rows[: -len(run.rows)], fed_from[: -len(run.rows)]
+                        self._end(run.handle, "failed", exc)
         if fed_rows:
             self._decode(fed_rows, chosen[torch.tensor(fed_from, device=self.device)])
 
@@ -367,6 +393,16 @@ class ContinuousBatchingEngine:
         with_uncond = request.cfg_scale != 1.0
         self.free.sort()
         rows, self.free = self.free[: 1 + with_uncond], self.free[1 + with_uncond :]
+        try:
+            self._prefill_rows(handle, rows)
+        except Exception as exc:  # e.g. a bad style tensor: this request fails, the pool goes on
+            self._reset_rows(rows)
+            self.free += rows
+            self._end(handle, "failed", exc)
+
+    def _prefill_rows(self, handle: GenerationHandle, rows: list[int]) -> None:
+        request = handle.request
+        with_uncond = len(rows) == 2
         # The solo run's own prefill inputs (same left padding, positions and style injection).
         embeds, valid, positions = self.engine._prefill_inputs([request], handle.layout, with_uncond)
         n, length = valid.shape
@@ -458,7 +494,11 @@ class ContinuousBatchingEngine:
 
     def _release(self, run: _Running) -> None:
         self.running.remove(run)
-        index = torch.tensor(run.rows, device=self.device)
+        self._reset_rows(run.rows)
+        self.free += run.rows
+
+    def _reset_rows(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, device=self.device)
         # Back to an empty slot: attends to its own column 0, writes there, position 0.
         self.mask_buf[index] = self.neg
         self.mask_buf[index, 0, 0, 0] = 0.0
@@ -466,7 +506,6 @@ class ContinuousBatchingEngine:
         self.token_buf[index] = 0
         self.cache.state.write_col[index] = 0
         self.row_adapter[index] = 0
-        self.free += run.rows
 
     def _finish(self, run: _Running) -> None:
         self._release(run)
@@ -475,10 +514,10 @@ class ContinuousBatchingEngine:
         self.counters.finished += 1
         self._end(handle, "done")
 
-    def _end(self, handle: GenerationHandle, status: str) -> None:
-        if status == "cancelled":
-            self.counters.cancelled += 1
-        handle.status = status
+    def _end(self, handle: GenerationHandle, status: str, error: BaseException | None = None) -> None:
+        if status in ("cancelled", "failed"):
+            setattr(self.counters, status, getattr(self.counters, status) + 1)
+        handle.status, handle.error = status, error
         handle.finished_step = self.counters.steps
         handle.finished_at = time.perf_counter()
         handle._done.set()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stylear_core.adapters.io import write_adapter_dir
-from stylear_core.inference.continuous import ContinuousBatchingEngine
+from stylear_core.inference.continuous import ContinuousBatchingEngine, GenerationFailedError
 from stylear_core.inference.engine import GenerationRequest, GenerationRequestError, ImageGenerationEngine
 from stylear_core.inference.multi_lora import MultiLoraPool
 from stylear_core.models.backbone import tiny_backbone, tiny_vocab
@@ -192,3 +192,31 @@ def test_rows_with_different_adapters_and_the_base_share_the_pool(engine, tmp_pa
         assert torch.equal(h.result.tokens, solo(alone, req)), name
     # The adapters change the outcome: the same request on the base model gives other tokens.
     assert not torch.equal(handles[1].result.tokens, solo(engine, jobs[1][0]))
+
+
+def test_a_failing_request_frees_its_slots_and_the_others_finish(engine):
+    reqs = [request(70, 5, 4.0), request(71, 6, 1.0), request(72, 7, 4.0)]
+    pool = ContinuousBatchingEngine(engine, max_slots=4, cache_len=CACHE_LEN)
+    good = pool.submit(reqs[0])
+    pool.step()
+    # A style tensor of the right shape but with no data (meta device) passes validation, fails in its prefill.
+    broken = pool.submit(
+        GenerationRequest(
+            prompt(6, 9, style_tokens=4), 64, 64, style_embeds=torch.empty(4, 64, device="meta")
+        )
+    )
+
+    def explode(handle):
+        if handle.tokens_done == 6:
+            raise RuntimeError("progress sink is gone")
+
+    noisy = pool.submit(reqs[1], on_progress=explode)
+    late = pool.submit(reqs[2])
+    pool.run_until_idle(max_steps=200)
+    assert broken.status == "failed" and noisy.status == "failed" and pool.counters.failed == 2
+    with pytest.raises(GenerationFailedError):
+        broken.wait(timeout=1)
+    assert noisy.tokens_done == 6
+    for h, req in ((good, reqs[0]), (late, reqs[2])):
+        assert h.status == "done" and torch.equal(h.result.tokens, solo(engine, req))
+    assert pool.idle and pool.live_rows == 0
