@@ -442,6 +442,7 @@ class ContinuousBatchingEngine:
         )
         self.running.append(_Running(handle, rows, sampling, self.device))
         handle.status = "running"
+        handle.tokens_done = 3  # the header came with the prompt
         handle.admitted_step = self.counters.steps
         self.counters.prefills += 1
 

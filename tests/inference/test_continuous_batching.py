@@ -81,8 +81,17 @@ def test_more_requests_than_slots_reuse_freed_slots_and_never_exceed_the_pool(en
     reqs = [request(10 + i, 4 + 3 * i, 4.0 if i % 2 else 1.0) for i in range(7)]
     pool = ContinuousBatchingEngine(engine, max_slots=4, cache_len=CACHE_LEN)
     rows_seen: list[int] = []
-    handles = [pool.submit(r, on_progress=lambda h: rows_seen.append(pool.live_rows)) for r in reqs]
+    progress: dict[int, list[int]] = {}
+
+    def report(handle):
+        rows_seen.append(pool.live_rows)
+        progress.setdefault(id(handle), []).append(handle.tokens_done)
+
+    handles = [pool.submit(r, on_progress=report) for r in reqs]
     pool.run_until_idle(max_steps=500)
+    # Progress is reported once per token, from the first image token after the header to the end token.
+    for h in handles:
+        assert progress[id(h)] == list(range(4, h.tokens_total + 1))
     assert all(h.status == "done" for h in handles)
     assert max(rows_seen) <= 4 and pool.counters.max_live_rows <= 4
     assert pool.counters.prefills == 7 and pool.counters.finished == 7
