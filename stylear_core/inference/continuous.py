@@ -28,8 +28,14 @@ instead of waiting for a whole batch to finish:
   where a batched multi-LoRA layer reads them (``row_adapters=MultiLoraPool.set_rows`` of
   :mod:`stylear_core.inference.multi_lora`). Without that hook only index 0 is accepted.
 
-Not here yet: CUDA graphs (one per slot-count bucket), batched prefill of several admissions, and
-attention cut to the longest live row; every step attends over the whole ``cache_len``. The code is
+* **Step cost.** Requests admitted in the same step are prefilled in one forward (shorter prompts
+  left-padded further, which changes no position); a decode step attends only to the cache columns up
+  to the furthest live row (rounded up to 16), the prefill only to its own columns; per-step index
+  tensors and merged sampling settings are rebuilt only when the running set changes, and every
+  request's token is written in one indexed copy. The host mirrors the write columns, so none of this
+  reads the device.
+
+Not here yet: CUDA graphs (one per slot-count and attention-length bucket). The code is
 device-agnostic and runs the model eagerly.
 """
 
@@ -68,6 +74,7 @@ class _SlotState:
         self.write_col = torch.zeros(rows, dtype=torch.long, device=device)
         self.row_index = torch.arange(rows, device=device)
         self.active = rows  # a decode step covers rows [0, active)
+        self.attend = 0  # ... and reads cache columns [0, attend) (0: all of them)
         self.prefill_rows: torch.Tensor | None = None  # set while prefilling these rows
 
 
@@ -93,12 +100,17 @@ class _RowSlotLayer(StaticLayer):
             length = key_states.shape[-2]
             self.keys[rows, :, :length] = key_states
             self.values[rows, :, :length] = value_states
-            return self.keys[rows], self.values[rows]
+            return key_states, value_states  # what the prefilled rows hold in columns [0, length)
         n = self.state.active
-        index, cols = self.state.row_index[:n], self.state.write_col[:n]
-        self.keys[index, :, cols] = key_states[:, :, 0]
-        self.values[index, :, cols] = value_states[:, :, 0]
-        return self.keys[:n], self.values[:n]
+        # One scatter along the column axis: row b writes its key at its own column write_col[b].
+        cols = (
+            self.state.write_col[:n].view(n, 1, 1, 1).expand(n, key_states.shape[1], 1, key_states.shape[3])
+        )
+        self.keys[:n].scatter_(2, cols, key_states)
+        self.values[:n].scatter_(2, cols, value_states)
+        # Columns past the longest live row are masked for every row: leave them out of the attention.
+        attend = self.state.attend or self.keys.shape[2]
+        return self.keys[:n, :, :attend], self.values[:n, :, :attend]
 
 
 class RowSlotCache(Cache):
@@ -111,11 +123,13 @@ class RowSlotCache(Cache):
 
 @dataclass
 class EngineCounters:
-    """Running totals: decode steps, rows they ran, prefills (admissions), finished/cancelled/failed requests."""
+    """Running totals: decode steps, rows they ran, prefills (admissions) and the forwards that ran them
+    (requests admitted in one step share one), finished/cancelled/failed requests."""
 
     steps: int = 0
     rows_stepped: int = 0
     prefills: int = 0
+    prefill_forwards: int = 0
     finished: int = 0
     cancelled: int = 0
     failed: int = 0
@@ -179,6 +193,17 @@ class GenerationHandle:
         return self.result
 
 
+@dataclass
+class _Admission:
+    """A request being admitted: its handle, its rows and its solo prefill inputs."""
+
+    handle: GenerationHandle
+    rows: list[int]
+    embeds: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor
+
+
 class _Running:
     """Decode state of an admitted request: its rows, next image position, tokens and sampling settings."""
 
@@ -190,8 +215,6 @@ class _Running:
         self.sampling = sampling  # one row: this request's settings and its generator
         self.forced = handle.layout.forced_tokens()
         self.pos = 3  # the next image position to fill (the header is the prompt's end)
-        self.out = torch.empty(handle.layout.num_tokens, dtype=torch.long, device=device)
-        self.out[:3] = torch.tensor(handle.layout.header, device=device)
 
 
 class ContinuousBatchingEngine:
@@ -232,6 +255,14 @@ class ContinuousBatchingEngine:
         self.mask_buf[:, 0, 0, 0] = 0.0  # an empty slot attends to its own column 0: finite, never read
         self.logits = torch.zeros((max_slots, engine.vocab.codebook_size), device=self.device)
         self.row_adapter = torch.zeros(max_slots, dtype=torch.long, device=self.device)
+        # Each request's tokens, in the row of its conditional branch (an image needs at most
+        # cache_len + 4 of them); a step writes every request's token in one indexed copy.
+        self.out_buf = torch.zeros((max_slots, cache_len + 4), dtype=torch.long, device=self.device)
+        # The write column of every row, mirrored on the host: how far a step must attend is known
+        # without reading the device.
+        self.cols = [0] * max_slots
+        # Per-step index tensors and merged sampling settings, rebuilt only when the running set changes.
+        self._plan: _StepPlan | None = None
         self.free = list(range(max_slots))
         self.running: list[_Running] = []
         self.queue: deque[GenerationHandle] = deque()
@@ -302,11 +333,13 @@ class ContinuousBatchingEngine:
                 self._end(run.handle, "failed", exc)
 
     def _advance(self) -> None:
-        chosen = self._choose_tokens()
+        plan = self._step_plan()
+        chosen = self._choose_tokens(plan)
+        positions = torch.tensor([run.pos for run in self.running], device=self.device)
+        self.out_buf[plan.cond_rows, positions] = chosen
         fed_rows: list[int] = []
         fed_from: list[int] = []
         for i, run in list(enumerate(self.running)):
-            run.out[run.pos] = chosen[i]
             run.handle.tokens_done = run.pos + 1
             if run.pos == run.handle.layout.num_tokens - 1:
                 self._finish(run)
@@ -322,8 +355,13 @@ class ContinuousBatchingEngine:
                         self._release(run)
                         fed_rows, fed_from = fed_rows[: -len(run.rows)], fed_from[: -len(run.rows)]
                         self._end(run.handle, "failed", exc)
-        if fed_rows:
-            self._decode(fed_rows, chosen[torch.tensor(fed_from, device=self.device)])
+        if not fed_rows:
+            return
+        if fed_rows == plan.fed_rows:  # nobody finished or failed: the cached index tensors hold
+            self._decode(fed_rows, plan.fed_index, chosen[plan.fed_from])
+        else:
+            index = torch.tensor(fed_rows, device=self.device)
+            self._decode(fed_rows, index, chosen[torch.tensor(fed_from, device=self.device)])
 
     def run_until_idle(self, max_steps: int | None = None) -> int:
         """Step until nothing is queued or running (or ``max_steps`` steps); returns the steps taken."""
@@ -381,39 +419,76 @@ class ContinuousBatchingEngine:
                 handle = self.queue.popleft()
                 free -= self._rows_of(handle.request)
                 admitted.append(handle)
-        for handle in admitted:
-            self._prefill(handle)
+        if admitted:
+            self._prefill(admitted)
 
     @staticmethod
     def _rows_of(request: GenerationRequest) -> int:
         return 2 if request.cfg_scale != 1.0 else 1
 
-    def _prefill(self, handle: GenerationHandle) -> None:
-        request = handle.request
-        with_uncond = request.cfg_scale != 1.0
+    def _prefill(self, handles: list[GenerationHandle]) -> None:
+        """Prefill the requests admitted in one step together: one forward for all their rows."""
         self.free.sort()
-        rows, self.free = self.free[: 1 + with_uncond], self.free[1 + with_uncond :]
-        try:
-            self._prefill_rows(handle, rows)
-        except Exception as exc:  # e.g. a bad style tensor: this request fails, the pool goes on
-            self._reset_rows(rows)
-            self.free += rows
-            self._end(handle, "failed", exc)
+        ready: list[_Admission] = []
+        for handle in handles:
+            count = self._rows_of(handle.request)
+            rows, self.free = self.free[:count], self.free[count:]
+            try:
+                # The solo run's own prefill inputs (same left padding, positions and style injection).
+                inputs = self.engine._prefill_inputs([handle.request], handle.layout, count == 2)
+            except Exception as exc:  # e.g. a bad style tensor: this request fails, the pool goes on
+                self._fail_admission(handle, rows, exc)
+                continue
+            ready.append(_Admission(handle, rows, *inputs))
+        if not ready:
+            return
+        # Shorter prompts are left-padded further to the longest one (their positions do not change);
+        # a request whose image would then overrun the cache is prefilled on its own.
+        length = max(a.valid.shape[1] for a in ready)
+        fits = [a for a in ready if length + a.handle.layout.num_tokens - 4 <= self.cache_len]
+        groups = [fits] if len(fits) > 1 else [[a] for a in fits]
+        groups += [[a] for a in ready if all(a is not f for f in fits)]
+        for group in groups:
+            try:
+                self._prefill_rows(group)
+            except Exception as exc:
+                if len(group) == 1:
+                    self._fail_admission(group[0].handle, group[0].rows, exc)
+                    continue
+                # Retry one by one, so only the request that breaks the forward fails.
+                for admission in group:
+                    try:
+                        self._prefill_rows([admission])
+                    except Exception as exc_one:
+                        self._fail_admission(admission.handle, admission.rows, exc_one)
 
-    def _prefill_rows(self, handle: GenerationHandle, rows: list[int]) -> None:
-        request = handle.request
-        with_uncond = len(rows) == 2
-        # The solo run's own prefill inputs (same left padding, positions and style injection).
-        embeds, valid, positions = self.engine._prefill_inputs([request], handle.layout, with_uncond)
-        n, length = valid.shape
+    def _fail_admission(self, handle: GenerationHandle, rows: list[int], exc: BaseException) -> None:
+        self._reset_rows(rows)
+        self.free += rows
+        self._end(handle, "failed", exc)
+
+    def _prefill_rows(self, group: list[_Admission]) -> None:
+        length = max(a.valid.shape[1] for a in group)
+        embeds, valid, positions = [], [], []
+        for a in group:
+            pad = length - a.valid.shape[1]
+            # Extra left padding: masked columns (a finite embedding, never attended to), position 0.
+            embeds.append(torch.nn.functional.pad(a.embeds, (0, 0, pad, 0)))
+            valid.append(torch.nn.functional.pad(a.valid, (pad, 0), value=False))
+            positions.append(torch.nn.functional.pad(a.positions, (pad, 0), value=0))
+        embeds, valid, positions = torch.cat(embeds), torch.cat(valid), torch.cat(positions)
+        rows = [row for a in group for row in a.rows]
+        n = len(rows)
         causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
         allowed = causal.unsqueeze(0) & valid.unsqueeze(1)
         # A padding query attends to itself only: a row with nothing to attend to would give NaN.
         allowed |= torch.eye(length, dtype=torch.bool, device=self.device).unsqueeze(0)
-        mask = torch.full((n, 1, length, self.cache_len), self.neg, dtype=embeds.dtype, device=self.device)
-        mask[:, 0, :, :length].masked_fill_(allowed, 0.0)
+        # The prefill reads only the columns it writes: [0, length).
+        mask = torch.full((n, 1, length, length), self.neg, dtype=embeds.dtype, device=self.device)
+        mask[:, 0].masked_fill_(allowed, 0.0)
         index = torch.tensor(rows, device=self.device)
-        self.row_adapter[index] = handle.adapter
+        adapters = [a.handle.adapter for a in group for _ in a.rows]
+        self.row_adapter[index] = torch.tensor(adapters, dtype=torch.long, device=self.device)
         if self.row_adapters is not None:
             self.row_adapters(self.row_adapter[index])
         self.cache.state.prefill_rows = index
@@ -432,60 +507,81 @@ class ContinuousBatchingEngine:
         self.mask_buf[index, 0, 0, :length] = torch.where(valid, 0.0, self.neg).to(self.dtype)
         self.pos_buf[index] = positions[:, -1:]
         self.cache.state.write_col[index] = length
-        sampling = BatchSampling.build(
-            [request.cfg_scale],
-            [request.top_k],
-            [request.temperature],
-            [handle.seed],
-            self.engine.vocab.codebook_size,
-            self.device,
-        )
-        self.running.append(_Running(handle, rows, sampling, self.device))
-        handle.status = "running"
-        handle.tokens_done = 3  # the header came with the prompt
-        handle.admitted_step = self.counters.steps
-        self.counters.prefills += 1
+        for row in rows:
+            self.cols[row] = length
+        self.counters.prefill_forwards += 1
+        for a in group:
+            handle, request = a.handle, a.handle.request
+            self.out_buf[a.rows[0], :3] = torch.tensor(handle.layout.header, device=self.device)
+            sampling = BatchSampling.build(
+                [request.cfg_scale],
+                [request.top_k],
+                [request.temperature],
+                [handle.seed],
+                self.engine.vocab.codebook_size,
+                self.device,
+            )
+            self.running.append(_Running(handle, a.rows, sampling, self.device))
+            handle.status = "running"
+            handle.tokens_done = 3  # the header came with the prompt
+            handle.admitted_step = self.counters.steps
+            self.counters.prefills += 1
+        self._plan = None
 
-    def _choose_tokens(self) -> torch.Tensor:
+    def _step_plan(self) -> _StepPlan:
+        if self._plan is None:
+            self._plan = _StepPlan(self.running, self.device)
+        return self._plan
+
+    def _choose_tokens(self, plan: _StepPlan) -> torch.Tensor:
         """One token id per running request: forced by its layout, or sampled from its rows' logits."""
-        chosen = torch.zeros(len(self.running), dtype=torch.long, device=self.device)
         forced_at = [i for i, r in enumerate(self.running) if r.pos in r.forced]
-        if forced_at:
-            values = [self.running[i].forced[self.running[i].pos] for i in forced_at]
-            chosen[torch.tensor(forced_at, device=self.device)] = torch.tensor(values, device=self.device)
-        sampled_at = [i for i, r in enumerate(self.running) if r.pos not in r.forced]
-        if not sampled_at:
-            return chosen
-        runs = [self.running[i] for i in sampled_at]
-        cond = self.logits[torch.tensor([r.rows[0] for r in runs], device=self.device)]
-        # A request without guidance has no unconditional row: scale 1 returns its cond logits bit for bit.
-        uncond = self.logits[torch.tensor([r.rows[-1] for r in runs], device=self.device)]
-        sampling = _concat_sampling([r.sampling for r in runs])
-        codes = sample_codes(guided_logits(cond, uncond, sampling.cfg_scale), sampling)
-        chosen[torch.tensor(sampled_at, device=self.device)] = self.code_ids[codes]
+        if len(forced_at) == len(self.running):
+            values = [r.forced[r.pos] for r in self.running]
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+        sampled_at = tuple(i for i, r in enumerate(self.running) if r.pos not in r.forced)
+        cond, uncond, sampling = plan.sampling_for(sampled_at, self.running, self.device)
+        codes = sample_codes(
+            guided_logits(self.logits[cond], self.logits[uncond], sampling.cfg_scale), sampling
+        )
+        ids = self.code_ids[codes]
+        if not forced_at:
+            return ids
+        chosen = torch.zeros(len(self.running), dtype=torch.long, device=self.device)
+        values = [self.running[i].forced[self.running[i].pos] for i in forced_at]
+        chosen[torch.tensor(forced_at, device=self.device)] = torch.tensor(values, device=self.device)
+        chosen[torch.tensor(sampled_at, device=self.device)] = ids
         return chosen
 
-    def _decode(self, rows: list[int], tokens: torch.Tensor) -> None:
+    def _decode(self, rows: list[int], index: torch.Tensor, tokens: torch.Tensor) -> None:
         """Feed ``tokens`` to ``rows`` (each at its own column and position) and keep the next logits."""
-        index = torch.tensor(rows, device=self.device)
         state = self.cache.state
         self.token_buf[index, 0] = tokens
         self.pos_buf[index] += 1
         self.mask_buf[index, 0, 0, state.write_col[index]] = 0.0
         active = max(rows) + 1
         state.active = active
+        # Attend only up to the furthest written column of a live row (rounded up to a multiple of 16
+        # so the shapes repeat); every column beyond it is masked for every row.
+        attend = min(-(-(max(self.cols[r] for r in rows) + 1) // 16) * 16, self.cache_len)
+        state.attend = attend
         if self.row_adapters is not None:
             self.row_adapters(self.row_adapter[:active])
-        out = self.lm.model(
-            input_ids=self.token_buf[:active],
-            attention_mask=self.mask_buf[:active],
-            position_ids=self.pos_buf[:active],
-            past_key_values=self.cache,
-            use_cache=True,
-        )
+        try:
+            out = self.lm.model(
+                input_ids=self.token_buf[:active],
+                attention_mask=self.mask_buf[:active, :, :, :attend],
+                position_ids=self.pos_buf[:active],
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        finally:
+            state.attend = 0
         # The head runs over every active row: a per-row adapter on lm_head expects the rows it was given.
         self.logits[index] = self._code_logits(out.last_hidden_state[:, -1])[index]
         state.write_col[index] += 1
+        for row in rows:
+            self.cols[row] += 1
         self.counters.steps += 1
         self.counters.rows_stepped += active
 
@@ -495,6 +591,7 @@ class ContinuousBatchingEngine:
 
     def _release(self, run: _Running) -> None:
         self.running.remove(run)
+        self._plan = None
         self._reset_rows(run.rows)
         self.free += run.rows
 
@@ -506,12 +603,16 @@ class ContinuousBatchingEngine:
         self.pos_buf[index] = 0
         self.token_buf[index] = 0
         self.cache.state.write_col[index] = 0
+        for row in rows:
+            self.cols[row] = 0
         self.row_adapter[index] = 0
 
     def _finish(self, run: _Running) -> None:
         self._release(run)
         handle = run.handle
-        handle.result = GenerationResult(tokens=run.out.cpu(), layout=handle.layout, seed=handle.seed)
+        # A copy: on the CPU .cpu() would return a view of the row the next request reuses.
+        tokens = self.out_buf[run.rows[0], : handle.layout.num_tokens].to("cpu", copy=True)
+        handle.result = GenerationResult(tokens=tokens, layout=handle.layout, seed=handle.seed)
         self.counters.finished += 1
         self._end(handle, "done")
 
@@ -522,6 +623,29 @@ class ContinuousBatchingEngine:
         handle.finished_step = self.counters.steps
         handle.finished_at = time.perf_counter()
         handle._done.set()
+
+
+class _StepPlan:
+    """Index tensors and merged sampling settings of one running set (the requests, in order)."""
+
+    def __init__(self, running: list[_Running], device: torch.device) -> None:
+        self.cond_rows = torch.tensor([r.rows[0] for r in running], device=device)
+        self.fed_rows = [row for r in running for row in r.rows]
+        self.fed_index = torch.tensor(self.fed_rows, device=device)
+        self.fed_from = torch.tensor([i for i, r in enumerate(running) for _ in r.rows], device=device)
+        self._sampling: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, BatchSampling]] = {}
+
+    def sampling_for(
+        self, at: tuple[int, ...], running: list[_Running], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, BatchSampling]:
+        """The cond rows, uncond rows and merged settings of the requests ``at`` (cached per subset)."""
+        if at not in self._sampling:
+            runs = [running[i] for i in at]
+            cond = torch.tensor([r.rows[0] for r in runs], device=device)
+            # A request without guidance has no uncond row: scale 1 returns its cond logits bit for bit.
+            uncond = torch.tensor([r.rows[-1] for r in runs], device=device)
+            self._sampling[at] = (cond, uncond, _concat_sampling([r.sampling for r in runs]))
+        return self._sampling[at]
 
 
 def _concat_sampling(parts: list[BatchSampling]) -> BatchSampling:
