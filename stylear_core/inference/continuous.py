@@ -357,7 +357,10 @@ class ContinuousBatchingEngine:
                         self._end(run.handle, "failed", exc)
         if not fed_rows:
             return
-        if fed_rows == plan.fed_rows:  # nobody finished or failed: the cached index tensors hold
+        if fed_rows == plan.fed_rows and plan.dense_from is not None:
+            # Nobody finished or failed, and the rows fill [0, n): slices instead of gathers.
+            self._decode(fed_rows, None, chosen[plan.dense_from])
+        elif fed_rows == plan.fed_rows:  # nobody finished or failed: the cached index tensors hold
             self._decode(fed_rows, plan.fed_index, chosen[plan.fed_from])
         else:
             index = torch.tensor(fed_rows, device=self.device)
@@ -553,13 +556,21 @@ class ContinuousBatchingEngine:
         chosen[torch.tensor(sampled_at, device=self.device)] = ids
         return chosen
 
-    def _decode(self, rows: list[int], index: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Feed ``tokens`` to ``rows`` (each at its own column and position) and keep the next logits."""
+    def _decode(self, rows: list[int], index: torch.Tensor | None, tokens: torch.Tensor) -> None:
+        """Feed ``tokens`` to ``rows`` (each at its own column and position) and keep the next logits.
+
+        ``index`` is ``rows`` as a device tensor, or ``None`` when the rows are ``0..n-1`` in order.
+        """
         state = self.cache.state
-        self.token_buf[index, 0] = tokens
-        self.pos_buf[index] += 1
-        self.mask_buf[index, 0, 0, state.write_col[index]] = 0.0
         active = max(rows) + 1
+        if index is None:
+            self.token_buf[:active, 0] = tokens
+            self.pos_buf[:active] += 1
+            self.mask_buf[:active, 0, 0].scatter_(1, state.write_col[:active, None], 0.0)
+        else:
+            self.token_buf[index, 0] = tokens
+            self.pos_buf[index] += 1
+            self.mask_buf[index, 0, 0, state.write_col[index]] = 0.0
         state.active = active
         # Attend only up to the furthest written column of a live row (rounded up to a multiple of 16
         # so the shapes repeat); every column beyond it is masked for every row.
@@ -578,8 +589,13 @@ class ContinuousBatchingEngine:
         finally:
             state.attend = 0
         # The head runs over every active row: a per-row adapter on lm_head expects the rows it was given.
-        self.logits[index] = self._code_logits(out.last_hidden_state[:, -1])[index]
-        state.write_col[index] += 1
+        logits = self._code_logits(out.last_hidden_state[:, -1])
+        if index is None:
+            self.logits[:active] = logits
+            state.write_col[:active] += 1
+        else:
+            self.logits[index] = logits[index]
+            state.write_col[index] += 1
         for row in rows:
             self.cols[row] += 1
         self.counters.steps += 1
@@ -632,7 +648,12 @@ class _StepPlan:
         self.cond_rows = torch.tensor([r.rows[0] for r in running], device=device)
         self.fed_rows = [row for r in running for row in r.rows]
         self.fed_index = torch.tensor(self.fed_rows, device=device)
-        self.fed_from = torch.tensor([i for i, r in enumerate(running) for _ in r.rows], device=device)
+        from_request = [i for i, r in enumerate(running) for _ in r.rows]
+        self.fed_from = torch.tensor(from_request, device=device)
+        # When the rows are exactly 0..n-1 (the usual case), the requests' tokens in row order.
+        by_row = sorted(range(len(self.fed_rows)), key=self.fed_rows.__getitem__)
+        dense = [self.fed_rows[j] for j in by_row] == list(range(len(self.fed_rows)))
+        self.dense_from = torch.tensor([from_request[j] for j in by_row], device=device) if dense else None
         self._sampling: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, BatchSampling]] = {}
 
     def sampling_for(
