@@ -233,3 +233,16 @@ def test_a_failing_request_frees_its_slots_and_the_others_finish(engine):
     for h, req in ((good, reqs[0]), (late, reqs[2])):
         assert h.status == "done" and torch.equal(h.result.tokens, solo(engine, req))
     assert pool.idle and pool.live_rows == 0
+
+
+def test_a_request_that_would_overrun_the_cache_when_padded_is_prefilled_on_its_own(engine):
+    long_prompt, big_image = request(80, 30, 4.0, size=(32, 32)), request(81, 3, 4.0, size=(96, 96))
+    tight = ContinuousBatchingEngine(engine, max_slots=4, cache_len=CACHE_LEN)
+    cache_len = tight.columns_needed(big_image, engine.validate(big_image))
+    pool = ContinuousBatchingEngine(engine, max_slots=4, cache_len=cache_len)
+    handles = [pool.submit(long_prompt), pool.submit(big_image)]
+    pool.run_until_idle(max_steps=200)
+    # Padded to the long prompt, the big image would need more columns than the cache has: two forwards.
+    assert [h.admitted_step for h in handles] == [0, 0] and pool.counters.prefill_forwards == 2
+    for h, req in zip(handles, (long_prompt, big_image)):
+        assert h.status == "done" and torch.equal(h.result.tokens, solo(engine, req))
