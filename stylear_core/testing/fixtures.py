@@ -122,3 +122,22 @@ def numpy_batch(table: Any) -> dict[str, Any]:
         column[:] = [np.asarray(v) if isinstance(v, list) else v for v in values]
         out[name] = column
     return out
+
+
+def lora_copy(
+    base: torch.nn.Module, rank: int, alpha: float, seed: int, scale: float = 0.2
+) -> torch.nn.Module:
+    """A copy of the backbone ``base`` with one peft LoRA whose factors are seeded random values (as if
+    trained, so both A and B count), in eval mode."""
+    import copy
+
+    from stylear_core.models.lora import add_lora
+
+    model = copy.deepcopy(base)
+    add_lora(model, rank=rank, alpha=alpha)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    return model.eval()

@@ -20,9 +20,10 @@ from stylear_core.inference.adapters import AdapterSlot
 from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine
 from stylear_core.inference.reference import reference_generate
 from stylear_core.models.backbone import tiny_backbone, tiny_vocab
-from stylear_core.models.lora import RELEASE_LORA_NAME, add_lora, load_lora, load_stylear_release
+from stylear_core.models.lora import RELEASE_LORA_NAME, load_lora, load_stylear_release
 from stylear_core.models.presets import ModelConfig, build_backbone, build_resampler, build_stylear_model
 from stylear_core.models.resampler import load_image_proj, tiny_resampler
+from stylear_core.testing.fixtures import lora_copy
 from stylear_core.training.export import export_adapter, finalize_export
 
 VOCAB = tiny_vocab()
@@ -35,15 +36,8 @@ def base():
 
 
 def trained_lora(base, rank: int, alpha: float, seed: int):
-    """A copy of ``base`` with a LoRA whose factors are random (as if trained)."""
-    model = copy.deepcopy(base)
-    add_lora(model, rank=rank, alpha=alpha)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    return model.eval()
+    """A copy of ``base`` with one peft LoRA of random (as if trained) factors."""
+    return lora_copy(base, rank, alpha, seed)
 
 
 def logits(model, ids):

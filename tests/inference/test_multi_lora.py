@@ -23,9 +23,9 @@ from stylear_core.inference.multi_lora import (
 )
 from stylear_core.inference.reference import reference_generate
 from stylear_core.models.backbone import tiny_backbone, tiny_vocab
-from stylear_core.models.lora import add_lora, lora_state_dict
+from stylear_core.models.lora import lora_state_dict
 from stylear_core.models.presets import build_backbone, build_stylear_model
-from stylear_core.testing.fixtures import tiny_adapter, tiny_model_cfg
+from stylear_core.testing.fixtures import lora_copy, tiny_adapter, tiny_model_cfg
 
 VOCAB = tiny_vocab()
 IDS = torch.randint(300, 1024, (3, 10), generator=torch.Generator().manual_seed(1))
@@ -39,14 +39,7 @@ def base():
 
 def tuned(base, rank: int, alpha: float, seed: int):
     """A copy of ``base`` with one peft LoRA of random (as if trained) factors."""
-    model = copy.deepcopy(base)
-    add_lora(model, rank=rank, alpha=alpha)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    return model.eval()
+    return lora_copy(base, rank, alpha, seed)
 
 
 def logits(model, ids):
