@@ -43,8 +43,17 @@ class ServingConfig:
     adapters_root: str = option("", "directory with one subdirectory per LoRA adapter (empty: none)")
     adapter_slot_rank: int = option(16, "largest LoRA rank a served adapter may have")
     max_adapters_per_replica: int = option(4, "adapters kept loaded per model replica (LRU beyond)")
-    max_batch_size: int = option(16, "requests merged into one decode batch")
-    batch_wait_timeout_s: float = option(0.05, "how long a batch waits for more requests")
+    max_batch_size: int = option(
+        16, "requests one offline engine batch decodes (the served path decodes in max_slots rows)"
+    )
+    batch_wait_timeout_s: float = option(
+        0.05, "kept for older configs: the served path admits requests between decode steps, no waiting"
+    )
+    max_slots: int = option(
+        16,
+        "rows of each model replica's continuous-batching pool (one KV cache); a request takes one row, "
+        "two with guidance (cfg != 1), and joins the running decode at the next step when rows are free",
+    )
     request_timeout_s: float = option(600.0, "the ingress answers 504 when the model takes longer")
     max_upload_bytes: int = option(8 * 2**20, "largest style reference upload, in bytes")
     max_reference_pixels: int = option(4096 * 4096, "largest style reference, in pixels")
@@ -85,6 +94,7 @@ class ServingConfig:
             "adapter_slot_rank",
             "max_adapters_per_replica",
             "max_batch_size",
+            "max_slots",
             "max_upload_bytes",
             "max_reference_pixels",
             "max_reference_side",
@@ -98,6 +108,10 @@ class ServingConfig:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.request_timeout_s <= 0 or self.batch_wait_timeout_s < 0:
             raise ConfigError("request_timeout_s must be > 0 and batch_wait_timeout_s >= 0")
+        if self.max_slots < 2:
+            raise ConfigError(
+                f"max_slots: must be at least 2 (a guided request takes two rows), got {self.max_slots}"
+            )
         if self.max_reference_aspect < 1:
             raise ConfigError(f"max_reference_aspect: must be at least 1, got {self.max_reference_aspect}")
         if self.max_side % 32:

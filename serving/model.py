@@ -1,21 +1,23 @@
-"""The model deployment: one base model per replica, batched decoding, LoRA adapters on demand.
+"""The model deployment: one base model per replica, one continuous-batching loop, LoRA adapters per row.
 
-A replica builds the backbone (with one empty LoRA slot), VQGAN, prompt tokenizer, CLIP style
-encoder, resampler and optionally SAM once, as a :class:`~stylear_core.inference.generator.StyleARGenerator`
-(the front-end every generation path shares). Requests arrive through :meth:`StyleARModelDeployment.generate`;
-``@serve.batch`` merges concurrent ones (Ray Serve splits batches by multiplexed model id, i.e. by
-adapter) and the engine decodes each resolution group as one CFG-batched decode. Adapters are
-loaded by ``serve.multiplexed`` (an LRU of ``max_adapters_per_replica``) as small weight sets and
-copied into the slot before their batch, so switching adapters never reloads the base.
+A replica builds the backbone, VQGAN, prompt tokenizer, CLIP style encoder, resampler and optionally
+SAM once, as a :class:`~stylear_core.inference.generator.StyleARGenerator` (the front-end every
+generation path shares), and runs one :class:`~stylear_core.inference.continuous.ContinuousBatchingEngine`
+over ``max_slots`` rows of one KV cache. Requests arrive through :meth:`StyleARModelDeployment.generate`:
+each is prepared (prompt, style tokens from its adapter's own resampler, condition image, validation)
+on a worker thread and submitted to the loop, which admits it into free rows at the next decode step,
+so a request arriving mid-decode joins the running batch instead of waiting for it to finish.
 
-Torch work runs on one worker thread so the replica's event loop keeps answering (stats, health,
-queueing the next batch) while a batch decodes. Per-request problems come back as
-:class:`JobOutcome` errors, never as exceptions, so one bad request cannot fail its batch.
+Adapters: ``serve.multiplexed`` reads them (an LRU of ``max_adapters_per_replica``; Serve also uses the
+multiplexed id to route a request to a replica that holds its adapter), and their LoRA factors live in
+one :class:`~stylear_core.inference.multi_lora.MultiLoraPool` of the same capacity, so rows with
+different adapters (or none) decode in the same step. An adapter is evicted from the pool only when no
+submitted request uses it; a request whose adapter finds every slot in use waits (a bounded time: its
+caller's timeout) until one frees.
 
-A caller that gives up (the ingress cancels the call when its client times out) cancels
-:meth:`StyleARModelDeployment.generate`; that sets the request's cancel event, which the decode
-thread reads between steps: its preparation and VQ decode are skipped, and a batch whose every request
-is cancelled stops decoding, so the replica moves on to the next batch.
+Per-request problems come back as :class:`JobOutcome` errors, never as exceptions. A caller that gives
+up (the ingress cancels the call when its client times out) cancels :meth:`StyleARModelDeployment.generate`;
+that cancels the request's handle, and the loop frees its rows at the next step.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import os
 import random
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -44,9 +46,15 @@ from stylear_core.config import from_dict
 from stylear_core.data.images import ImageDecodeError, encode_png
 from stylear_core.devices import resolve_device
 from stylear_core.inference.condition_request import ConditionImageError
+from stylear_core.inference.continuous import (
+    ContinuousBatchingEngine,
+    GenerationFailedError,
+    GenerationHandle,
+)
 from stylear_core.inference.defaults import SamplingConfig
-from stylear_core.inference.engine import GenerationRequest, GenerationRequestError
+from stylear_core.inference.engine import GenerationRequest, GenerationRequestError, GenerationResult
 from stylear_core.inference.generator import ServedAdapter, StyleARGenerator
+from stylear_core.inference.multi_lora import MultiLoraPool, PoolFullError
 from stylear_core.inference.style_request import StyleRequestError
 
 log = logging.getLogger("ray.serve")
@@ -63,7 +71,7 @@ def _replica_id() -> str | None:
 # Engine field names -> the HTTP API's.
 API_FIELDS = {"cfg_scale": "cfg", "style": "image"}
 
-# What a cancelled request's slot in a batch holds; its caller is gone, so no one receives it.
+# What a cancelled request's wait returns; its caller is gone, so no one receives it.
 CANCELLED = JobOutcome.failure(499, "cancelled by the caller", None)
 
 
@@ -86,13 +94,23 @@ class LoadedAdapter(ServedAdapter):
             callback(self.name)
 
 
-# One request in a ``serve.batch``: the job, its adapter and the event its caller's cancellation sets.
-BatchItem = tuple[GenerationJob, LoadedAdapter | None, threading.Event]
+@dataclass
+class _CancelTally:
+    """What cancelled requests left undone, for ``stats()["decode"]`` (the keys the batch path reported).
+
+    ``requests_dropped``: requests cancelled in the engine (queued or decoding); ``batches_stopped``:
+    those whose decode had started and was stopped; ``steps_skipped``: decode steps their images still
+    needed when they stopped.
+    """
+
+    requests_dropped: int = 0
+    batches_stopped: int = 0
+    steps_skipped: int = 0
 
 
 @serve.deployment(name="StyleARModel", max_ongoing_requests=32, health_check_period_s=10)
 class StyleARModelDeployment:
-    """Ray Serve deployment wrapping :class:`ImageGenerationEngine` and the style path.
+    """Ray Serve deployment wrapping the continuous-batching engine and the style path.
 
     Takes the :class:`ServingConfig` as a plain dict. Methods called through the handle:
     ``generate(job) -> JobOutcome``, ``list_adapters()``, ``stats()``, ``ping()``.
@@ -110,8 +128,8 @@ class StyleARModelDeployment:
             from stylear_core.curation.sam import StyleRegionMasker
 
             masker = StyleRegionMasker.from_config(self.cfg.sam)
-        # The base model, its LoRA slot, tokenizer, engine, VQGAN and style path: one generator front-end,
-        # the same one evaluation, preference pairs and the export parity gate build.
+        # The base model, tokenizer, engine, VQGAN and style path: one generator front-end, the same one
+        # evaluation, preference pairs and the export parity gate build.
         self.generator = StyleARGenerator(
             model_cfg,
             device=self.device,
@@ -129,30 +147,56 @@ class StyleARModelDeployment:
             },
         )
         self.engine = self.generator.engine
-        self.slot = self.generator.slot
+        # Every adapter's LoRA factors side by side (the pool replaces the generator's single LoRA slot in
+        # place): each row of a decode step picks its own.
+        self.pool = MultiLoraPool(
+            self.generator.model.backbone,
+            capacity=self.cfg.max_adapters_per_replica,
+            max_rank=self.cfg.adapter_slot_rank,
+        )
+        # One cache long enough for any request the engine accepts (its length bucket rounds prompts up).
+        self.loop = ContinuousBatchingEngine(
+            self.engine,
+            max_slots=self.cfg.max_slots,
+            cache_len=self.engine.max_positions + self.engine.length_bucket,
+            row_adapters=self.pool.set_rows,
+        )
         self.style = self.generator.references
         self.base_builds = 1  # the base model is built here and only here
         self.replica_id = _replica_id()
         self.base_model = base_model_id(model_cfg)  # what adapter manifests must name as their base
         self.build_seconds = time.perf_counter() - started
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stylear-decode")
-        self._batch_sizes: deque[int] = deque(maxlen=self.cfg.stats_window)
+        # Preparation (CLIP, SAM, condition images) and VQ decoding: one worker thread, off the event loop.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stylear-prepare")
+        # Threads that block on a handle until its request ends (one per request in flight).
+        self._waiters = ThreadPoolExecutor(max_workers=64, thread_name_prefix="stylear-wait")
+        self._admitted: dict[int, int] = {}  # engine step -> requests admitted at it (recent ones)
         self._adapter_loads: Counter[str] = Counter()
+        self._adapter_users: Counter[str] = Counter()  # submitted, unfinished requests per pooled adapter
+        self._pool_lock = threading.Lock()
         self._requests = 0
         self._cancelled = 0
+        self._pool_waits = 0
         self._failures: Counter[int] = Counter()
         self._resident: set[str] = set()
+        self._dropped: list[GenerationHandle] = []  # cancelled handles not yet counted
+        self._tally = _CancelTally()
 
         async def load_adapter(name: str) -> LoadedAdapter:
-            # Reading files is IO: keep it off the event loop and off the decode thread.
+            # Reading files is IO: keep it off the event loop and off the decode loop.
             return await asyncio.get_running_loop().run_in_executor(None, self._read_adapter, name)
 
         # Multiplexing is wired per instance (Ray Serve supports this) so the LRU bound comes from the config.
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.max_adapters_per_replica)(
             load_adapter
         )
-        self.generate_batch.set_max_batch_size(self.cfg.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.loop.start()
+
+    def __del__(self) -> None:
+        # Serve drops the replica object at shutdown: stop the decode loop's thread with it.
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.stop(timeout=5.0)
 
     # --- adapters -----------------------------------------------------------------------------
 
@@ -169,15 +213,42 @@ class StyleARModelDeployment:
         """Adapters on disk, each with whether this replica has it loaded."""
         return [{**a, "loaded": a["name"] in self._resident} for a in list_adapters(self.cfg.adapters_root)]
 
+    def _acquire(self, adapter: LoadedAdapter) -> int:
+        """Put ``adapter``'s factors in the pool (if not there) and count one user; returns its slot.
+
+        Evicts the least recently used adapter no submitted request uses; raises :class:`PoolFullError`
+        when every slot is in use (the caller waits and retries).
+        """
+        name = adapter.name
+        with self._pool_lock:
+            slot = self.pool.slot_of(name)
+            if slot is None:
+                if len(self.pool.slots) >= self.pool.capacity:
+                    idle = [n for n in self.pool.slots if self._adapter_users[n] == 0]
+                    if not idle:
+                        raise PoolFullError(f"all {self.pool.capacity} adapter slots are in use")
+                    # No submitted request uses it, so no further forward runs its rows: the pool's pin
+                    # (the last forward's rows, kept while the loop is idle) is stale.
+                    self.pool.evict(idle[0], force=True)
+                slot = self.pool.load_weights(adapter.weights)
+            else:
+                self.pool.touch(name)
+            self._adapter_users[name] += 1
+            return slot
+
+    def _release(self, name: str) -> None:
+        with self._pool_lock:
+            self._adapter_users[name] -= 1
+
     # --- requests -----------------------------------------------------------------------------
 
     async def generate(self, job: GenerationJob) -> JobOutcome:
-        """Generate one image (merged with concurrent requests into one decode batch).
+        """Generate one image: prepared here, decoded in the replica's continuous-batching loop.
 
         Cancelling the call (``DeploymentResponse.cancel()``) stops the request's work on the replica.
         """
         self._requests += 1
-        cancel = threading.Event()
+        handle: GenerationHandle | None = None
         try:
             adapter = None
             if job.adapter:
@@ -188,25 +259,99 @@ class StyleARModelDeployment:
                 except (AdapterError, ValueError, OSError) as e:
                     log.warning("adapter %s failed to load: %s", job.adapter, e)
                     return self._fail(422, f"adapter {job.adapter!r} cannot be used: {e}", "adapter")
-            return await self.generate_batch((job, adapter, cancel))
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(self._executor, self._prepare_outcome, job, adapter)
+            if isinstance(prepared, JobOutcome):
+                return prepared
+            slot = 0
+            if adapter is not None:
+                slot = await self._acquire_waiting(adapter)
+                if isinstance(slot, JobOutcome):
+                    return slot
+            try:
+                handle = self.loop.submit(prepared, adapter=slot)
+            except GenerationRequestError as e:
+                self._release_adapter(adapter)
+                return self._fail(422, e.message, API_FIELDS.get(e.field, e.field))
+            waited = loop.run_in_executor(self._waiters, self._wait, handle)
+            if adapter is not None:
+                waited.add_done_callback(lambda _: self._release_adapter(adapter))
+            # Shielded: a cancelled call still lets the wait finish (and release the adapter) once the
+            # engine has dropped the request.
+            result = await asyncio.shield(waited)
+            if isinstance(result, JobOutcome):
+                return result
+            self._admitted[handle.admitted_step] = self._admitted.get(handle.admitted_step, 0) + 1
+            while len(self._admitted) > self.cfg.stats_window:
+                del self._admitted[next(iter(self._admitted))]
+            return await loop.run_in_executor(self._executor, self._decode, result)
         except asyncio.CancelledError:
-            # Ray Serve cancels this coroutine when the caller cancels; the batch it joined runs on in
-            # the decode thread (``serve.batch`` only drops requests cancelled before their batch
-            # starts), so tell that thread through the event.
-            cancel.set()
+            # Ray Serve cancels this coroutine when the caller cancels: drop the request from the loop
+            # (its rows are freed at the next step).
+            if handle is not None:
+                handle.cancel()
+                self._dropped.append(handle)
             self._cancelled += 1
             raise
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
-    async def generate_batch(self, items: list[BatchItem]) -> list[JobOutcome]:
-        """The batched half of :meth:`generate`: runs the whole batch on the decode thread."""
-        self._batch_sizes.append(len(items))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run_batch, items)
+    async def _acquire_waiting(self, adapter: LoadedAdapter) -> int | JobOutcome:
+        """A pool slot for ``adapter``; while every slot is used by submitted requests, wait for one.
+
+        The wait ends when a slot frees or the caller cancels (its timeout bounds it).
+        """
+        waited = False
+        while True:
+            try:
+                return self._acquire(adapter)
+            except PoolFullError:
+                if not waited:
+                    self._pool_waits += 1
+                    waited = True
+                await asyncio.sleep(0.02)
+            except AdapterError as e:  # e.g. a rank above adapter_slot_rank
+                return self._fail(422, f"adapter {adapter.name!r} cannot be used: {e}", "adapter")
+
+    def _release_adapter(self, adapter: LoadedAdapter | None) -> None:
+        if adapter is not None:
+            self._release(adapter.name)
+
+    def _wait(self, handle: GenerationHandle) -> GenerationResult | JobOutcome:
+        try:
+            result = handle.wait()
+        except GenerationFailedError:
+            log.exception("decoding a request failed")
+            return self._fail(500, "internal error while generating", None)
+        return CANCELLED if result is None else result
 
     def _fail(self, status: int, message: str, field: str | None) -> JobOutcome:
         self._failures[status] += 1
         return JobOutcome.failure(status, message, field)
+
+    def _prepare_outcome(
+        self, job: GenerationJob, adapter: LoadedAdapter | None
+    ) -> GenerationRequest | JobOutcome:
+        """:meth:`_prepare`, with its errors as the 4xx/500 outcome naming the field."""
+        try:
+            request = self._prepare(job, adapter)
+            request.cancel = threading.Event()
+            return request
+        except ConditionImageError as e:
+            return self._fail(400, f"condition: {e}", "condition")
+        except ImageDecodeError as e:
+            return self._fail(400, str(e), "image")
+        except (GenerationRequestError, StyleRequestError) as e:
+            return self._fail(422, e.message, API_FIELDS.get(e.field, e.field))
+        except Exception:  # a bug in one request's preparation fails that request only
+            log.exception("preparing a request failed")
+            return self._fail(500, "internal error while preparing the request", None)
+
+    def _decode(self, result: GenerationResult) -> JobOutcome:
+        try:
+            (image,) = self.generator.decode(result.tokens.unsqueeze(0), result.layout)
+        except Exception:
+            log.exception("VQ decoding a request failed")
+            return self._fail(500, "internal error while decoding the image", None)
+        return JobOutcome(png=encode_png(image), seed=result.seed)
 
     def _prepare(self, job: GenerationJob, adapter: LoadedAdapter | None) -> GenerationRequest:
         seed = job.seed if job.seed is not None else random.SystemRandom().randrange(2**63)
@@ -252,74 +397,71 @@ class StyleARModelDeployment:
                 f"the prompt names none of adapter {job.adapter!r}'s subjects ({', '.join(identifiers)})",
             )
 
-    def _run_batch(self, items: list[BatchItem]) -> list[JobOutcome]:
-        outcomes: list[JobOutcome | None] = [None] * len(items)
-        groups: dict[str | None, list[int]] = {}
-        for i, (_, adapter, _) in enumerate(items):
-            groups.setdefault(adapter.name if adapter else None, []).append(i)
-        for members in groups.values():
-            adapter = items[members[0]][1]
-            try:
-                self._run_group(items, members, adapter, outcomes)
-            except Exception:  # a bug must not take the replica down: answer 500 and keep serving
-                log.exception("decode batch failed")
-                for i in members:
-                    if outcomes[i] is None:
-                        outcomes[i] = self._fail(500, "internal error while generating", None)
-        return outcomes  # type: ignore[return-value]
+    def _run_batch(
+        self, items: list[tuple[GenerationJob, LoadedAdapter | None, threading.Event]]
+    ) -> list[JobOutcome]:
+        """Decode jobs synchronously, one by one, through the generator's batch engine (outside the loop).
 
-    def _run_group(
-        self,
-        items: list[BatchItem],
-        members: list[int],
-        adapter: LoadedAdapter | None,
-        outcomes: list[JobOutcome | None],
-    ) -> None:
-        live = []
-        for i in members:
-            if items[i][2].is_set():  # the caller is gone: nobody reads this outcome
-                outcomes[i] = CANCELLED
-            else:
-                live.append(i)
-        if not live:
-            return
-        self.generator.activate(adapter)
-        ready: list[tuple[int, GenerationRequest]] = []
-        for i in live:
-            job, _, cancel = items[i]
-            try:
-                request = self._prepare(job, adapter)
-                request.cancel = cancel
-                ready.append((i, request))
-            except ConditionImageError as e:
-                outcomes[i] = self._fail(400, f"condition: {e}", "condition")
-            except ImageDecodeError as e:
-                outcomes[i] = self._fail(400, str(e), "image")
-            except (GenerationRequestError, StyleRequestError) as e:
-                outcomes[i] = self._fail(422, e.message, API_FIELDS.get(e.field, e.field))
-            except Exception:  # a bug in one request's preparation fails that request only
-                log.exception("preparing a request failed")
-                outcomes[i] = self._fail(500, "internal error while preparing the request", None)
-        if not ready:
-            return
-        results = self.generator.generate([request for _, request in ready])
-        for (i, request), result in zip(ready, results):
-            if result is None or request.cancelled:  # cancelled during the decode: skip the VQ decode
-                outcomes[i] = CANCELLED
+        For offline checks of this replica's preparation and adapter pool against the other generation
+        paths (the class built outside Serve); the served path is :meth:`generate`. Each job's adapter
+        is put in the pool and applied to every row. Only while the loop is idle: both share the rows'
+        adapter indices.
+        """
+        if not self.loop.idle:
+            raise RuntimeError("the decode loop has requests; _run_batch would change their adapters")
+        outcomes = []
+        for job, adapter, cancel in items:
+            prepared = self._prepare_outcome(job, adapter)
+            if isinstance(prepared, JobOutcome):
+                outcomes.append(prepared)
                 continue
-            (image,) = self.generator.decode(result.tokens.unsqueeze(0), result.layout)
-            outcomes[i] = JobOutcome(png=encode_png(image), seed=result.seed)
+            prepared.cancel = cancel
+            slot = self._acquire(adapter) if adapter is not None else 0
+            try:
+                self.pool.set_rows([slot])
+                (result,) = self.generator.generate([prepared])
+            finally:
+                self._release_adapter(adapter)
+            outcomes.append(CANCELLED if result is None else self._decode(result))
+        return outcomes
 
     # --- observability --------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
-        """Counters of this replica: recent batch sizes, requests, cancellations, decode steps, failures, adapters.
+    def _count_dropped(self) -> None:
+        for handle in [h for h in self._dropped if h.finished]:
+            self._dropped.remove(handle)
+            if handle.status != "cancelled":
+                continue  # it ended before the cancellation reached the loop
+            self._tally.requests_dropped += 1
+            full = handle.layout.num_tokens - 4  # decode steps a whole image takes
+            if handle.admitted_step is None:
+                self._tally.steps_skipped += full
+            else:
+                self._tally.batches_stopped += 1
+                ran = handle.finished_step - handle.admitted_step
+                self._tally.steps_skipped += max(full - ran, 0)
 
-        ``cancelled`` counts calls their caller cancelled; ``decode`` the engine's steps run and skipped
-        (see :class:`stylear_core.inference.engine.DecodeCounters`); ``replica`` and ``pid`` say which
-        replica answered.
+    def stats(self) -> dict[str, Any]:
+        """Counters of this replica: requests, cancellations, the decode loop, failures, adapters.
+
+        ``batch_sizes``: requests admitted together at one decode step (recent steps, finished requests);
+        ``decode``: the loop's counters (:class:`~stylear_core.inference.continuous.EngineCounters`:
+        steps, rows stepped, prefills, ``max_live_rows``...), its ``live_rows``/``live_requests`` and
+        ``queued`` now, and what cancelled requests left undone (``requests_dropped``,
+        ``batches_stopped``: those stopped mid-decode, ``steps_skipped``). ``cancelled`` counts calls
+        their caller cancelled; ``replica`` and ``pid`` say which replica answered.
         """
-        sizes = list(self._batch_sizes)
+        self._count_dropped()
+        sizes = list(self._admitted.values())
+        running = list(self.loop.running)
+        decode = {
+            **self.loop.counters.as_dict(),
+            "live_rows": sum(len(r.rows) for r in running),
+            "live_requests": len(running),
+            "queued": len(self.loop.queue),
+            "max_slots": self.loop.max_slots,
+            **asdict(self._tally),
+        }
         return {
             "replica": self.replica_id,
             "pid": os.getpid(),
@@ -328,11 +470,12 @@ class StyleARModelDeployment:
             "batches": len(sizes),
             "requests": self._requests,
             "cancelled": self._cancelled,
-            "decode": self.engine.counters.as_dict(),
+            "decode": decode,
             "failures": {str(k): v for k, v in self._failures.items()},
             "adapter_loads": dict(self._adapter_loads),
             "resident_adapters": sorted(self._resident),
-            "active_adapter": self.slot.active,
+            "pool_adapters": self.pool.slots,
+            "pool_waits": self._pool_waits,
             "base_builds": self.base_builds,
             "build_seconds": round(self.build_seconds, 3),
             "device": str(self.device),

@@ -241,12 +241,14 @@ class MultiLoraPool:
         self._slots.move_to_end(name)
         return self._slots[name]
 
-    def evict(self, name: str) -> int:
+    def evict(self, name: str, force: bool = False) -> int:
         """Remove adapter ``name`` from the pool (its slot's factors are zeroed); returns the freed slot.
 
-        Raises :class:`PoolFullError` if the current rows use it (set other rows first).
+        Raises :class:`PoolFullError` if the current rows use it (set other rows first), unless ``force``:
+        for a caller that knows no further forward runs those rows (they finished, and an idle engine
+        never sets new ones).
         """
-        if self._slots[name] in self._pinned:
+        if self._slots[name] in self._pinned and not force:
             raise PoolFullError(f"adapter {name!r} is used by the current rows and cannot be evicted")
         slot = self._slots.pop(name)
         for layer in self.layers.values():
