@@ -17,7 +17,7 @@ from stylear_core.inference.continuous import ContinuousBatchingEngine, Generati
 from stylear_core.inference.engine import GenerationRequest, GenerationRequestError, ImageGenerationEngine
 from stylear_core.inference.multi_lora import MultiLoraPool
 from stylear_core.models.backbone import tiny_backbone, tiny_vocab
-from stylear_core.models.lora import add_lora
+from stylear_core.testing.fixtures import lora_copy
 
 VOCAB = tiny_vocab()
 TEXT_IDS = (VOCAB.style_placeholder + 1, VOCAB.vocab_size)
@@ -178,14 +178,8 @@ def test_rows_with_different_adapters_and_the_base_share_the_pool(engine, tmp_pa
     base = engine.lm
     tuned = {}
     for name, seed in (("one", 1), ("two", 2)):
-        model = copy.deepcopy(base)
-        add_lora(model, rank=4, alpha=8.0)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for key, param in model.named_parameters():
-                if ".lora_" in key:
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-        write_adapter_dir(tmp_path / name, model.eval(), kind="style")
+        model = lora_copy(base, rank=4, alpha=8.0, seed=seed)
+        write_adapter_dir(tmp_path / name, model, kind="style")
         tuned[name] = model
     served = copy.deepcopy(base)
     adapters = MultiLoraPool(served, capacity=2, max_rank=4)

@@ -12,16 +12,14 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from serving.app import build_app
 from stylear_core.adapters.format import base_model_id
 from stylear_core.adapters.io import write_adapter_dir
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.models.backbone import tiny_vocab
-from stylear_core.models.lora import add_lora
 from stylear_core.models.presets import build_backbone, tiny_vqgan_codebook_size
-from stylear_core.testing.fixtures import tiny_model_cfg
+from stylear_core.testing.fixtures import lora_copy, tiny_model_cfg
 
 TINY = tiny_model_cfg()
 LONG, SHORT = 128, 32  # the long request decodes while the short one arrives
@@ -29,14 +27,7 @@ LONG, SHORT = 128, 32  # the long request decodes while the short one arrives
 
 def tuned_copy(seed: int):
     """The served tiny base with a LoRA whose factors are random, as if trained."""
-    backbone, _ = build_backbone(TINY)
-    add_lora(backbone, rank=4, alpha=4.0)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in backbone.named_parameters():
-            if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    return backbone
+    return lora_copy(build_backbone(TINY)[0], rank=4, alpha=4.0, seed=seed, scale=0.3)
 
 
 @pytest.fixture(scope="module")

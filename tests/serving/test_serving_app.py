@@ -8,7 +8,6 @@ import io
 
 import httpx
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from serving.app import build_app
@@ -17,9 +16,8 @@ from stylear_core.adapters.format import base_model_id
 from stylear_core.adapters.io import write_adapter_dir
 from stylear_core.config import ConfigError
 from stylear_core.data.images import encode_png
-from stylear_core.models.lora import add_lora
 from stylear_core.models.presets import ModelConfig, build_backbone, build_resampler, build_style_encoder
-from stylear_core.testing.fixtures import tiny_model_cfg
+from stylear_core.testing.fixtures import lora_copy, tiny_model_cfg
 
 TINY = tiny_model_cfg()
 MAX_UPLOAD = 200_000
@@ -28,14 +26,7 @@ MAX_PIXELS = 512 * 512
 
 def tuned_copy(seed: int):
     """The served tiny base with a LoRA whose factors are random, as if trained."""
-    backbone, _ = build_backbone(TINY)
-    add_lora(backbone, rank=4, alpha=4.0)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in backbone.named_parameters():
-            if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    return backbone
+    return lora_copy(build_backbone(TINY)[0], rank=4, alpha=4.0, seed=seed, scale=0.3)
 
 
 def write_adapters(root) -> None:
