@@ -198,6 +198,26 @@ def time_steps(step, batches: list[dict], steps: int, device: torch.device) -> t
     return times, tokens
 
 
+def device_batches(collate, rows: list[dict], micro_batch: int, device: torch.device) -> list[dict]:
+    """``rows`` in micro-batches through ``collate``, on ``device``."""
+    return [{k: v.to(device) for k, v in collate(b).items()} for b in numpy_batches(rows, micro_batch)]
+
+
+def plain_step(objective: StyleSFTObjective, module: torch.nn.Module):
+    """One plain training step of ``objective`` on ``module`` with the training loop's AdamW (fused on
+    CUDA): ``step(batch) -> tokens``."""
+    optimizer = build_adamw([p for p in module.parameters() if p.requires_grad], OptimizerConfig(lr=1e-4))
+
+    def step(batch: dict) -> int:
+        result = objective.compute(module, batch)
+        result.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return result.tokens
+
+    return step
+
+
 def run_plain(
     model_cfg: ModelConfig, rows: list[dict], args, device: torch.device, interleave_masked: bool = False
 ) -> dict:
@@ -208,20 +228,8 @@ def run_plain(
     """
     objective = StyleSFTObjective(model_cfg)
     module = objective.setup(device, args.precision).train()
-    collate = objective.collate_fn()
-    batches = [
-        {k: v.to(device) for k, v in collate(b).items()} for b in numpy_batches(rows, args.micro_batch)
-    ]
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = build_adamw(params, OptimizerConfig(lr=1e-4))  # the training loop's AdamW (fused on CUDA)
-
-    def step(batch: dict) -> int:
-        result = objective.compute(module, batch)
-        result.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return result.tokens
-
+    batches = device_batches(objective.collate_fn(), rows, args.micro_batch, device)
+    step = plain_step(objective, module)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     masked_times: list[float] = []
@@ -263,23 +271,9 @@ def run_plain_features(
         features_shape=(model.style_encoder.num_tokens, model.style_encoder.width),
         features_encoder=style_encoder_digest(model_cfg),
     )
-    live = [
-        {k: v.to(device) for k, v in objective.collate_fn()(b).items()}
-        for b in numpy_batches(rows, args.micro_batch)
-    ]
-    cached = [
-        {k: v.to(device) for k, v in cached_collate(b).items()}
-        for b in numpy_batches(feature_rows, args.micro_batch)
-    ]
-    optimizer = build_adamw([p for p in module.parameters() if p.requires_grad], OptimizerConfig(lr=1e-4))
-
-    def step(batch: dict) -> int:
-        result = objective.compute(module, batch)
-        result.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return result.tokens
-
+    live = device_batches(objective.collate_fn(), rows, args.micro_batch, device)
+    cached = device_batches(cached_collate, feature_rows, args.micro_batch, device)
+    step = plain_step(objective, module)
     live_times: list[float] = []
     cached_times: list[float] = []
     for i in range(args.warmup + args.steps):
@@ -337,10 +331,7 @@ def _time_deepspeed_engine(model_cfg: ModelConfig, rows: list[dict], args, devic
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     objective = StyleSFTObjective(model_cfg)
     module = objective.setup(device, args.precision)
-    collate = objective.collate_fn()
-    batches = [
-        {k: v.to(device) for k, v in collate(b).items()} for b in numpy_batches(rows, args.micro_batch)
-    ]
+    batches = device_batches(objective.collate_fn(), rows, args.micro_batch, device)
     params = [p for p in module.parameters() if p.requires_grad]
     config = build_deepspeed_config(args.zero_stage, args.micro_batch, 1, 1, args.precision)
     engine, *_ = deepspeed.initialize(
