@@ -433,7 +433,7 @@ class StyleARModelDeployment:
             if handle.status != "cancelled":
                 continue  # it ended before the cancellation reached the loop
             self._tally.requests_dropped += 1
-            full = handle.layout.num_tokens - 4  # decode steps a whole image takes
+            full = handle.layout.decode_steps
             if handle.admitted_step is None:
                 self._tally.steps_skipped += full
             else:

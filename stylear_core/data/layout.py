@@ -169,6 +169,13 @@ class ImageTokenLayout:
         return 3 + self.h_latent * (self.w_latent + 1) + 1
 
     @property
+    def decode_steps(self) -> int:
+        """Decode steps a whole image takes after its header is prefilled: positions 3..num_tokens-1 are
+        chosen one per step and all but the last are fed back, so ``num_tokens - 4`` forwards (and cache
+        columns) follow the prefill."""
+        return self.num_tokens - 4
+
+    @property
     def header(self) -> list[int]:
         """The three tokens that open an image: start and the two grid-size tokens."""
         v = self.vocab

@@ -221,7 +221,7 @@ class ContinuousBatchingEngine:
     """Iteration-level batching over ``max_slots`` rows of one KV cache of ``cache_len`` columns.
 
     Uses ``engine``'s model, vocabulary, device, dtype, request validation and prefill inputs. A request
-    needs ``prompt + header (rounded up to the engine's length bucket) + num_tokens - 4`` columns and one
+    needs ``prompt + header (rounded up to the engine's length bucket) + layout.decode_steps`` columns and one
     row (two with guidance); requests that cannot fit are refused at :meth:`submit`. ``policy`` is
     ``"continuous"`` or ``"batch"`` (see the module docstring). ``row_adapters`` receives the per-row
     adapter indices before every forward. Drive it with :meth:`step` / :meth:`run_until_idle` from one
@@ -277,7 +277,7 @@ class ContinuousBatchingEngine:
         """KV-cache columns the request's rows use: the padded prefix plus every fed image token."""
         prefix = max(len(request.prompt_ids), len(self.engine.uncond_prefix)) + len(layout.header)
         bucket = self.engine.length_bucket
-        return -(-prefix // bucket) * bucket + layout.num_tokens - 4
+        return -(-prefix // bucket) * bucket + layout.decode_steps
 
     def submit(
         self,
@@ -448,7 +448,7 @@ class ContinuousBatchingEngine:
         # Shorter prompts are left-padded further to the longest one (their positions do not change);
         # a request whose image would then overrun the cache is prefilled on its own.
         length = max(a.valid.shape[1] for a in ready)
-        fits = [a for a in ready if length + a.handle.layout.num_tokens - 4 <= self.cache_len]
+        fits = [a for a in ready if length + a.handle.layout.decode_steps <= self.cache_len]
         groups = [fits] if len(fits) > 1 else [[a] for a in fits]
         groups += [[a] for a in ready if all(a is not f for f in fits)]
         for group in groups:

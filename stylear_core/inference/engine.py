@@ -342,7 +342,7 @@ class ImageGenerationEngine:
                 live = [i for i in chunk if not requests[i].cancelled]
                 self.counters.requests_dropped += len(chunk) - len(live)
                 if not live:
-                    self.counters.steps_skipped += layouts[chunk[0]].num_tokens - 4
+                    self.counters.steps_skipped += layouts[chunk[0]].decode_steps
                     continue
                 batch = [requests[i] for i in live]
                 tokens = self._generate_batch(
@@ -421,7 +421,7 @@ class ImageGenerationEngine:
         prefix = embeds.shape[1]
         num_tokens = layout.num_tokens
         # Image positions 3..num_tokens-1 are chosen one per step; all but the last are fed back.
-        decoder = self._decoder(embeds.shape[0], prefix + num_tokens - 4)
+        decoder = self._decoder(embeds.shape[0], prefix + layout.decode_steps)
         sampling = BatchSampling.build(
             [r.cfg_scale for r in requests],
             [r.top_k for r in requests],
@@ -433,7 +433,7 @@ class ImageGenerationEngine:
         forced = layout.forced_tokens()
         out = torch.empty((batch, num_tokens), dtype=torch.long, device=self.device)
         out[:, :3] = torch.tensor(layout.header, device=self.device)
-        full_steps = num_tokens - 4
+        full_steps = layout.decode_steps
         if should_stop():
             self.counters.steps_skipped += full_steps
             self.counters.batches_stopped += 1
