@@ -15,6 +15,9 @@ different adapters (or none) decode in the same step. An adapter is evicted from
 submitted request uses it; a request whose adapter finds every slot in use waits (a bounded time: its
 caller's timeout) until one frees.
 
+Metrics: :class:`~serving.metrics.ReplicaMetrics` exports the loop's queue depth, live slots and steps,
+tokens, per-adapter requests, rejections and latency through Ray's metrics API (``stylear_*``).
+
 Per-request problems come back as :class:`JobOutcome` errors, never as exceptions. A caller that gives
 up (the ingress cancels the call when its client times out) cancels :meth:`StyleARModelDeployment.generate`;
 that cancels the request's handle, and the loop frees its rows at the next step.
@@ -39,6 +42,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from serving.config import ServingConfig
+from serving.metrics import ReplicaMetrics
 from serving.schemas import GenerationJob, JobOutcome
 from stylear_core.adapters.format import AdapterError, AdapterNotFoundError, base_model_id
 from stylear_core.adapters.io import adapter_path, list_adapters
@@ -73,6 +77,11 @@ API_FIELDS = {"cfg_scale": "cfg", "style": "image"}
 
 # What a cancelled request's wait returns; its caller is gone, so no one receives it.
 CANCELLED = JobOutcome.failure(499, "cancelled by the caller", None)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # its waiter may have been cancelled meanwhile
+        future.set_result(None)
 
 
 @dataclass(eq=False)
@@ -181,22 +190,35 @@ class StyleARModelDeployment:
         self._resident: set[str] = set()
         self._dropped: list[GenerationHandle] = []  # cancelled handles not yet counted
         self._tally = _CancelTally()
+        # Requests waiting for an adapter slot: a future each, resolved (on its own event loop) by the next
+        # release, so a waiter retries as soon as a slot may have freed instead of polling.
+        self._pool_waiters: list[asyncio.Future[None]] = []
+        self._pool_waiting = 0
+        self.metrics = ReplicaMetrics()
 
         async def load_adapter(name: str) -> LoadedAdapter:
             # Reading files is IO: keep it off the event loop and off the decode loop.
             return await asyncio.get_running_loop().run_in_executor(None, self._read_adapter, name)
 
-        # Multiplexing is wired per instance (Ray Serve supports this) so the LRU bound comes from the config.
-        self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.max_adapters_per_replica)(
-            load_adapter
-        )
+        if self.replica_id is None:
+            # Built outside Serve (offline checks), where serve.multiplexed cannot run: read per request.
+            self.get_adapter = load_adapter
+        else:
+            # Multiplexing is wired per instance (Ray Serve supports this): the LRU bound is the config's.
+            self.get_adapter = serve.multiplexed(
+                max_num_models_per_replica=self.cfg.max_adapters_per_replica
+            )(load_adapter)
         self.loop.start()
+        self.metrics.watch(self.loop, lambda: self._pool_waiting)
 
     def __del__(self) -> None:
         # Serve drops the replica object at shutdown: stop the decode loop's thread with it.
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.stop(timeout=5.0)
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
 
     # --- adapters -----------------------------------------------------------------------------
 
@@ -213,11 +235,12 @@ class StyleARModelDeployment:
         """Adapters on disk, each with whether this replica has it loaded."""
         return [{**a, "loaded": a["name"] in self._resident} for a in list_adapters(self.cfg.adapters_root)]
 
-    def _acquire(self, adapter: LoadedAdapter) -> int:
+    def _acquire(self, adapter: LoadedAdapter, wake: asyncio.Future[None] | None = None) -> int:
         """Put ``adapter``'s factors in the pool (if not there) and count one user; returns its slot.
 
         Evicts the least recently used adapter no submitted request uses; raises :class:`PoolFullError`
-        when every slot is in use (the caller waits and retries).
+        when every slot is in use (the caller waits and retries), after queueing ``wake`` for the next
+        release under the same lock, so a release between the failed try and the wait is not missed.
         """
         name = adapter.name
         with self._pool_lock:
@@ -226,6 +249,8 @@ class StyleARModelDeployment:
                 if len(self.pool.slots) >= self.pool.capacity:
                     idle = [n for n in self.pool.slots if self._adapter_users[n] == 0]
                     if not idle:
+                        if wake is not None:
+                            self._pool_waiters.append(wake)
                         raise PoolFullError(f"all {self.pool.capacity} adapter slots are in use")
                     # No submitted request uses it, so no further forward runs its rows: the pool's pin
                     # (the last forward's rows, kept while the loop is idle) is stale.
@@ -239,15 +264,24 @@ class StyleARModelDeployment:
     def _release(self, name: str) -> None:
         with self._pool_lock:
             self._adapter_users[name] -= 1
+            waiters, self._pool_waiters = self._pool_waiters, []
+        for wake in waiters:
+            # Thread-safe: a waiter may sit on another event loop than the one releasing.
+            wake.get_loop().call_soon_threadsafe(_resolve, wake)
 
     # --- requests -----------------------------------------------------------------------------
 
-    async def generate(self, job: GenerationJob) -> JobOutcome:
+    async def generate(
+        self, job: GenerationJob, progress: Callable[[GenerationHandle], None] | None = None
+    ) -> JobOutcome:
         """Generate one image: prepared here, decoded in the replica's continuous-batching loop.
 
         Cancelling the call (``DeploymentResponse.cancel()``) stops the request's work on the replica.
+        ``progress`` (an async job's :class:`~serving.jobs.JobProgressReporter`) is called from the decode
+        loop after each of the request's tokens; it must return at once and never raise.
         """
         self._requests += 1
+        arrived = time.perf_counter()
         handle: GenerationHandle | None = None
         try:
             adapter = None
@@ -259,6 +293,8 @@ class StyleARModelDeployment:
                 except (AdapterError, ValueError, OSError) as e:
                     log.warning("adapter %s failed to load: %s", job.adapter, e)
                     return self._fail(422, f"adapter {job.adapter!r} cannot be used: {e}", "adapter")
+            # Counted once the adapter is found, so the tag takes only the names of adapters on disk.
+            self.metrics.request(job.adapter)
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self._executor, self._prepare_outcome, job, adapter)
             if isinstance(prepared, JobOutcome):
@@ -269,7 +305,7 @@ class StyleARModelDeployment:
                 if isinstance(slot, JobOutcome):
                     return slot
             try:
-                handle = self.loop.submit(prepared, adapter=slot)
+                handle = self.loop.submit(prepared, adapter=slot, on_progress=progress)
             except GenerationRequestError as e:
                 self._release_adapter(adapter)
                 return self._fail(422, e.message, API_FIELDS.get(e.field, e.field))
@@ -280,11 +316,16 @@ class StyleARModelDeployment:
             # engine has dropped the request.
             result = await asyncio.shield(waited)
             if isinstance(result, JobOutcome):
+                if result is CANCELLED:  # the handle was cancelled while this call went on
+                    self.metrics.rejected(None)
                 return result
             self._admitted[handle.admitted_step] = self._admitted.get(handle.admitted_step, 0) + 1
             while len(self._admitted) > self.cfg.stats_window:
                 del self._admitted[next(iter(self._admitted))]
-            return await loop.run_in_executor(self._executor, self._decode, result)
+            outcome = await loop.run_in_executor(self._executor, self._decode, result)
+            if outcome.status == 200:
+                self.metrics.answered(time.perf_counter() - arrived)
+            return outcome
         except asyncio.CancelledError:
             # Ray Serve cancels this coroutine when the caller cancels: drop the request from the loop
             # (its rows are freed at the next step).
@@ -292,24 +333,32 @@ class StyleARModelDeployment:
                 handle.cancel()
                 self._dropped.append(handle)
             self._cancelled += 1
+            self.metrics.rejected(None)
             raise
 
     async def _acquire_waiting(self, adapter: LoadedAdapter) -> int | JobOutcome:
         """A pool slot for ``adapter``; while every slot is used by submitted requests, wait for one.
 
-        The wait ends when a slot frees or the caller cancels (its timeout bounds it).
+        The wait ends when a slot frees or the caller cancels (its timeout bounds it). It is woken by each
+        release (:meth:`_release`), not by polling, so it retries as soon as a slot may be free.
         """
         waited = False
-        while True:
-            try:
-                return self._acquire(adapter)
-            except PoolFullError:
-                if not waited:
-                    self._pool_waits += 1
-                    waited = True
-                await asyncio.sleep(0.02)
-            except AdapterError as e:  # e.g. a rank above adapter_slot_rank
-                return self._fail(422, f"adapter {adapter.name!r} cannot be used: {e}", "adapter")
+        try:
+            while True:
+                wake = asyncio.get_running_loop().create_future()
+                try:
+                    return self._acquire(adapter, wake)
+                except PoolFullError:
+                    if not waited:
+                        self._pool_waits += 1
+                        self._pool_waiting += 1
+                        waited = True
+                    await wake
+                except AdapterError as e:  # e.g. a rank above adapter_slot_rank
+                    return self._fail(422, f"adapter {adapter.name!r} cannot be used: {e}", "adapter")
+        finally:
+            if waited:
+                self._pool_waiting -= 1
 
     def _release_adapter(self, adapter: LoadedAdapter | None) -> None:
         if adapter is not None:
@@ -321,10 +370,13 @@ class StyleARModelDeployment:
         except GenerationFailedError:
             log.exception("decoding a request failed")
             return self._fail(500, "internal error while generating", None)
+        finally:
+            self.metrics.generated(handle.tokens_done)
         return CANCELLED if result is None else result
 
     def _fail(self, status: int, message: str, field: str | None) -> JobOutcome:
         self._failures[status] += 1
+        self.metrics.rejected(status)
         return JobOutcome.failure(status, message, field)
 
     def _prepare_outcome(
@@ -396,34 +448,6 @@ class StyleARModelDeployment:
                 "prompt",
                 f"the prompt names none of adapter {job.adapter!r}'s subjects ({', '.join(identifiers)})",
             )
-
-    def _run_batch(
-        self, items: list[tuple[GenerationJob, LoadedAdapter | None, threading.Event]]
-    ) -> list[JobOutcome]:
-        """Decode jobs synchronously, one by one, through the generator's batch engine (outside the loop).
-
-        For offline checks of this replica's preparation and adapter pool against the other generation
-        paths (the class built outside Serve); the served path is :meth:`generate`. Each job's adapter
-        is put in the pool and applied to every row. Only while the loop is idle: both share the rows'
-        adapter indices.
-        """
-        if not self.loop.idle:
-            raise RuntimeError("the decode loop has requests; _run_batch would change their adapters")
-        outcomes = []
-        for job, adapter, cancel in items:
-            prepared = self._prepare_outcome(job, adapter)
-            if isinstance(prepared, JobOutcome):
-                outcomes.append(prepared)
-                continue
-            prepared.cancel = cancel
-            slot = self._acquire(adapter) if adapter is not None else 0
-            try:
-                self.pool.set_rows([slot])
-                (result,) = self.generator.generate([prepared])
-            finally:
-                self._release_adapter(adapter)
-            outcomes.append(CANCELLED if result is None else self._decode(result))
-        return outcomes
 
     # --- observability --------------------------------------------------------------------------
 

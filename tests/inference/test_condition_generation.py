@@ -1,13 +1,13 @@
 """Condition images through the generator and the serving model: bytes -> FlexAR tokens in the prompt -> engine.
 
-What reaches the engine is recorded around :meth:`StyleARGenerator.generate` (the real engine runs) and
-compared with an independent composition: the tiny VQGAN's ``encode_images`` laid out by
+What reaches the engine is recorded around :meth:`StyleARGenerator.generate` (offline) and the serving
+model's continuous-batching loop (``submit``, the tokens once done; the real engines run) and compared with an independent composition: the tiny VQGAN's ``encode_images`` laid out by
 ``ImageTokenLayout``, put where the condition wording's ``<image>`` id stands.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
 
 import numpy as np
 import pytest
@@ -21,6 +21,7 @@ from stylear_core.config import load_config, to_dict
 from stylear_core.data.images import encode_png
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.data.tokenizer import style_prompt_ids
+from stylear_core.inference.continuous import ContinuousBatchingEngine
 from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.inference.generator import StyleARGenerator
 from stylear_core.models.vqgan import encode_images, tiny_vqgan
@@ -61,27 +62,36 @@ def serving_model():
 
 @pytest.fixture
 def drawn(monkeypatch) -> list[tuple[list[int], torch.Tensor]]:
-    """(prompt ids, image tokens) of every image the engine draws during the test."""
+    """(prompt ids, image tokens) of every image the engines draw during the test, in the order they end."""
     seen = []
-    generate = StyleARGenerator.generate
+    generate, submit = StyleARGenerator.generate, ContinuousBatchingEngine.submit
 
     def recording(self, requests):
         results = generate(self, requests)
         seen.extend((list(q.prompt_ids), r.tokens) for q, r in zip(requests, results))
         return results
 
+    def recording_submit(self, request, adapter=0, on_progress=None):
+        def progress(handle):
+            if on_progress is not None:
+                on_progress(handle)
+            if handle.status == "done":  # called once more after the last token, result set
+                seen.append((list(request.prompt_ids), handle.result.tokens))
+
+        return submit(self, request, adapter, progress)
+
     monkeypatch.setattr(StyleARGenerator, "generate", recording)
+    monkeypatch.setattr(ContinuousBatchingEngine, "submit", recording_submit)
     return seen
 
 
 def run_job(model, **fields):
-    """One style job (greedy, strong guidance) through the serving model's batch method."""
+    """One style job (greedy, strong guidance) through the serving model's served path (``generate``)."""
     job = {
         "kind": "style", "prompt": "a lighthouse", "height": 64, "width": 64, "cfg": 10.0, "top_k": 64,
         "temperature": 0.0, "seed": 3, "reference": encode_png(depth_like(9)), "noise_strength": 0.0,
     }  # fmt: skip
-    (outcome,) = model._run_batch([(GenerationJob(**{**job, **fields}), None, threading.Event())])
-    return outcome
+    return asyncio.run(model.generate(GenerationJob(**{**job, **fields})))
 
 
 def test_condition_bytes_reach_the_engine_as_tokens_in_the_prompt(serving_model, drawn):

@@ -1,7 +1,8 @@
 """One generator front-end: the same seed gives the same image tokens on every path that generates.
 
 The paths are style evaluation (``evaluate_variant``), preference pairs (``PreferencePairSampler``), the
-serving model (its batch method, called directly: no Serve, no HTTP), the export parity gate's serving
+serving model (its served path, ``generate``, on the class built outside Serve: no HTTP; it decodes in the
+replica's continuous-batching loop), the export parity gate's serving
 setup (``served_generator``) and, for text prompts, the subject student and the serving model's subject
 path. Each is driven through its own entry point with one tuned adapter (LoRA with ``alpha != r``, its
 own resampler), so a path that composed the sequence differently -- other style tokens, noise stream,
@@ -10,8 +11,8 @@ prompt, sampling settings, unconditional row or adapter mapping -- would draw ot
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from stylear_core.evaluation.style_eval import (
     held_pairs,
 )
 from stylear_core.evaluation.subject_eval import StudentGenerator, StudentSamplingConfig
+from stylear_core.inference.continuous import ContinuousBatchingEngine
 from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.inference.generator import StyleARGenerator
 from stylear_core.models.presets import build_stylear_model
@@ -110,25 +112,36 @@ class Drawn:
 def drawn(monkeypatch) -> dict[int, list[Drawn]]:
     """Every image any generator draws during the test, by seed: the real engine runs, and what went into
     it (prompt ids, style tokens, sampling settings, the unconditional row's prefix) is kept beside the
-    tokens, so paths that answer only with images or scores can be compared too."""
+    tokens, so paths that answer only with images or scores can be compared too. Offline paths are seen
+    at ``StyleARGenerator.generate``; the serving model's at its loop's ``submit``, the tokens once the
+    request is done (through the loop's own progress callback)."""
     seen: dict[int, list[Drawn]] = {}
-    generate = StyleARGenerator.generate
+    generate, submit = StyleARGenerator.generate, ContinuousBatchingEngine.submit
+
+    def record(engine, request, seed, tokens):
+        sampling = (request.cfg_scale, request.top_k, request.temperature)
+        draw = Drawn(
+            list(request.prompt_ids), request.style_embeds, sampling, list(engine.uncond_prefix), tokens
+        )
+        seen.setdefault(seed, []).append(draw)
 
     def recording(self, requests):
         results = generate(self, requests)
         for request, result in zip(requests, results):
-            seen.setdefault(result.seed, []).append(
-                Drawn(
-                    list(request.prompt_ids),
-                    request.style_embeds,
-                    (request.cfg_scale, request.top_k, request.temperature),
-                    list(self.engine.uncond_prefix),
-                    result.tokens,
-                )
-            )
+            record(self.engine, request, result.seed, result.tokens)
         return results
 
+    def recording_submit(self, request, adapter=0, on_progress=None):
+        def progress(handle):
+            if on_progress is not None:
+                on_progress(handle)
+            if handle.status == "done":  # called once more after the last token, result set
+                record(self.engine, request, handle.seed, handle.result.tokens)
+
+        return submit(self, request, adapter, progress)
+
     monkeypatch.setattr(StyleARGenerator, "generate", recording)
+    monkeypatch.setattr(ContinuousBatchingEngine, "submit", recording_submit)
     return seen
 
 
@@ -143,10 +156,9 @@ def assert_same_draw(got: Drawn, want: Drawn) -> None:
     assert torch.equal(got.tokens, want.tokens)
 
 
-def serve(model, job: GenerationJob, adapter_name: str | None) -> None:
-    """One job through the serving model's batch method, as its decode thread runs it."""
-    adapter = model._read_adapter(adapter_name) if adapter_name else None
-    (outcome,) = model._run_batch([(job, adapter, threading.Event())])
+def serve(model, job: GenerationJob) -> None:
+    """One job through the serving model's served path: ``generate``, decoded in its continuous loop."""
+    outcome = asyncio.run(model.generate(job))
     assert outcome.status == 200 and outcome.seed == job.seed and outcome.png, outcome
 
 
@@ -203,13 +215,13 @@ def test_style_tokens_are_the_same_on_every_path(adapters_root, pair, serving_mo
         reference=bytes(pair["style_image"]),
         noise_strength=SAMPLING.noise_strength,
     )
-    serve(serving_model, job, ADAPTER)
+    serve(serving_model, job)
     (got,) = drawn.pop(SEED)
     assert_same_draw(got, want)
 
     # Without the adapter both the style tokens (base resampler) and the image tokens change, so the
     # comparisons above can tell a path that lost the adapter from one that kept it.
-    serve(serving_model, dataclasses.replace(job, adapter=None), None)
+    serve(serving_model, dataclasses.replace(job, adapter=None))
     (base,) = drawn.pop(SEED)
     assert not torch.equal(base.tokens, tokens)
     assert (base.style_embeds - want.style_embeds).abs().max() > 1e-2
@@ -232,9 +244,9 @@ def test_text_tokens_are_the_same_for_the_student_and_the_serving_model(adapters
         seed=SEED,
         adapter=ADAPTER,
     )
-    serve(serving_model, job, ADAPTER)
+    serve(serving_model, job)
     (got,) = drawn.pop(SEED)
     assert_same_draw(got, want)
-    serve(serving_model, dataclasses.replace(job, adapter=None), None)
+    serve(serving_model, dataclasses.replace(job, adapter=None))
     (base,) = drawn.pop(SEED)
     assert not torch.equal(base.tokens, want.tokens)  # the adapter matters, so the comparison can fail
