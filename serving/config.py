@@ -55,6 +55,20 @@ class ServingConfig:
         "two with guidance (cfg != 1), and joins the running decode at the next step when rows are free",
     )
     request_timeout_s: float = option(600.0, "the ingress answers 504 when the model takes longer")
+    job_ttl_s: float = option(
+        600.0, "async jobs: how long a finished job and its result are kept (GET then answers 404)"
+    )
+    max_jobs: int = option(
+        256,
+        "async jobs held at once across all ingress replicas, finished ones included (POST /v1/jobs/* "
+        "answers 429 beyond); each finished one holds its PNG until job_ttl_s passes",
+    )
+    job_progress_interval_s: float = option(
+        0.25, "async jobs: the model replica reports a job's progress at most this often"
+    )
+    job_events_keepalive_s: float = option(
+        15.0, "async jobs: an events stream sends a comment line after this long without news"
+    )
     max_upload_bytes: int = option(8 * 2**20, "largest style reference upload, in bytes")
     max_reference_pixels: int = option(4096 * 4096, "largest style reference, in pixels")
     max_reference_side: int = option(8192, "longest side a style reference may have, in pixels")
@@ -102,6 +116,10 @@ class ServingConfig:
             "max_prompt_chars",
             "max_side",
             "stats_window",
+            "max_jobs",
+            "job_ttl_s",
+            "job_progress_interval_s",
+            "job_events_keepalive_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -10,6 +10,12 @@ Endpoints:
   VQ-tokenized into the prompt at the requested size (StyleAR's depth control) and checked like the
   style reference, its errors naming ``condition``.
 * ``GET /v1/adapters``, ``GET /v1/stats`` (the model replica's counters), ``GET /healthz``.
+* Async jobs (:mod:`serving.jobs`): ``POST /v1/jobs/style`` and ``POST /v1/jobs/subject`` take the same
+  bodies as the synchronous endpoints and answer 202 ``{"id", "status"}`` at once; ``GET /v1/jobs/{id}``
+  gives the status, progress (tokens done / total) and, once done, the result (base64 PNG + seed) or
+  the error (status, message, field); ``GET /v1/jobs/{id}/events`` streams the same as server-sent
+  events until the job ends; ``POST /v1/jobs/{id}/cancel`` cancels it (its decode rows are freed).
+  An unknown or expired id is a 404; past ``max_jobs`` held jobs, a new one is a 429.
 
 Everything a client gets wrong is a 4xx ``{"error", "field"}`` decided here or by the model
 deployment; a model that does not answer in time is a 504 (the call is cancelled), an overloaded
@@ -32,12 +38,16 @@ Auth and CORS: with a token configured (``auth_token_env`` / ``auth_token_file``
 # No `from __future__ import annotations`: FastAPI under serve.ingress must see real annotation objects.
 import asyncio
 import base64
+import contextvars
+import json
 import logging
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.serve.config import BackpressureConfig
@@ -47,13 +57,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.auth import BearerTokenAuth, load_api_token
 from serving.config import ServingConfig
-from serving.openapi import GENERATION_RESPONSES, READ_RESPONSES, document_bearer_auth, error_responses
+from serving.jobs import TERMINAL, JobProgressReporter, open_registry
+from serving.openapi import (
+    GENERATION_RESPONSES,
+    JOB_CREATE_RESPONSES,
+    JOB_EVENTS_RESPONSES,
+    JOB_READ_RESPONSES,
+    READ_RESPONSES,
+    document_bearer_auth,
+    error_responses,
+)
 from serving.requests import RequestReader, check_reference
 from serving.schemas import (
     ApiError,
     GenerationJob,
     GenerationOptions,
+    JobAccepted,
     JobOutcome,
+    JobState,
     StyleOptions,
     SubjectOptions,
     request_body_openapi,
@@ -64,6 +85,21 @@ log = logging.getLogger("ray.serve")
 
 # Requests waiting at each HTTP proxy for an ingress slot; past it the proxy answers 503 at once.
 INGRESS_MAX_QUEUED_REQUESTS = 64
+# A job's runner writes its outcome within this long after the job's own timeout, else the registry
+# takes the runner for gone and fails the job.
+JOB_DEADLINE_SLACK_S = 30.0
+# Registry calls (reads, writes) answer in milliseconds; past this the registry is taken as unavailable.
+REGISTRY_TIMEOUT_S = 10.0
+MAX_JOB_ID_CHARS = 64
+
+
+def _app_name() -> str:
+    """The Serve application this replica belongs to (each application has its own job registry)."""
+    try:
+        return serve.get_replica_context().app_name
+    except RayServeException:  # built outside Serve
+        return "default"
+
 
 api = FastAPI(
     title="StyleAR generation",
@@ -78,6 +114,12 @@ def _with_retry_after(request: Request, status: int, headers: dict[str, str]) ->
         seconds = getattr(request.app.state, "retry_after_s", ServingConfig.retry_after_s)
         headers = {**headers, "Retry-After": str(seconds)}
     return headers
+
+
+def _event(name: str, data: dict[str, Any], event_id: int | None = None) -> str:
+    """One server-sent event: ``event:``, optional ``id:``, and the JSON ``data:`` (a single line)."""
+    head = f"event: {name}\n" + (f"id: {event_id}\n" if event_id is not None else "")
+    return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 @api.exception_handler(ApiError)
@@ -118,6 +160,8 @@ class StyleARIngress:
         self.cfg = from_dict(ServingConfig, config)
         self.reader = RequestReader(self.cfg)
         self.token = load_api_token(self.cfg)
+        self.jobs = open_registry(_app_name(), self.cfg.max_jobs, self.cfg.job_ttl_s)
+        self._job_runners: set[asyncio.Task] = set()  # referenced until they end (asyncio keeps weak refs)
         log.info(
             "ingress: API token %s; CORS origins %s",
             "required" if self.token else "not configured (no auth)",
@@ -160,6 +204,9 @@ class StyleARIngress:
             response = getattr(handle, method).remote(*args)
             try:
                 return await asyncio.wait_for(response, timeout=max(deadline - loop.time(), 0.0))
+            except asyncio.CancelledError:  # e.g. an async job cancelled: stop the work on the replica too
+                response.cancel()
+                raise
             except asyncio.TimeoutError:
                 response.cancel()
                 raise ApiError(504, f"the model did not answer within {timeout:g} s", None) from None
@@ -230,6 +277,10 @@ class StyleARIngress:
     )
     async def generate_style(self, request: Request) -> Response:
         """Style-aligned generation: prompt + reference image -> PNG (or base64 JSON)."""
+        return await self._generate(*await self._style_job(request))
+
+    async def _style_job(self, request: Request) -> tuple[GenerationJob, GenerationOptions]:
+        """A style request's body read, checked and turned into the model's job (4xx on a bad field)."""
         options, uploads = await self.reader.read(request, StyleOptions)
         reference = uploads.get("image")
         if reference is None:
@@ -248,7 +299,7 @@ class StyleARIngress:
             sam=use_sam,
             sam_mode=sam_mode,
         )
-        return await self._generate(job, options)
+        return job, options
 
     @api.post(
         "/v1/generate/subject",
@@ -258,10 +309,171 @@ class StyleARIngress:
     )
     async def generate_subject(self, request: Request) -> Response:
         """Subject-driven generation: a prompt with the subject's identifier, on the subject's adapter."""
+        return await self._generate(*await self._subject_job(request))
+
+    async def _subject_job(self, request: Request) -> tuple[GenerationJob, GenerationOptions]:
+        """A subject request's body read, checked and turned into the model's job (4xx on a bad field)."""
         options, uploads = await self.reader.read(request, SubjectOptions)
         if "image" in uploads:
             raise ApiError(422, "image: subject generation takes no reference image", "image")
-        return await self._generate(self._job("subject", options, uploads), options)
+        return self._job("subject", options, uploads), options
+
+    # --- async jobs ----------------------------------------------------------------------------------
+
+    @api.post(
+        "/v1/jobs/style",
+        status_code=202,
+        response_model=JobAccepted,
+        responses=JOB_CREATE_RESPONSES,
+        openapi_extra={"requestBody": request_body_openapi(StyleOptions, file_field="image")},
+    )
+    async def create_style_job(self, request: Request) -> JSONResponse:
+        """``POST /v1/generate/style`` as a background job: 202 ``{"id", "status"}`` at once.
+
+        The body is the synchronous endpoint's, checked the same way (a bad field is the same 4xx now,
+        not a failed job); ``response_format`` does not apply (the result is base64 JSON) and
+        ``timeout_s`` bounds the job's run.
+        """
+        return await self._submit_job(*await self._style_job(request))
+
+    @api.post(
+        "/v1/jobs/subject",
+        status_code=202,
+        response_model=JobAccepted,
+        responses=JOB_CREATE_RESPONSES,
+        openapi_extra={"requestBody": request_body_openapi(SubjectOptions)},
+    )
+    async def create_subject_job(self, request: Request) -> JSONResponse:
+        """``POST /v1/generate/subject`` as a background job: 202 ``{"id", "status"}`` at once."""
+        return await self._submit_job(*await self._subject_job(request))
+
+    @api.get("/v1/jobs/{job_id}", response_model=JobState, responses=JOB_READ_RESPONSES)
+    async def job_state(self, job_id: str) -> JSONResponse:
+        """A job's status, progress (tokens done / total), and its result (base64 PNG, seed) or error."""
+        return JSONResponse(await self._job_state(job_id))
+
+    @api.post("/v1/jobs/{job_id}/cancel", response_model=JobState, responses=JOB_READ_RESPONSES)
+    async def cancel_job(self, job_id: str) -> JSONResponse:
+        """Cancel a queued or running job: it is ``cancelled`` at once and its decode rows are freed at the
+        model's next step. A job that already ended stays as it is. Answers the job's state."""
+        state = await self._registry("cancel", job_id) if len(job_id) <= MAX_JOB_ID_CHARS else None
+        if state is None:
+            raise ApiError(404, "job: unknown or expired id", "id")
+        return JSONResponse(state)
+
+    @api.get(
+        "/v1/jobs/{job_id}/events",
+        response_class=StreamingResponse,
+        responses=JOB_EVENTS_RESPONSES,
+    )
+    async def job_events(self, job_id: str) -> StreamingResponse:
+        """Server-sent events of a job until it ends: ``progress`` (queued, running) then one of ``done``
+        (with the result), ``failed`` (with the error) or ``cancelled``; each ``data:`` is the job's state
+        as ``GET /v1/jobs/{id}`` gives it, each ``id:`` its version. A comment line keeps a quiet stream
+        open. (No preview images are streamed.)"""
+        state = await self._job_state(job_id)  # an unknown id is a 404 before the stream starts
+        return StreamingResponse(
+            self._job_event_stream(job_id, state),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _registry(self, method: str, *args: Any, timeout: float = REGISTRY_TIMEOUT_S) -> Any:
+        """Call the job registry; a 503 when it does not answer within ``timeout``."""
+        try:
+            return await asyncio.wait_for(getattr(self.jobs, method).remote(*args), timeout)
+        except (asyncio.TimeoutError, RayError) as e:
+            log.warning("job registry: %s failed: %r", method, e)
+            raise ApiError(503, "the job registry is unavailable; retry later", None) from None
+
+    async def _job_state(self, job_id: str) -> dict[str, Any]:
+        state = await self._registry("get", job_id) if len(job_id) <= MAX_JOB_ID_CHARS else None
+        if state is None:
+            raise ApiError(404, "job: unknown or expired id", "id")
+        return state
+
+    async def _submit_job(self, job: GenerationJob, options: GenerationOptions) -> JSONResponse:
+        """Register ``job`` and start its runner on this replica; 202 with its id (429 when full)."""
+        timeout = min(options.timeout_s or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
+        run_s = timeout + JOB_DEADLINE_SLACK_S
+        job_id = await self._registry("create", job.kind, job.width, job.height, job.adapter, run_s)
+        if job_id is None:
+            raise ApiError(429, f"{self.cfg.max_jobs} jobs are held; retry once some end or expire", None)
+        # A fresh context: the runner is not part of this HTTP request (which ends now), so nothing Serve
+        # ties to the request (e.g. cancelling its child calls) reaches the job.
+        runner = asyncio.create_task(self._run_job(job_id, job, timeout), context=contextvars.Context())
+        self._job_runners.add(runner)
+        runner.add_done_callback(self._job_runners.discard)
+        return JSONResponse({"id": job_id, "status": "queued"}, status_code=202)
+
+    async def _run_job(self, job_id: str, job: GenerationJob, timeout: float) -> None:
+        """Run one job through the model (the synchronous endpoints' call) and write how it ended.
+
+        Every ending reaches the registry: the image, the model's 4xx/5xx, a timeout (504), an unavailable
+        model (503), anything unexpected (500). A job cancelled through the registry (from any replica)
+        ends the wait on ``wait_end``; the model call is then cancelled, which frees its decode rows.
+        """
+        reporter = JobProgressReporter(self.jobs, job_id, self.cfg.job_progress_interval_s)
+        call = asyncio.ensure_future(
+            self._call_model("generate", job, reporter, adapter=job.adapter, timeout=timeout)
+        )
+        ended = asyncio.ensure_future(self.jobs.wait_end.remote(job_id))
+        ended.add_done_callback(lambda f: f.cancelled() or f.exception())  # a lost registry is logged below
+        try:
+            await asyncio.wait({call, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if not call.done() and ended.done() and ended.exception() is not None:
+                log.warning("job %s: lost sight of the registry: %r", job_id, ended.exception())
+                await asyncio.wait({call})  # the outcome is still written, should the registry be back
+            if not call.done():  # cancelled, or failed for want of its runner: nobody wants the image now
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+                return
+            outcome: JobOutcome = call.result()
+            if outcome.status == 200 and outcome.png is not None:
+                image = base64.b64encode(outcome.png).decode()
+                await self._registry("finish", job_id, image, outcome.seed)
+            else:
+                await self._record_failure(
+                    job_id, outcome.status, outcome.error or "generation failed", outcome.field
+                )
+        except ApiError as e:
+            await self._record_failure(job_id, e.status, e.message, e.field)
+        except asyncio.CancelledError:  # the replica is shutting down: stop the model's work, say why
+            call.cancel()
+            self.jobs.fail.remote(job_id, 503, "the server stopped before the job ended; resubmit it", None)
+            raise
+        except Exception:
+            log.exception("job %s: unexpected error", job_id)
+            await self._record_failure(job_id, 500, "internal error", None)
+
+    async def _record_failure(self, job_id: str, status: int, message: str, field: str | None) -> None:
+        try:
+            await self._registry("fail", job_id, status, message, field)
+        except ApiError:  # the registry is gone: the log is the only place left for the error
+            log.error("job %s failed (%s %s) and the registry could not be told", job_id, status, message)
+
+    async def _job_event_stream(self, job_id: str, state: dict[str, Any] | None) -> AsyncIterator[str]:
+        """The events of :meth:`job_events`, bounded by the longest a job can run."""
+        keepalive = self.cfg.job_events_keepalive_s
+        stop_at = time.monotonic() + self.cfg.request_timeout_s + JOB_DEADLINE_SLACK_S + keepalive
+        sent = -1
+        while True:
+            if state is None:
+                yield _event("gone", {"error": "job: unknown or expired id", "field": "id"})
+                return
+            if state["version"] != sent:
+                sent = state["version"]
+                name = state["status"] if state["status"] in TERMINAL else "progress"
+                yield _event(name, state, event_id=sent)
+            elif time.monotonic() < stop_at:
+                yield ": keep-alive\n\n"
+            if state["status"] in TERMINAL or time.monotonic() >= stop_at:
+                return
+            try:
+                state = await self._registry("wait_change", job_id, sent, keepalive, timeout=keepalive + 10)
+            except ApiError as e:  # the status line is sent: the error can only be an event now
+                yield _event("error", e.body())
+                return
 
     @api.get("/v1/adapters", responses=READ_RESPONSES)
     async def adapters(self) -> dict[str, Any]:

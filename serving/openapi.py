@@ -7,18 +7,18 @@ from typing import Any
 from fastapi import FastAPI
 
 from serving.auth import PUBLIC_PATHS
-from serving.schemas import ErrorBody, GeneratedImage
+from serving.schemas import ErrorBody, GeneratedImage, JobAccepted, JobState
 
 ERROR_DESCRIPTIONS = {
     400: "Malformed request: body not valid JSON or multipart, an unreadable image, or bad base64.",
     401: "Missing or wrong API token (`Authorization: Bearer <token>`).",
-    404: "Unknown adapter.",
+    404: "Unknown adapter, or (jobs) an unknown or expired job id.",
     408: "The request body did not arrive within the server's body_read_timeout_s "
     "(or the proxy's request_timeout_s passed).",
     413: "The body, the reference image or the condition image is over the size limits.",
     415: "Content type other than JSON or multipart, or an image format other than PNG, JPEG or WebP.",
     422: "A field fails validation; `field` names it.",
-    429: "Too many requests queued; retry after `Retry-After` seconds.",
+    429: "Too many requests queued, or (jobs) max_jobs jobs held; retry after `Retry-After` seconds.",
     500: "Unexpected server error (no internals are shown).",
     503: "Overloaded (queues full) or no model replica available; retry after `Retry-After` seconds.",
     504: "The model did not answer within timeout_s (or the server's request_timeout_s).",
@@ -50,6 +50,24 @@ GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     **error_responses(400, 404, 408, 413, 415, 422, 429, 500, 503, 504),
 }
 READ_RESPONSES = error_responses(408, 429, 500, 503, 504)
+# A job is accepted after the same checks as a synchronous request; the model's own 4xx/5xx (and 504)
+# come later, in the job's error.
+JOB_CREATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    202: {"model": JobAccepted, "description": "Accepted: poll GET /v1/jobs/{id} or stream its events."},
+    **error_responses(400, 408, 413, 415, 422, 429, 500, 503),
+}
+JOB_READ_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": JobState, "description": "The job's state (a failed job is a 200 with its `error`)."},
+    **error_responses(404, 408, 429, 500, 503),
+}
+JOB_EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Server-sent events: `progress` while queued or running, then one of `done`, "
+        "`failed`, `cancelled`; each `data:` is the job's state as JSON (JobState), each `id:` its version.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    **error_responses(404, 408, 429, 500, 503),
+}
 
 
 def document_bearer_auth(app: FastAPI) -> None:

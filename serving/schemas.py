@@ -69,6 +69,44 @@ class GeneratedImage(BaseModel):
     adapter: str | None = Field(description="the LoRA adapter used, if any")
 
 
+class JobAccepted(BaseModel):
+    """The answer to ``POST /v1/jobs/{style,subject}`` (202): the new job's id and its first status."""
+
+    id: str = Field(description="the job's id: GET /v1/jobs/{id}, GET /v1/jobs/{id}/events, POST .../cancel")
+    status: Literal["queued"] = "queued"
+
+
+class JobProgress(BaseModel):
+    """How far a job's image is: tokens sampled so far of the image's tokens."""
+
+    tokens_done: int = Field(description="image tokens sampled so far")
+    tokens_total: int | None = Field(description="the image's tokens (known once it runs)")
+
+
+class JobError(BaseModel):
+    """Why a job failed: the status and body its synchronous request would have answered."""
+
+    status: int = Field(description="the HTTP status the synchronous endpoint would answer")
+    error: str = Field(description="what went wrong, for a person to read")
+    field: str | None = Field(description="the request field at fault, if one is")
+
+
+class JobState(BaseModel):
+    """``GET /v1/jobs/{id}``: a job's status, progress, and its result or error once it ends."""
+
+    id: str
+    kind: Literal["style", "subject"]
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    progress: JobProgress
+    created_at: float = Field(description="when it was accepted (Unix time, seconds)")
+    finished_at: float | None = Field(description="when it ended (Unix time, seconds)")
+    result: GeneratedImage | None = Field(
+        description="the image, once done (kept for the server's job_ttl_s)"
+    )
+    error: JobError | None = Field(description="why it failed, if it did")
+    version: int = Field(description="bumped on every change (events carry it too)")
+
+
 class GenerationOptions(BaseModel):
     """Options common to both endpoints (JSON body fields or multipart form fields)."""
 
