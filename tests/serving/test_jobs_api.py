@@ -84,7 +84,7 @@ def decode_stats(client: httpx.Client) -> dict:
     return client.get("/v1/stats").json()["decode"]
 
 
-def test_progress_increases_over_polls_and_the_image_is_the_synchronous_one(client):
+def test_progress_increases_over_polls_and_the_image_is_the_synchronous_one(client, ray_session):
     body = subject_body(LONG, seed=7)
     job_id = submit(client, "subject", json=body)
     seen: list[tuple[str, int]] = []
@@ -110,6 +110,26 @@ def test_progress_increases_over_polls_and_the_image_is_the_synchronous_one(clie
     assert sync.status_code == 200, sync.text
     assert base64.b64decode(result["image"]) == sync.content  # the same path, the same image
     assert sync.headers["X-Seed"] == "7"
+    # The state lives in the application's named registry actor, which every ingress replica reads.
+    registry = ray_session.get_actor(registry_name(APP), namespace=REGISTRY_NAMESPACE)
+    assert ray_session.get(registry.get.remote(job_id))["result"] == result
+
+
+def test_openapi_documents_the_job_routes(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for kind in ("style", "subject"):
+        create = paths[f"/v1/jobs/{kind}"]["post"]
+        assert create["responses"]["202"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/JobAccepted"
+        )
+        assert {"422", "429", "503"} <= set(create["responses"])
+        assert set(create["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    for path, method in (("/v1/jobs/{job_id}", "get"), ("/v1/jobs/{job_id}/cancel", "post")):
+        responses = paths[path][method]["responses"]
+        assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/JobState")
+        assert responses["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    events = paths["/v1/jobs/{job_id}/events"]["get"]["responses"]
+    assert set(events["200"]["content"]) == {"text/event-stream"} and "404" in events
 
 
 def read_events(client: httpx.Client, path: str, timeout_s: float = 60) -> tuple[str, list[tuple[str, dict]]]:
