@@ -15,7 +15,8 @@ Endpoints:
   gives the status, progress (tokens done / total) and, once done, the result (base64 PNG + seed) or
   the error (status, message, field); ``GET /v1/jobs/{id}/events`` streams the same as server-sent
   events until the job ends; ``POST /v1/jobs/{id}/cancel`` cancels it (its decode rows are freed).
-  An unknown or expired id is a 404; past ``max_jobs`` held jobs, a new one is a 429.
+  An unknown or expired id is a 404; past ``max_jobs`` held jobs, a new one is a 429. A job that finds
+  the model deployment's queues full waits for room (within its ``timeout_s``) instead of failing 503.
 
 Everything a client gets wrong is a 4xx ``{"error", "field"}`` decided here or by the model
 deployment; a model that does not answer in time is a 504 (the call is cancelled), an overloaded
@@ -414,9 +415,7 @@ class StyleARIngress:
         ends the wait on ``wait_end``; the model call is then cancelled, which frees its decode rows.
         """
         reporter = JobProgressReporter(self.jobs, job_id, self.cfg.job_progress_interval_s)
-        call = asyncio.ensure_future(
-            self._call_model("generate", job, reporter, adapter=job.adapter, timeout=timeout)
-        )
+        call = asyncio.ensure_future(self._job_outcome(job, reporter, timeout))
         ended = asyncio.ensure_future(self.jobs.wait_end.remote(job_id))
         ended.add_done_callback(lambda f: f.cancelled() or f.exception())  # a lost registry is logged below
         try:
@@ -445,6 +444,31 @@ class StyleARIngress:
         except Exception:
             log.exception("job %s: unexpected error", job_id)
             await self._record_failure(job_id, 500, "internal error", None)
+
+    async def _job_outcome(
+        self, job: GenerationJob, reporter: JobProgressReporter, timeout: float
+    ) -> JobOutcome:
+        """The model's answer to a job; while the model is at capacity or unavailable (503), asked again.
+
+        A synchronous client is told 503 and retries itself; a job waits instead (0.1 s, doubling up to
+        ``retry_after_s``), so more jobs than the model deployment's queues hold can be submitted at once.
+        The job's ``timeout`` bounds the whole wait; past it, the last 503 is the job's error.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        backoff = 0.1
+        while True:
+            try:
+                remaining = max(deadline - loop.time(), 0.001)
+                return await self._call_model(
+                    "generate", job, reporter, adapter=job.adapter, timeout=remaining
+                )
+            except ApiError as e:
+                pause = min(backoff, deadline - loop.time())
+                if e.status != 503 or pause <= 0:
+                    raise
+                await asyncio.sleep(pause)
+                backoff = min(2 * backoff, max(self.cfg.retry_after_s, 0.1))
 
     async def _record_failure(self, job_id: str, status: int, message: str, field: str | None) -> None:
         try:

@@ -24,6 +24,7 @@ APP = "stylear-jobs"
 TTL_S = 4.0
 # Pixels: a long image decodes for a second or more while the test looks at it; a short one ends at once.
 HUGE, LONG, SHORT = 512, 128, 32
+MODEL_ONGOING, MODEL_QUEUED = 4, 1
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,11 @@ def url(registry_cleanup, serve_on_loopback):
         "job_progress_interval_s=0.05",
         "min_timeout_s=0",
     ]
-    app = build_app({"config_file": "serving/configs/tiny.yaml", "overrides": overrides})
+    # Small model queues: a burst of jobs overflows them (the cancel test's three calls and a stats call fit).
+    model_options = {"max_ongoing_requests": MODEL_ONGOING, "max_queued_requests": MODEL_QUEUED}
+    app = build_app(
+        {"config_file": "serving/configs/tiny.yaml", "overrides": overrides}, model_options=model_options
+    )
     return serve_on_loopback(app, APP)
 
 
@@ -204,6 +209,14 @@ def test_cancel_frees_the_rows_for_a_queued_job(client):
     assert stats["finished"] - before["finished"] == 1
     # Cancelling an ended job changes nothing.
     assert client.post(f"/v1/jobs/{queued}/cancel").json()["status"] == "done"
+
+
+def test_more_jobs_than_the_model_queues_hold_all_finish(client):
+    # The model deployment takes 4 calls and queues 1 more: the rest are refused (503) and their jobs wait.
+    ids = [submit(client, "subject", json=subject_body(LONG, seed=20 + i)) for i in range(7)]
+    states = [wait_for(client, job_id, {"done", "failed", "cancelled"}) for job_id in ids]
+    assert [s["status"] for s in states] == ["done"] * 7, [s["error"] for s in states]
+    assert [s["result"]["seed"] for s in states] == list(range(20, 27))
 
 
 def test_unknown_ids_are_404_and_bad_bodies_are_the_synchronous_4xx(client):
