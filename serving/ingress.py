@@ -29,7 +29,8 @@ too deeply are 4xx, integer fields take integers only (no ``true``, no ``3.0``),
 has a floor (``min_timeout_s``). Queues are bounded: past ``max_queued_requests`` waiting at an
 HTTP proxy, Serve's proxy answers 503 + ``Retry-After`` at once (the ingress's
 ``backpressure_config``); past the model deployment's bound, this ingress does (the handle raises
-``BackPressureError``).
+``BackPressureError``), and counts each such 503 as ``stylear_rejections_total{reason="overload"}``
+(:mod:`serving.metrics`; a job counts once, if it fails for want of room).
 
 Auth and CORS: with a token configured (``auth_token_env`` / ``auth_token_file``), every route but
 ``/healthz`` needs ``Authorization: Bearer <token>`` (401 + ``WWW-Authenticate: Bearer`` otherwise,
@@ -59,6 +60,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.auth import BearerTokenAuth, load_api_token
 from serving.config import ServingConfig
 from serving.jobs import TERMINAL, JobProgressReporter, open_registry
+from serving.metrics import IngressMetrics
 from serving.openapi import (
     GENERATION_RESPONSES,
     JOB_CREATE_RESPONSES,
@@ -123,8 +125,18 @@ def _event(name: str, data: dict[str, Any], event_id: int | None = None) -> str:
     return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+class ModelAtCapacity(ApiError):
+    """503: the model deployment's queues are full (its handle raised ``BackPressureError``)."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "the model is at capacity; retry later", None)
+
+
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    metrics: IngressMetrics | None = getattr(request.app.state, "metrics", None)
+    if isinstance(exc, ModelAtCapacity) and metrics is not None:
+        metrics.overloaded()
     headers = _with_retry_after(request, exc.status, exc.headers)
     return JSONResponse(status_code=exc.status, content=exc.body(), headers=headers)
 
@@ -163,6 +175,7 @@ class StyleARIngress:
         self.token = load_api_token(self.cfg)
         self.jobs = open_registry(_app_name(), self.cfg.max_jobs, self.cfg.job_ttl_s)
         self._job_runners: set[asyncio.Task] = set()  # referenced until they end (asyncio keeps weak refs)
+        self.metrics = IngressMetrics()
         log.info(
             "ingress: API token %s; CORS origins %s",
             "required" if self.token else "not configured (no auth)",
@@ -173,6 +186,7 @@ class StyleARIngress:
         """Serve calls this after ``__init__``: the app with this config's auth, CORS and Retry-After."""
         app: FastAPI = self.app  # serve.ingress's own copy of `api`, not yet started
         app.state.retry_after_s = self.cfg.retry_after_s
+        app.state.metrics = self.metrics  # the error handler counts the overload 503s it answers
         if self.token:
             app.add_middleware(BearerTokenAuth, token=self.token)
             document_bearer_auth(app)
@@ -212,7 +226,7 @@ class StyleARIngress:
                 response.cancel()
                 raise ApiError(504, f"the model did not answer within {timeout:g} s", None) from None
             except BackPressureError:
-                raise ApiError(503, "the model is at capacity; retry later", None) from None
+                raise ModelAtCapacity() from None
             except RayTaskError:
                 log.exception("the model deployment raised")
                 raise ApiError(500, "internal error", None) from None
@@ -436,6 +450,8 @@ class StyleARIngress:
                     job_id, outcome.status, outcome.error or "generation failed", outcome.field
                 )
         except ApiError as e:
+            if isinstance(e, ModelAtCapacity):  # the job waited for room until its timeout and found none
+                self.metrics.overloaded()
             await self._record_failure(job_id, e.status, e.message, e.field)
         except asyncio.CancelledError:  # the replica is shutting down: stop the model's work, say why
             call.cancel()

@@ -1,4 +1,4 @@
-"""The model replica's metrics through Ray's metrics API, for the Ray dashboard and Prometheus.
+"""The service's metrics through Ray's metrics API (the model replica's; the ingress's overload rejections).
 
 Every name starts with ``stylear_``; Ray's Prometheus export (each node's metrics export port, also
 scraped by the dashboard) prefixes them with ``ray_``. Built inside a Serve replica, each metric carries
@@ -29,12 +29,43 @@ LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 1
 BASE_ADAPTER = "base"
 
 
+def rejections_counter() -> Counter:
+    """``stylear_rejections_total{reason}``: requests answered without an image, by reason.
+
+    The model replicas count ``bad_input``, ``cancelled`` and ``error``; the ingress replicas (other
+    processes) count ``overload``. Each builds its own Counter here, so the name, description and tag
+    keys that Ray merges into one metric are the same everywhere.
+    """
+    return Counter(
+        "stylear_rejections_total",
+        "Requests answered without an image, by reason (bad_input, cancelled, error, overload).",
+        tag_keys=("reason",),
+    )
+
+
+class IngressMetrics:
+    """The ingress's share of the ``stylear_`` metrics: ``stylear_rejections_total{reason="overload"}``,
+    requests it answers 503 because the model deployment's queues are full.
+
+    (Serve's HTTP proxy answers its own 503 when the ingress's queue is full; that never reaches the
+    ingress, and Serve's ``serve_num_http_error_requests_total{error_code="503"}`` counts it.)
+    """
+
+    def __init__(self) -> None:
+        self.rejections = rejections_counter()
+
+    def overloaded(self) -> None:
+        """Count one request rejected for overload."""
+        self.rejections.inc(1, tags={"reason": "overload"})
+
+
 class ReplicaMetrics:
     """The ``stylear_`` metrics of one model replica.
 
     Counters: ``stylear_requests_total{adapter}`` (requests whose adapter was found, ``base`` for none),
     ``stylear_rejections_total{reason}`` (``bad_input``: a 4xx answer; ``cancelled``: the caller gave
-    up, i.e. the ingress's timeout or a client disconnect; ``error``: a 5xx answer),
+    up, i.e. the ingress's timeout or a client disconnect; ``error``: a 5xx answer; ``overload`` is the
+    ingress's, :class:`IngressMetrics`),
     ``stylear_tokens_generated_total`` (image tokens each request received, header to end for a whole
     image), ``stylear_decode_steps_total``. Gauges: ``stylear_queue_depth`` (requests waiting for a row
     slot), ``stylear_adapter_pool_waiting`` (requests waiting for an adapter slot),
@@ -46,11 +77,7 @@ class ReplicaMetrics:
         self.requests = Counter(
             "stylear_requests_total", "Generation requests, by adapter (base: none).", tag_keys=("adapter",)
         )
-        self.rejections = Counter(
-            "stylear_rejections_total",
-            "Requests answered without an image, by reason (bad_input, cancelled, error).",
-            tag_keys=("reason",),
-        )
+        self.rejections = rejections_counter()
         self.tokens = Counter("stylear_tokens_generated_total", "Image tokens generated (header to end).")
         self.decode_steps = Counter("stylear_decode_steps_total", "Decode steps of the replica's loop.")
         self.queue_depth = Gauge("stylear_queue_depth", "Requests waiting for a row slot of the decode loop.")

@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 
 import httpx
 import pytest
+import ray
+from prometheus_client.parser import text_string_to_metric_families
 
 from serving.app import build_app
 
@@ -20,6 +23,7 @@ BODY_READ_TIMEOUT_S = 2.0
 RETRY_AFTER_S = 3
 INGRESS_SLOTS, INGRESS_QUEUE = 8, 4
 REQUEST_TIMEOUT_S = 60
+APP = "stylear-small"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ def url(serve_on_loopback):
             "ray_actor_options": {"num_cpus": 0.5},
         },
     )
-    return serve_on_loopback(app, "stylear-small")
+    return serve_on_loopback(app, APP)
 
 
 @pytest.fixture
@@ -85,6 +89,30 @@ def test_overload_gets_fast_503s_with_retry_after_and_no_other_server_error(url)
             assert r.json() == {"error": "the model is at capacity; retry later", "field": None}
     with httpx.Client(base_url=url, timeout=30) as c:
         assert c.get("/healthz").status_code == 200
+    # Each 503 the ingress answered is a rejection for overload in Ray's Prometheus export, from the
+    # ingress replicas (the proxy's own 503s never reach our code: Serve's HTTP error counter has them).
+    answered_by_ingress = sum(r.headers["content-type"] == "application/json" for r, _ in shed)
+    deadline = time.monotonic() + 60  # Ray flushes a process's metrics every few seconds
+    while (counted := overload_rejections()) != answered_by_ingress and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert counted == answered_by_ingress
+
+
+def overload_rejections() -> float:
+    """``stylear_rejections_total{reason="overload"}`` of this module's application on the node's
+    Prometheus endpoint (Ray's metrics export port), summed over the ingress replicas that recorded it."""
+    (node,) = [n for n in ray.nodes() if n["Alive"]]
+    with urllib.request.urlopen(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            mine = sample.name == "ray_stylear_rejections_total" and labels.get("application") == APP
+            if mine and labels["reason"] == "overload":
+                assert labels["deployment"] == "StyleARIngress", labels
+                total += sample.value
+    return total
 
 
 async def slow_post(
