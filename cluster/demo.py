@@ -1,18 +1,22 @@
-"""The tiny end-to-end demo: a private local Ray cluster, the pipeline as a Ray job, the Serve app, HTTP, a report.
+"""The end-to-end demo: a private local Ray cluster, the pipeline as a Ray job, the Serve app, HTTP, a report.
 
 1. Starts a loopback Ray head (own ports and temp dir, :class:`~cluster.local.LocalRayCluster`).
-2. Submits ``python -m jobs.pipeline --config jobs/configs/pipeline/tiny.yaml`` with ``ray job submit``
-   exactly as a user would against a real cluster (curate -> train_style -> make_preferences ->
-   train_dpo -> evaluate -> export), and follows its logs to its end.
+2. Submits ``python -m jobs.pipeline --config jobs/configs/pipeline/demo.yaml`` with ``ray job submit``
+   exactly as a user would against a real cluster, and follows its logs to its end. The default is the
+   miniature world, cut down to train fresh in minutes (pretrain -> train_style -> evaluate_world ->
+   export): a VQGAN, style CLIP, judges and base model trained on procedural images, then StyleAR SFT.
+   ``--config jobs/configs/pipeline/tiny.yaml`` runs the random tiny plumbing pipeline instead (curate ->
+   train_style -> make_preferences -> train_dpo -> evaluate -> export).
 3. Connects to the same cluster, deploys the Ray Serve app (:mod:`serving.app`) with the serving
    config the export stage wrote (the exported adapter under its adapters root), and sends real HTTP
-   requests: health, adapters, and style-aligned generation for held synthetic references, each with
-   the tuned adapter and with the base model, concurrently (so requests batch). The PNGs and a
-   ``responses.json`` land in ``<run_dir>/served/``.
+   requests: health, adapters, and style-aligned generation for held-out references (the world's
+   held-out styles; the tiny run's held synthetic pairs), each with the tuned adapter and with the base
+   model, concurrently (so requests batch). The PNGs and a ``responses.json`` land in
+   ``<run_dir>/served/``.
 4. Rewrites ``<run_dir>/report.html`` with the served images, shuts Serve down, stops the cluster and
    prints where the report is.
 
-    python -m cluster.demo [--run-dir runs/demo] [key=value pipeline overrides ...]
+    python -m cluster.demo [--config FILE] [--run-dir runs/demo] [key=value pipeline overrides ...]
     python -m cluster.demo --attach 127.0.0.1:6379 --skip-pipeline --run-dir R   # steps 3-4 only
 """
 
@@ -35,6 +39,7 @@ from typing import Any
 from cluster.local import REPO_ROOT, LocalRayCluster, apply_project_env, free_port, project_env
 
 AGENT_WAIT_S = 600  # the head answers HTTP before its job agent registers: minutes on a loaded 2-core machine
+WORLD_STAGE = "evaluate_world"  # the stage a miniature-world run has and the tiny run does not
 
 
 def start_local_cluster(num_cpus: int, attempts: int = 3) -> LocalRayCluster:
@@ -121,9 +126,7 @@ def http_call(
         return e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
 
 
-def served_requests(run_dir: Path, count: int) -> list[dict[str, Any]]:
-    """Style requests for the demo: the first ``count`` held pairs of the run's evaluate stage (its
-    config's pairs; the evaluation defaults when the run has none), each with and without the adapter."""
+def _tiny_requests(run_dir: Path, count: int) -> list[dict[str, Any]]:
     from stylear_core.config import from_dict
     from stylear_core.evaluation.style_eval import HeldPairsConfig, held_pairs
     from stylear_core.runs import read_manifest
@@ -131,16 +134,72 @@ def served_requests(run_dir: Path, count: int) -> list[dict[str, Any]]:
     export = read_manifest(run_dir / "export")
     evaluate = read_manifest(run_dir / "evaluate") or {}
     pairs_cfg = from_dict(HeldPairsConfig, (evaluate.get("config") or {}).get("pairs", {}))
-    exported = export["summary"]
-    size = int(read_manifest(exported["adapter"])["model_config"]["image_size"])
+    size = int(read_manifest(export["summary"]["adapter"])["model_config"]["image_size"])
+    return [
+        {"prompt": p["prompt"], "style_ref": p["style_ref"], "reference": p["style_image"], "sampling": {}}
+        for p in held_pairs(pairs_cfg, size)[:count]
+    ]
+
+
+def _world_requests(run_dir: Path, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` held-out pairs of the run's evaluate_world stage (its config), sampled as it
+    samples them: pair ``i`` is the one in column ``i`` of its grid."""
+    from stylear_core.config import from_dict
+    from stylear_core.data.images import encode_png
+    from stylear_core.miniature.evaluate import WorldEvalConfig, held_out_pairs
+    from stylear_core.runs import read_manifest
+
+    evaluate = read_manifest(run_dir / WORLD_STAGE) or {}
+    cfg = from_dict(WorldEvalConfig, (evaluate.get("config") or {}).get("eval", {}))
+    sampling = {
+        "cfg": cfg.sampling.cfg_scale,
+        "top_k": cfg.sampling.top_k,
+        "temperature": cfg.sampling.temperature,
+        "noise_strength": cfg.sampling.noise_strength,
+    }
+    return [
+        {
+            "prompt": p.content.prompt,
+            "style_ref": p.style.style_id,
+            "reference": encode_png(p.reference),
+            "sampling": sampling,
+        }
+        for p in held_out_pairs(cfg)[:count]
+    ]
+
+
+def is_world_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a miniature-world run (it has an evaluate_world stage)."""
+    return (Path(run_dir) / WORLD_STAGE / "manifest.json").is_file()
+
+
+def default_request_count(run_dir: Path) -> int:
+    """Held references the demo sends: each held-out style of the world once; 3 of the tiny run's pairs."""
+    if is_world_run(run_dir):
+        from stylear_core.miniature.data import HELD_OUT_STYLES
+
+        return len(HELD_OUT_STYLES)
+    return 3
+
+
+def served_requests(run_dir: Path, count: int) -> list[dict[str, Any]]:
+    """Style requests for the demo: the first ``count`` held pairs of the run's evaluation stage (the
+    world's held-out pairs for a world run; else the evaluate stage's pairs, its defaults when the run
+    has none), each with and without the exported adapter."""
+    from stylear_core.runs import read_manifest
+
+    name = read_manifest(run_dir / "export")["summary"]["name"]
+    pairs = _world_requests(run_dir, count) if is_world_run(run_dir) else _tiny_requests(run_dir, count)
     jobs = []
-    for i, pair in enumerate(held_pairs(pairs_cfg, size)[:count]):
-        for adapter in (exported["name"], None):
+    for i, pair in enumerate(pairs):
+        for adapter in (name, None):
             jobs.append({"index": i, "pair": pair, "adapter": adapter, "seed": 1000 + i})
     return jobs
 
 
-def serve_and_query(address: str, run_dir: Path, count: int = 3, timeout_s: float = 600.0) -> dict[str, Any]:
+def serve_and_query(
+    address: str, run_dir: Path, count: int | None = None, timeout_s: float = 600.0
+) -> dict[str, Any]:
     """Deploy the Serve app for the run's export on the cluster at ``address``, send the demo's HTTP
     requests, write ``<run_dir>/served/`` and return what was written to its ``responses.json``."""
     import ray
@@ -169,7 +228,8 @@ def serve_and_query(address: str, run_dir: Path, count: int = 3, timeout_s: floa
 
         def one(job: dict[str, Any]) -> dict[str, Any]:
             body = {"prompt": job["pair"]["prompt"], "seed": job["seed"], "cfg": 4.0, "timeout_s": timeout_s}
-            body["image"] = base64.b64encode(job["pair"]["style_image"]).decode()
+            body.update(job["pair"]["sampling"])
+            body["image"] = base64.b64encode(job["pair"]["reference"]).decode()
             if job["adapter"]:
                 body["adapter"] = job["adapter"]
             started = time.time()
@@ -184,7 +244,7 @@ def serve_and_query(address: str, run_dir: Path, count: int = 3, timeout_s: floa
                 "seed": job["seed"],
                 "reference": f"{job['index']}_reference.png",
             }
-            (out / record["reference"]).write_bytes(job["pair"]["style_image"])
+            (out / record["reference"]).write_bytes(job["pair"]["reference"])
             if status == 200 and headers.get("content-type", "").startswith("image/png"):
                 record["image"] = f"{job['index']}_{job['adapter'] or 'base'}.png"
                 (out / record["image"]).write_bytes(content)
@@ -192,7 +252,7 @@ def serve_and_query(address: str, run_dir: Path, count: int = 3, timeout_s: floa
                 record["error"] = content.decode(errors="replace")[:500]
             return record
 
-        jobs = served_requests(run_dir, count)
+        jobs = served_requests(run_dir, default_request_count(run_dir) if count is None else count)
         with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
             records = list(pool.map(one, jobs))
         stats = json.loads(http_call(f"{url}/v1/stats", timeout=60)[1] or b"{}")
@@ -217,8 +277,25 @@ def serve_and_query(address: str, run_dir: Path, count: int = 3, timeout_s: floa
             ray.shutdown()
 
 
+def print_world_verdict(run_dir: Path) -> None:
+    """One line per judged variant of a world run: style, palette, content accuracy and leakage."""
+    metrics = run_dir / WORLD_STAGE / "metrics.json"
+    if not metrics.is_file():
+        return
+    for name, m in json.loads(metrics.read_text()).items():
+        print(
+            f"[demo] {name}: style {m['style_accuracy']:.3f} (chance {m['chance_style']:.3f}), palette "
+            f"{m['palette_accuracy']:.3f} (colour judge {m.get('palette_colour_accuracy', float('nan')):.3f}), "
+            f"content {m['content_accuracy']:.3f}, leakage {m['leakage']:.3f} on {m['pairs']} held-out pairs",
+            flush=True,
+        )
+
+
 def print_verdict(run_dir: Path) -> None:
-    """One line: the evaluation's headline style score, base vs tuned."""
+    """The evaluation's headline: per variant for a world run; else one line, base vs tuned style score."""
+    if is_world_run(run_dir):
+        print_world_verdict(run_dir)
+        return
     metrics = run_dir / "evaluate" / "metrics.json"
     if not metrics.is_file():
         return
@@ -237,13 +314,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default="jobs/configs/pipeline/tiny.yaml")
+    parser.add_argument(
+        "--config",
+        default="jobs/configs/pipeline/demo.yaml",
+        help="pipeline config (default: the miniature world; jobs/configs/pipeline/tiny.yaml: random tiny models)",
+    )
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "demo"))
     parser.add_argument(
         "--num-cpus", type=int, default=4, help="CPUs the local cluster offers (may exceed cores)"
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds the pipeline job may take")
-    parser.add_argument("--requests", type=int, default=3, help="held references sent to the style endpoint")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="held references sent to the style endpoint (default: each held-out style of a world run; 3)",
+    )
     parser.add_argument("--attach", default=None, help="GCS address of a running cluster: start none")
     parser.add_argument("--skip-pipeline", action="store_true", help="serve an existing run dir's export")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for jobs.pipeline")

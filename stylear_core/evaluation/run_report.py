@@ -13,7 +13,10 @@ as is):
   samples;
 * loss curves: one matplotlib PNG per stage that wrote ``metrics.jsonl`` (loss, and for DPO the reward
   margin and accuracy);
-* images served over HTTP by the demo (``<run_dir>/served/responses.json``, :data:`SERVED_FORMAT`).
+* images served over HTTP by the demo (``<run_dir>/served/responses.json``, :data:`SERVED_FORMAT`);
+* for a miniature-world run (an ``evaluate_world`` stage), the world's figures, accuracy and ablation
+  tables, reference | base | SFT | served rows and VQGAN reconstructions
+  (:mod:`stylear_core.evaluation.world_report`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from stylear_core.evaluation.style_eval import EVALUATE_FORMAT
+from stylear_core.evaluation.world_report import is_world_stage, world_sections
 from stylear_core.runs import read_manifest
 
 SERVED_FORMAT = "stylear.served/1"
@@ -287,6 +291,8 @@ def write_report(run_dir: str | Path, title: str = "StyleAR pipeline run") -> Pa
     for name, manifest in stages.items():
         if manifest.get("format") == EVALUATE_FORMAT:
             sections.append(_evaluation_section(run_dir, name, run_dir / name))
+        elif is_world_stage(manifest):
+            sections.append(world_sections(run_dir, name, manifest))
     sections.append(_curves_section(run_dir, stages))
     sections.append(_served_section(run_dir))
     page = (
