@@ -69,6 +69,11 @@ class ServingConfig:
     job_events_keepalive_s: float = option(
         15.0, "async jobs: an events stream sends a comment line after this long without news"
     )
+    job_preview_every_s: float = option(
+        1.0,
+        "async jobs: with GET /v1/jobs/{id}/events?preview=true, the model replica VQ-decodes the job's "
+        "tokens so far into a 1/4-side PNG at most this often (one preview decode at a time per replica)",
+    )
     max_upload_bytes: int = option(8 * 2**20, "largest style reference upload, in bytes")
     max_reference_pixels: int = option(4096 * 4096, "largest style reference, in pixels")
     max_reference_side: int = option(8192, "longest side a style reference may have, in pixels")
@@ -120,6 +125,7 @@ class ServingConfig:
             "job_ttl_s",
             "job_progress_interval_s",
             "job_events_keepalive_s",
+            "job_preview_every_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:

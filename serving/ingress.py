@@ -14,7 +14,8 @@ Endpoints:
   bodies as the synchronous endpoints and answer 202 ``{"id", "status"}`` at once; ``GET /v1/jobs/{id}``
   gives the status, progress (tokens done / total) and, once done, the result (base64 PNG + seed) or
   the error (status, message, field); ``GET /v1/jobs/{id}/events`` streams the same as server-sent
-  events until the job ends; ``POST /v1/jobs/{id}/cancel`` cancels it (its decode rows are freed).
+  events until the job ends (with ``preview=true``, progress events also carry a low-resolution PNG of
+  the image so far); ``POST /v1/jobs/{id}/cancel`` cancels it (its decode rows are freed).
   An unknown or expired id is a 404; past ``max_jobs`` held jobs, a new one is a 429. A job that finds
   the model deployment's queues full waits for room (within its ``timeout_s``) instead of failing 503.
 
@@ -66,6 +67,7 @@ from serving.openapi import (
     JOB_CREATE_RESPONSES,
     JOB_EVENTS_RESPONSES,
     JOB_READ_RESPONSES,
+    PREVIEW_PARAMETER,
     READ_RESPONSES,
     document_bearer_auth,
     error_responses,
@@ -117,6 +119,18 @@ def _with_retry_after(request: Request, status: int, headers: dict[str, str]) ->
         seconds = getattr(request.app.state, "retry_after_s", ServingConfig.retry_after_s)
         headers = {**headers, "Retry-After": str(seconds)}
     return headers
+
+
+def _query_flag(request: Request, name: str) -> bool:
+    """A boolean query parameter: ``true``/``false`` (any case) or ``1``/``0``; absent: false; else 422."""
+    value = request.query_params.get(name)
+    if value is None:
+        return False
+    if value.lower() in ("true", "1"):
+        return True
+    if value.lower() in ("false", "0"):
+        return False
+    raise ApiError(422, f"{name}: must be true or false, got {value[:20]!r}", name)
 
 
 def _event(name: str, data: dict[str, Any], event_id: int | None = None) -> str:
@@ -380,15 +394,19 @@ class StyleARIngress:
         "/v1/jobs/{job_id}/events",
         response_class=StreamingResponse,
         responses=JOB_EVENTS_RESPONSES,
+        openapi_extra={"parameters": [PREVIEW_PARAMETER]},
     )
-    async def job_events(self, job_id: str) -> StreamingResponse:
+    async def job_events(self, job_id: str, request: Request) -> StreamingResponse:
         """Server-sent events of a job until it ends: ``progress`` (queued, running) then one of ``done``
         (with the result), ``failed`` (with the error) or ``cancelled``; each ``data:`` is the job's state
         as ``GET /v1/jobs/{id}`` gives it, each ``id:`` its version. A comment line keeps a quiet stream
-        open. (No preview images are streamed.)"""
+        open. With ``preview=true``, a running job's progress event also carries ``preview`` when a new one
+        is ready: a low-resolution PNG (base64, 1/4 side) decoded from its tokens so far, made at most every
+        ``job_preview_every_s`` and only while such a stream is open; ``done`` carries none."""
+        preview = _query_flag(request, "preview")
         state = await self._job_state(job_id)  # an unknown id is a 404 before the stream starts
         return StreamingResponse(
-            self._job_event_stream(job_id, state),
+            self._job_event_stream(job_id, state, preview),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -428,7 +446,9 @@ class StyleARIngress:
         model (503), anything unexpected (500). A job cancelled through the registry (from any replica)
         ends the wait on ``wait_end``; the model call is then cancelled, which frees its decode rows.
         """
-        reporter = JobProgressReporter(self.jobs, job_id, self.cfg.job_progress_interval_s)
+        reporter = JobProgressReporter(
+            self.jobs, job_id, self.cfg.job_progress_interval_s, self.cfg.job_preview_every_s
+        )
         call = asyncio.ensure_future(self._job_outcome(job, reporter, timeout))
         ended = asyncio.ensure_future(self.jobs.wait_end.remote(job_id))
         ended.add_done_callback(lambda f: f.cancelled() or f.exception())  # a lost registry is logged below
@@ -492,17 +512,24 @@ class StyleARIngress:
         except ApiError:  # the registry is gone: the log is the only place left for the error
             log.error("job %s failed (%s %s) and the registry could not be told", job_id, status, message)
 
-    async def _job_event_stream(self, job_id: str, state: dict[str, Any] | None) -> AsyncIterator[str]:
+    async def _job_event_stream(
+        self, job_id: str, state: dict[str, Any] | None, preview: bool = False
+    ) -> AsyncIterator[str]:
         """The events of :meth:`job_events`, bounded by the longest a job can run."""
         keepalive = self.cfg.job_events_keepalive_s
         stop_at = time.monotonic() + self.cfg.request_timeout_s + JOB_DEADLINE_SLACK_S + keepalive
         sent = -1
+        previewed = -1  # tokens_done of the last preview sent: each preview goes out once
         while True:
             if state is None:
                 yield _event("gone", {"error": "job: unknown or expired id", "field": "id"})
                 return
             if state["version"] != sent:
                 sent = state["version"]
+                if "preview" in state and state["preview"]["tokens_done"] == previewed:
+                    del state["preview"]
+                elif "preview" in state:
+                    previewed = state["preview"]["tokens_done"]
                 name = state["status"] if state["status"] in TERMINAL else "progress"
                 yield _event(name, state, event_id=sent)
             elif time.monotonic() < stop_at:
@@ -510,7 +537,9 @@ class StyleARIngress:
             if state["status"] in TERMINAL or time.monotonic() >= stop_at:
                 return
             try:
-                state = await self._registry("wait_change", job_id, sent, keepalive, timeout=keepalive + 10)
+                state = await self._registry(
+                    "wait_change", job_id, sent, keepalive, preview, timeout=keepalive + 10
+                )
             except ApiError as e:  # the status line is sent: the error can only be an event now
                 yield _event("error", e.body())
                 return

@@ -10,6 +10,12 @@ it, and the registry outlives any one replica (a redeploy reuses it; it holds no
   ``generate`` (the synchronous endpoints' path) and writes the outcome, or the error, to the registry.
   The model replica reports progress from its decode loop through :class:`JobProgressReporter`,
   throttled to one report per ``job_progress_interval_s``, so the loop never waits on the registry.
+* **Previews.** An events stream opened with ``preview=true`` marks its job as wanting previews (for as
+  long as the stream keeps asking). The registry's answer to a progress report says so, and the model
+  replica then VQ-decodes the job's tokens so far into a small PNG at most every ``job_preview_every_s``
+  (:attr:`JobProgressReporter.previewer`), off the decode loop. The registry keeps the latest one and
+  such streams get it with the next progress event; nobody else sees it, and it is dropped when the
+  job ends.
 * **Cancel.** :meth:`JobRegistry.cancel` marks the job cancelled at once; the runner, which waits on
   :meth:`JobRegistry.wait_end`, then cancels its model call, which frees the request's engine rows
   at the next decode step (as when a synchronous client times out).
@@ -29,6 +35,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +48,8 @@ TERMINAL = frozenset({"done", "failed", "cancelled"})
 REGISTRY_NAMESPACE = "stylear"
 # Long polls (events streams, runners waiting for a cancel) each hold one call open on the registry.
 REGISTRY_MAX_CONCURRENCY = 4096
+# A previewing stream's mark outlives its long poll by this much, so its next poll finds it still set.
+PREVIEW_WANTED_SLACK_S = 5.0
 
 
 def registry_name(app_name: str) -> str:
@@ -68,6 +77,8 @@ class JobRecord:
     ended: float | None = None  # monotonic, when it became terminal (the TTL counts from here)
     finished_at: float | None = None  # wall clock, for clients
     version: int = 0  # bumped on every change; events streams wait for a newer one
+    preview: dict[str, Any] | None = None  # the latest {"image", "tokens_done", "width", "height"}
+    preview_wanted_until: float = 0.0  # monotonic: a stream with preview=true polled until about then
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def touch(self) -> None:
@@ -81,10 +92,12 @@ class JobRecord:
         self.status = status
         self.ended = time.monotonic()
         self.finished_at = time.time()
+        self.preview = None  # the result (or error) says it all now
         self.touch()
 
-    def view(self, with_result: bool = True) -> dict[str, Any]:
-        """The job as ``GET /v1/jobs/{id}`` shows it (:class:`serving.schemas.JobState`)."""
+    def view(self, with_result: bool = True, with_preview: bool = False) -> dict[str, Any]:
+        """The job as ``GET /v1/jobs/{id}`` shows it (:class:`serving.schemas.JobState`); ``with_preview``
+        adds the latest preview (``preview``), if there is one, as ``events?preview=true`` streams it."""
         result = None
         if self.status == "done" and with_result:
             result = {
@@ -94,7 +107,7 @@ class JobRecord:
                 "height": self.height,
                 "adapter": self.adapter,
             }
-        return {
+        view = {
             "id": self.id,
             "kind": self.kind,
             "status": self.status,
@@ -105,6 +118,9 @@ class JobRecord:
             "error": self.error,
             "version": self.version,
         }
+        if with_preview and self.preview is not None:
+            view["preview"] = self.preview
+        return view
 
 
 class JobRegistry:
@@ -149,13 +165,27 @@ class JobRegistry:
         self.jobs[job_id] = JobRecord(job_id, kind, width, height, adapter, deadline)
         return job_id
 
-    async def progress(self, job_id: str, tokens_done: int, tokens_total: int) -> None:
-        """The model's report: ``tokens_done`` of ``tokens_total``; a queued job is running from now."""
+    async def progress(self, job_id: str, tokens_done: int, tokens_total: int) -> bool:
+        """The model's report: ``tokens_done`` of ``tokens_total``; a queued job is running from now.
+
+        Answers whether an events stream wants previews of the job now.
+        """
         record = self._live(job_id)
         if record is None or record.status in TERMINAL or tokens_done < record.tokens_done:
-            return  # late reports (after a cancel, or overtaken by a newer one) change nothing
+            return False  # late reports (after a cancel, or overtaken by a newer one) change nothing
         record.status, record.tokens_done, record.tokens_total = "running", tokens_done, tokens_total
         record.touch()
+        return record.preview_wanted_until > time.monotonic()
+
+    async def preview(self, job_id: str, tokens_done: int, image: str, width: int, height: int) -> None:
+        """The model's preview of a running job: a base64 PNG of ``width x height`` decoded from its first
+        ``tokens_done`` tokens. Kept until a newer one or the job's end; previewing streams get it with the
+        next progress event (it bumps no version: other readers see nothing new)."""
+        record = self._live(job_id)
+        if record is None or record.status in TERMINAL:
+            return
+        if record.preview is None or tokens_done > record.preview["tokens_done"]:
+            record.preview = {"image": image, "tokens_done": tokens_done, "width": width, "height": height}
 
     async def finish(self, job_id: str, image: str, seed: int, tokens_total: int | None = None) -> None:
         """The job is done: its base64 PNG and seed (ignored if it already ended, e.g. cancelled)."""
@@ -191,19 +221,25 @@ class JobRegistry:
         record = self._live(job_id)
         return record.view(with_result) if record is not None else None
 
-    async def wait_change(self, job_id: str, version: int, timeout_s: float) -> dict[str, Any] | None:
+    async def wait_change(
+        self, job_id: str, version: int, timeout_s: float, preview: bool = False
+    ) -> dict[str, Any] | None:
         """The job's view once its version passes ``version`` (or after ``timeout_s``); ``None`` if gone.
 
-        A terminal job's view carries its result.
+        A terminal job's view carries its result. ``preview``: the caller streams previews, so the job
+        wants them (until a little past this wait) and a running job's view carries the latest.
         """
         record = self._live(job_id)
+        if record is not None and preview:
+            wanted = time.monotonic() + timeout_s + PREVIEW_WANTED_SLACK_S
+            record.preview_wanted_until = max(record.preview_wanted_until, wanted)
         if record is not None and record.version <= version:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(record.changed.wait(), timeout_s)
             record = self._live(job_id)
         if record is None:
             return None
-        return record.view(with_result=record.status in TERMINAL)
+        return record.view(with_result=record.status in TERMINAL, with_preview=preview)
 
     async def wait_end(self, job_id: str) -> str | None:
         """Block until the job ends; its final status (``None`` once it is gone)."""
@@ -250,12 +286,26 @@ class JobProgressReporter:
     token at once: that is when the job starts running), fire-and-forget: the decode loop never waits
     on the registry, and a report that cannot be sent is logged, never raised (raising would fail the
     request). The last token is not reported: the job's result follows it.
+
+    Previews: the registry answers each report with whether a stream wants previews; the answer is read
+    at the next report, without waiting (a report still in flight counts as no). While wanted, and at
+    most every ``preview_every_s``, the reporter asks :attr:`previewer` (set by the model replica) for one:
+    ``previewer(handle, send)`` takes the tokens so far on the loop's thread, returns at once (``False``
+    if it made none, e.g. another preview is being decoded), and calls ``send(tokens_done, png_base64,
+    width, height)`` from another thread once decoded.
     """
 
-    def __init__(self, registry: ray.actor.ActorHandle, job_id: str, interval_s: float) -> None:
+    def __init__(
+        self, registry: ray.actor.ActorHandle, job_id: str, interval_s: float, preview_every_s: float = 1.0
+    ) -> None:
         self.registry, self.job_id, self.interval_s = registry, job_id, interval_s
+        self.preview_every_s = preview_every_s
+        self.previewer: Callable[[Any, Callable[[int, str, int, int], None]], bool] | None = None
         self._last: float | None = None
         self._warned = False
+        self._answer: ray.ObjectRef | None = None  # the last report's: does a stream want previews?
+        self._wants_preview = False
+        self._last_preview: float | None = None
 
     def __call__(self, handle: Any) -> None:
         """Report ``handle.tokens_done`` of ``handle.tokens_total`` unless one was sent within ``interval_s``."""
@@ -265,14 +315,46 @@ class JobProgressReporter:
             return
         self._last = now
         try:
-            self.registry.progress.remote(self.job_id, done, total)
+            self._maybe_preview(handle, now)
+        except Exception as e:  # e.g. the last report failed: no preview this time, the report still goes
+            self._wants_preview = False
+            self._warn("preview", e)
+        try:
+            self._answer = self.registry.progress.remote(self.job_id, done, total)
         except Exception as e:  # progress is best effort; the job's outcome is written by its runner
-            if not self._warned:
-                self._warned = True
-                log.warning("job %s: progress report failed: %s", self.job_id, e)
+            self._warn("progress report", e)
+
+    def _maybe_preview(self, handle: Any, now: float) -> None:
+        if self.previewer is None:
+            return
+        if self._answer is not None and ray.wait([self._answer], timeout=0)[0]:
+            answer, self._answer = self._answer, None
+            self._wants_preview = bool(ray.get(answer))
+        if not self._wants_preview:
+            return
+        if self._last_preview is not None and now - self._last_preview < self.preview_every_s:
+            return
+        if self.previewer(handle, self._send_preview):
+            self._last_preview = now
+
+    def _send_preview(self, tokens_done: int, image: str, width: int, height: int) -> None:
+        try:
+            self.registry.preview.remote(self.job_id, tokens_done, image, width, height)
+        except Exception as e:
+            self._warn("preview", e)
+
+    def _warn(self, what: str, e: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("job %s: %s failed: %s", self.job_id, what, e)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"registry": self.registry, "job_id": self.job_id, "interval_s": self.interval_s}
+        return {
+            "registry": self.registry,
+            "job_id": self.job_id,
+            "interval_s": self.interval_s,
+            "preview_every_s": self.preview_every_s,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["registry"], state["job_id"], state["interval_s"])
+        self.__init__(state["registry"], state["job_id"], state["interval_s"], state["preview_every_s"])

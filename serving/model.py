@@ -26,6 +26,7 @@ that cancels the request's handle, and the loop frees its rows at the next step.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import random
@@ -38,16 +39,19 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from serving.config import ServingConfig
+from serving.jobs import JobProgressReporter
 from serving.metrics import ReplicaMetrics
 from serving.schemas import GenerationJob, JobOutcome
 from stylear_core.adapters.format import AdapterError, AdapterNotFoundError, base_model_id
 from stylear_core.adapters.io import adapter_path, list_adapters
 from stylear_core.config import from_dict
 from stylear_core.data.images import ImageDecodeError, encode_png
+from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.devices import resolve_device
 from stylear_core.inference.condition_request import ConditionImageError
 from stylear_core.inference.continuous import (
@@ -74,6 +78,10 @@ def _replica_id() -> str | None:
 
 # Engine field names -> the HTTP API's.
 API_FIELDS = {"cfg_scale": "cfg", "style": "image"}
+
+# Job previews: the side divisor of the PNG, and the VQ code that stands in for tokens not chosen yet.
+PREVIEW_DOWNSCALE = 4
+PREVIEW_FILL_CODE = 0
 
 # What a cancelled request's wait returns; its caller is gone, so no one receives it.
 CANCELLED = JobOutcome.failure(499, "cancelled by the caller", None)
@@ -194,6 +202,9 @@ class StyleARModelDeployment:
         # release, so a waiter retries as soon as a slot may have freed instead of polling.
         self._pool_waiters: list[asyncio.Future[None]] = []
         self._pool_waiting = 0
+        # At most one job preview is queued or being decoded on the replica at a time; others are skipped.
+        self._preview_slot = threading.Lock()
+        self._previews = 0
         self.metrics = ReplicaMetrics()
 
         async def load_adapter(name: str) -> LoadedAdapter:
@@ -278,11 +289,14 @@ class StyleARModelDeployment:
 
         Cancelling the call (``DeploymentResponse.cancel()``) stops the request's work on the replica.
         ``progress`` (an async job's :class:`~serving.jobs.JobProgressReporter`) is called from the decode
-        loop after each of the request's tokens; it must return at once and never raise.
+        loop after each of the request's tokens; it must return at once and never raise. A reporter gets
+        this replica's :meth:`_preview` as its previewer.
         """
         self._requests += 1
         arrived = time.perf_counter()
         handle: GenerationHandle | None = None
+        if isinstance(progress, JobProgressReporter):
+            progress.previewer = self._preview
         try:
             adapter = None
             if job.adapter:
@@ -405,6 +419,43 @@ class StyleARModelDeployment:
             return self._fail(500, "internal error while decoding the image", None)
         return JobOutcome(png=encode_png(image), seed=result.seed)
 
+    def _preview(self, handle: GenerationHandle, send: Callable[[int, str, int, int], None]) -> bool:
+        """Start a preview of ``handle``'s image so far; called on the decode loop's thread.
+
+        The loop pays for a copy of the request's tokens only: the VQ decode runs on the replica's
+        preparation/decode thread, and while one preview is queued or decoding no other is started
+        (``False``), so previews cost at most one decode at a time whatever the number of jobs.
+        """
+        if not self._preview_slot.acquire(blocking=False):
+            return False
+        try:
+            tokens = self.loop.tokens_so_far(handle)
+            if tokens is not None:
+                self._executor.submit(self._decode_preview, tokens, handle.layout, send)
+                return True
+        except RuntimeError:  # the executor is shut down: the replica is stopping
+            pass
+        self._preview_slot.release()
+        return False
+
+    def _decode_preview(
+        self, tokens: torch.Tensor, layout: ImageTokenLayout, send: Callable[[int, str, int, int], None]
+    ) -> None:
+        """Decode ``tokens`` (the first of ``layout``'s; the rest one fixed code) at 1/4 side, to ``send``."""
+        try:
+            codes = torch.full((layout.h_latent, layout.w_latent), PREVIEW_FILL_CODE, dtype=torch.long)
+            full = layout.encode(codes)
+            full[: len(tokens)] = tokens
+            (image,) = self.generator.decode(full.unsqueeze(0), layout)
+            side = (max(image.width // PREVIEW_DOWNSCALE, 1), max(image.height // PREVIEW_DOWNSCALE, 1))
+            small = image.resize(side, Image.Resampling.BILINEAR)
+            self._previews += 1
+            send(len(tokens), base64.b64encode(encode_png(small)).decode(), small.width, small.height)
+        except Exception:  # a preview is best effort: the job goes on
+            log.exception("decoding a job preview failed")
+        finally:
+            self._preview_slot.release()
+
     def _prepare(self, job: GenerationJob, adapter: LoadedAdapter | None) -> GenerationRequest:
         seed = job.seed if job.seed is not None else random.SystemRandom().randrange(2**63)
         strength = (
@@ -473,7 +524,8 @@ class StyleARModelDeployment:
         steps, rows stepped, prefills, ``max_live_rows``...), its ``live_rows``/``live_requests`` and
         ``queued`` now, and what cancelled requests left undone (``requests_dropped``,
         ``batches_stopped``: those stopped mid-decode, ``steps_skipped``). ``cancelled`` counts calls
-        their caller cancelled; ``replica`` and ``pid`` say which replica answered.
+        their caller cancelled; ``previews``: job previews decoded; ``replica`` and ``pid`` say which
+        replica answered.
         """
         self._count_dropped()
         sizes = list(self._admitted.values())
@@ -500,6 +552,7 @@ class StyleARModelDeployment:
             "resident_adapters": sorted(self._resident),
             "pool_adapters": self.pool.slots,
             "pool_waits": self._pool_waits,
+            "previews": self._previews,
             "base_builds": self.base_builds,
             "build_seconds": round(self.build_seconds, 3),
             "device": str(self.device),

@@ -63,10 +63,20 @@ JOB_READ_RESPONSES: dict[int | str, dict[str, Any]] = {
 JOB_EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "Server-sent events: `progress` while queued or running, then one of `done`, "
-        "`failed`, `cancelled`; each `data:` is the job's state as JSON (JobState), each `id:` its version.",
+        "`failed`, `cancelled`; each `data:` is the job's state as JSON (JobState), each `id:` its version. "
+        "With `preview=true`, progress events of a running job may add `preview`: "
+        '`{"image": base64 PNG, "tokens_done", "width", "height"}`.',
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     },
-    **error_responses(404, 408, 429, 500, 503),
+    **error_responses(404, 408, 422, 429, 500, 503),
+}
+# The events route's query parameter (read by the route itself, so its 422 has the service's error body).
+PREVIEW_PARAMETER: dict[str, Any] = {
+    "name": "preview",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "boolean", "default": False},
+    "description": "add low-resolution previews (PNG, 1/4 side) of the image so far to progress events",
 }
 
 

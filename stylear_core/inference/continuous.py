@@ -305,6 +305,18 @@ class ContinuousBatchingEngine:
             self._lock.notify_all()
         return handle
 
+    def tokens_so_far(self, handle: GenerationHandle) -> torch.Tensor | None:
+        """The image tokens ``handle``'s request has so far (``tokens_done`` of them, the header first), as a
+        CPU copy; all of them once it is done; ``None`` while it is queued or once it was dropped.
+
+        Call it on the loop's thread (e.g. from ``on_progress``): between steps the buffer it reads is
+        written by the next step, and a freed row by the next request admitted into it.
+        """
+        for run in self.running:
+            if run.handle is handle:
+                return self.out_buf[run.rows[0], : handle.tokens_done].to("cpu", copy=True)
+        return handle.result.tokens.clone() if handle.result is not None else None
+
     @property
     def idle(self) -> bool:
         """Whether nothing is queued or running."""

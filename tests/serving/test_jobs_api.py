@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import time
 
@@ -24,7 +25,9 @@ APP = "stylear-jobs"
 TTL_S = 4.0
 # Pixels: a long image decodes for a second or more while the test looks at it; a short one ends at once.
 HUGE, LONG, SHORT = 512, 128, 32
+PREVIEWED = 256  # about a second of decoding: several preview intervals
 MODEL_ONGOING, MODEL_QUEUED = 4, 1
+PREVIEW_EVERY_S = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +46,7 @@ def url(registry_cleanup, serve_on_loopback):
         "max_slots=4",  # two guided requests fill the pool: a third one queues
         f"job_ttl_s={TTL_S}",
         "job_progress_interval_s=0.05",
+        f"job_preview_every_s={PREVIEW_EVERY_S}",
         "min_timeout_s=0",
     ]
     # Small model queues: a burst of jobs overflows them (the cancel test's three calls and a stats call fit).
@@ -170,6 +174,37 @@ def test_events_stream_progress_then_done(client):
     # An ended job's stream gives its last state at once.
     _, again = read_events(client, f"/v1/jobs/{job_id}/events")
     assert [name for name, _ in again] == ["done"]
+    assert not any("preview" in d for _, d in events)  # previews only when asked for
+
+
+def test_events_with_preview_carry_low_resolution_pngs_of_the_image_so_far(client):
+    body = subject_body(PREVIEWED, seed=11)
+    previews_before = client.get("/v1/stats").json()["previews"]
+    job_id = submit(client, "subject", json=body)
+    _, events = read_events(client, f"/v1/jobs/{job_id}/events?preview=true")
+    names = [name for name, _ in events]
+    assert names[-1] == "done" and set(names[:-1]) == {"progress"}, names
+    final = events[-1][1]
+    total = final["progress"]["tokens_total"]
+    previews = [d["preview"] for _, d in events[:-1] if d.get("preview")]
+    assert previews, f"no progress event carried a preview: {[d['progress'] for _, d in events]}"
+    for preview in previews:
+        image = Image.open(io.BytesIO(base64.b64decode(preview["image"])))
+        image.load()
+        assert image.format == "PNG" and image.size == (PREVIEWED // 4, PREVIEWED // 4), image.size
+        assert (preview["width"], preview["height"]) == image.size
+        assert 3 < preview["tokens_done"] < total, preview["tokens_done"]  # a part of the image
+    done = [p["tokens_done"] for p in previews]
+    print(f"{len(events) - 1} progress events, {len(previews)} with a preview, at tokens {done} of {total}")
+    assert done == sorted(set(done)), done  # each preview once, newer ones later
+    # The previews were made for this stream only, and the job's result is still the synchronous image.
+    assert client.get("/v1/stats").json()["previews"] > previews_before
+    assert "preview" not in final and "preview" not in client.get(f"/v1/jobs/{job_id}").json()
+    sync = client.post("/v1/generate/subject", json=body)
+    assert sync.status_code == 200, sync.text
+    assert base64.b64decode(final["result"]["image"]) == sync.content
+    bad = client.get(f"/v1/jobs/{job_id}/events?preview=maybe")
+    assert bad.status_code == 422 and bad.json()["field"] == "preview", bad.text
 
 
 def test_cancel_frees_the_rows_for_a_queued_job(client):
