@@ -128,6 +128,12 @@ def vqgan_reconstructions(
     return shown
 
 
+def _world_judges(run_dir: Path) -> dict[str, Any]:
+    """The judges' held-out figures of the run's world (``world.json``), if it has them."""
+    world_json = run_dir / "pretrain" / "model" / "world.json"
+    return (json.loads(world_json.read_text()).get("judges") or {}) if world_json.is_file() else {}
+
+
 def _world_figures_section(run_dir: Path) -> str:
     from stylear_core.runs import read_manifest
 
@@ -172,7 +178,7 @@ def _world_figures_section(run_dir: Path) -> str:
     )
 
 
-def _accuracy_section(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+def _accuracy_section(metrics: Mapping[str, Mapping[str, Any]], judges: Mapping[str, Any]) -> str:
     first = next(iter(metrics.values()))
     keys = [k for k in ACCURACY_COLUMNS if any(k in m for m in metrics.values())]
     rows = [[name, m.get("pairs", "")] + [m.get(k, "") for k in keys] for name, m in metrics.items()]
@@ -186,8 +192,38 @@ def _accuracy_section(metrics: Mapping[str, Mapping[str, Any]]) -> str:
         "elsewhere). The judges, trained only on drawn images, read it: style is right when palette, "
         "texture and stroke all are; the colour judge names the palette from colours alone; content is "
         "the prompt's object kind at the prompt's place; leakage is the reference's object appearing "
-        "(lower is better).</p>" + _table(["variant", "pairs", *[ACCURACY_COLUMNS[k][0] for k in keys]], rows)
+        "(lower is better).</p>"
+        + _table(["variant", "pairs", *[ACCURACY_COLUMNS[k][0] for k in keys]], rows)
+        + _verdict(metrics, judges)
     )
+
+
+def _verdict(metrics: Mapping[str, Mapping[str, Any]], judges: Mapping[str, Any]) -> str:
+    """One sentence per tuned variant on the palette (the colour judge when present: it needs no
+    training), and a caution when the trained judges read held-out drawn images poorly."""
+    key = "palette_colour_accuracy" if all("palette_colour_accuracy" in m for m in metrics.values()) else None
+    key = key or "palette_accuracy"
+    base = metrics.get("base", {}).get(key)
+    parts = []
+    for name, m in metrics.items():
+        if name == "base" or "@" in name or base is None or key not in m:
+            continue
+        chance = 1 / len(PALETTES)
+        above = "above" if m[key] > max(base, chance) else "NOT above"
+        parts.append(
+            f"<p class='verdict'><b>{_esc(name)}</b> draws the held-out reference's palette in "
+            f"{m[key]:.0%} of pairs, against {base:.0%} for the base with the same references and "
+            f"{chance:.0%} by chance: <b>{above}</b> both ({_esc(ACCURACY_COLUMNS[key][0])}).</p>"
+        )
+    raw = judges.get("raw") or {}
+    weak = {k: v for k, v in raw.items() if isinstance(v, (int, float)) and v < 0.9}
+    if weak:
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in weak.items())
+        parts.append(
+            f"<p class='note'>The trained judges read held-out drawn images at {_esc(shown)} (below 0.9): "
+            "their columns are rough here; the colour judge needs no training.</p>"
+        )
+    return "".join(parts)
 
 
 def _ablation_section(metrics: Mapping[str, Mapping[str, Any]], default_noise: float | None) -> str:
@@ -306,7 +342,7 @@ def world_sections(run_dir: str | Path, name: str, manifest: Mapping[str, Any]) 
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
         sampling = ((manifest.get("config") or {}).get("eval") or {}).get("sampling") or {}
-        parts.append(_accuracy_section(metrics))
+        parts.append(_accuracy_section(metrics, _world_judges(run_dir)))
         parts.append(_ablation_section(metrics, sampling.get("noise_strength")))
         parts.append(_rows_section(run_dir, stage_dir, metrics, pair_labels(manifest, len(HELD_OUT_STYLES))))
     parts.append(_reconstructions_section(run_dir))

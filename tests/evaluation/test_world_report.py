@@ -30,11 +30,11 @@ ROW_COLOURS = [(250, 250, 250), (200, 30, 30), (30, 200, 30), (30, 30, 200)]
 EVAL = {"prompts_per_style": 1, "seed": 11, "sampling": {"noise_strength": 0.2}}
 
 
-def _figures(style: float, leakage: float) -> dict:
+def _figures(style: float, leakage: float, palette_colour: float) -> dict:
     return {
         "style_accuracy": style, "palette_accuracy": 0.9, "texture_accuracy": 0.8, "stroke_accuracy": 0.7,
         "content_accuracy": 0.6, "leakage": leakage, "pairs": len(HELD_OUT_STYLES),
-        "chance_style": 1 / 90, "palette_colour_accuracy": 0.95,
+        "chance_style": 1 / 90, "palette_colour_accuracy": palette_colour,
     }  # fmt: skip
 
 
@@ -63,7 +63,9 @@ def _world_run(tmp_path: Path) -> Path:
     )
     stage = run / "evaluate_world"
     stage.mkdir()
-    metrics = {"base": _figures(0.02, 0.1), "sft": _figures(0.7, 0.05), "sft@noise=0": _figures(0.72, 0.2)}
+    metrics = {
+        "base": _figures(0.02, 0.1, 0.2), "sft": _figures(0.7, 0.05, 0.95), "sft@noise=0": _figures(0.72, 0.2, 0.9)
+    }  # fmt: skip
     (stage / "metrics.json").write_text(json.dumps(metrics))
     rows = [[Image.new("RGB", (64, 64), c)] * len(HELD_OUT_STYLES) for c in ROW_COLOURS]
     write_grid(rows, stage / "grid.png")
@@ -124,6 +126,9 @@ def test_world_report_renders_every_section_and_links_only_existing_images(tmp_p
         assert label in page, label
     assert "<td>0.2 (default)</td>" in page and "<td>0</td>" in page
     assert "25.500" in page and "0.750" in page  # VQGAN PSNR and the base's content accuracy
+    # The verdict reads the colour judge's palette: SFT 95% against the base's 20% and chance 17%.
+    assert "<b>sft</b> draws the held-out reference's palette in 95% of pairs, against 20%" in page
+    assert "<b>above</b> both" in page and "are rough here" not in page  # judges at 0.97 / 0.98
     first = held_out_pairs(WorldEvalConfig(**{k: v for k, v in EVAL.items() if k != "sampling"}))[0]
     assert first.content.prompt in page and first.style.style_id in page
 
