@@ -25,7 +25,7 @@ from stylear_core.data.images import to_tensor
 from stylear_core.data.synthetic import ALL_STYLES, ContentSpec, StyleSpec
 from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.miniature.data import HELD_OUT_STYLES, reference_for, scenes
-from stylear_core.miniature.judges import Judges
+from stylear_core.miniature.judges import ColourPaletteJudge, Judges
 from stylear_core.models.config import ModelConfig
 
 
@@ -62,15 +62,19 @@ def held_out_pairs(cfg: WorldEvalConfig) -> list[HeldOutPair]:
 
 
 def judge_images(
-    judges: Judges, images: Sequence[Image.Image], pairs: Sequence[HeldOutPair]
+    judges: Judges,
+    images: Sequence[Image.Image],
+    pairs: Sequence[HeldOutPair],
+    palette_judge: ColourPaletteJudge | None = None,
 ) -> dict[str, float]:
-    """Style accuracy, content accuracy and leakage of ``images`` (one per pair)."""
+    """Style accuracy, content accuracy and leakage of ``images`` (one per pair); with ``palette_judge``,
+    also the palette as read from the colours alone (``palette_colour_accuracy``)."""
     pixels = to_tensor(list(images))
     style = judges.style_correct(pixels, [p.style for p in pairs])
     parts = judges.style_parts_correct(pixels, [p.style for p in pairs]).float().mean(dim=0)
     content = judges.content_correct(pixels, [p.content for p in pairs])
     leaked = judges.leaked(pixels, [p.content for p in pairs], [p.reference_content for p in pairs])
-    return {
+    figures = {
         "style_accuracy": float(style.float().mean()),
         # Each part of the style on its own (chance 1/6, 1/5, 1/3): which parts the style tokens carry.
         "palette_accuracy": float(parts[0]),
@@ -81,6 +85,11 @@ def judge_images(
         "pairs": len(pairs),
         "chance_style": 1 / len(ALL_STYLES),
     }
+    if palette_judge is not None:
+        figures["palette_colour_accuracy"] = float(
+            palette_judge.correct(pixels, [p.style for p in pairs]).float().mean()
+        )
+    return figures
 
 
 def generate_variant(
@@ -105,11 +114,12 @@ def evaluate_variant(
     judges: Judges,
     cfg: WorldEvalConfig,
     pairs: Sequence[HeldOutPair] | None = None,
+    palette_judge: ColourPaletteJudge | None = None,
 ) -> tuple[dict[str, Any], list[Image.Image]]:
     """Judge one variant on the held-out pairs: its figures and its images."""
     pairs = list(pairs) if pairs is not None else held_out_pairs(cfg)
     images = generate_variant(model, adapter_dir, pairs, cfg.sampling, cfg.seed)
-    return judge_images(judges, images, pairs), images
+    return judge_images(judges, images, pairs, palette_judge), images
 
 
 __all__ = [

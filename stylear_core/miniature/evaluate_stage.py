@@ -19,7 +19,8 @@ from PIL import Image
 from stylear_core.adapters.format import adapter_model_config
 from stylear_core.config import Resources, option
 from stylear_core.miniature.evaluate import WorldEvalConfig, evaluate_variant, held_out_pairs
-from stylear_core.miniature.world import WorldPaths, load_judges
+from stylear_core.miniature.judges import ColourPaletteJudge
+from stylear_core.miniature.world import WorldPaths, load_judges, load_vqgan
 from stylear_core.models.config import ModelConfig
 from stylear_core.stages import StageConfig
 
@@ -47,8 +48,9 @@ class WorldEvalStageConfig(StageConfig):
 
 
 def _variant_task(model: ModelConfig, adapter: str | None, world_dir: str, cfg: WorldEvalConfig, pairs):
-    judges = load_judges(WorldPaths(Path(world_dir)))
-    return evaluate_variant(model, adapter, judges, cfg, pairs)
+    paths = WorldPaths(Path(world_dir))
+    palette = ColourPaletteJudge.fit(load_vqgan(paths))  # deterministic: every task fits the same one
+    return evaluate_variant(model, adapter, load_judges(paths), cfg, pairs, palette)
 
 
 def run_world_evaluation(cfg: WorldEvalStageConfig) -> dict[str, Any]:

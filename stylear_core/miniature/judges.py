@@ -284,6 +284,55 @@ def train_judges(config: JudgeTrainingConfig, vq: nn.Module | None = None) -> tu
     return Judges(style, content), stats
 
 
+class ColourPaletteJudge:
+    """Names an image's palette from its colours alone, with no training loop: the nearest class mean of
+    square-rooted colour histograms (``bins`` per channel), fitted on procedural images of every palette.
+
+    Palettes differ mostly in their background colours, which cover most of an image and survive a
+    weak VQGAN's round trip, so this judge stays reliable where a CNN trained for a few hundred steps is
+    not (a cut-down world's judges). It reads the palette only, never texture, stroke or content.
+    """
+
+    def __init__(self, centroids: torch.Tensor, bins: int) -> None:
+        self.centroids = centroids
+        self.bins = bins
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, bins**3)`` square roots of each image's colour histogram (pixels in [-1, 1])."""
+        bins = self.bins
+        level = ((pixels.clamp(-1, 1) + 1) / 2 * (bins - 1e-4)).long()
+        index = ((level[:, 0] * bins + level[:, 1]) * bins + level[:, 2]).flatten(1)
+        counts = torch.zeros(pixels.shape[0], bins**3).scatter_add_(1, index, torch.ones(index.shape))
+        return (counts / counts.sum(dim=1, keepdim=True)).sqrt()
+
+    @classmethod
+    @torch.no_grad()
+    def fit(
+        cls, vq: nn.Module | None = None, seed: int = 0, images: int = 600, bins: int = 6
+    ) -> ColourPaletteJudge:
+        """Class means over ``images`` procedural renders of every style; with ``vq``, every second one is
+        its VQ reconstruction (as generated images are decoded ones)."""
+        drawn, _, styles = procedural_images(seed + 7919, images, max_objects=1)
+        pixels = to_tensor(drawn)
+        if vq is not None:
+            pixels[1::2] = vq_round_trip(vq, pixels[1::2])
+        judge = cls(torch.zeros(len(PALETTE_NAMES), bins**3), bins)
+        feats = judge.features(pixels)
+        labels = torch.tensor([PALETTE_NAMES.index(s.palette) for s in styles])
+        judge.centroids = torch.stack([feats[labels == k].mean(dim=0) for k in range(len(PALETTE_NAMES))])
+        return judge
+
+    @torch.no_grad()
+    def predict(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` palette indices (:data:`PALETTE_NAMES`)."""
+        return torch.cdist(self.features(pixels), self.centroids).argmin(dim=1)
+
+    def correct(self, pixels: torch.Tensor, styles: Sequence[StyleSpec]) -> torch.Tensor:
+        """``(B,)`` bool: the named palette is each expected style's."""
+        expected = torch.tensor([PALETTE_NAMES.index(s.palette) for s in styles])
+        return self.predict(pixels) == expected
+
+
 def judge_accuracy(judges: Judges, pixels: torch.Tensor, contents, styles) -> dict[str, float]:
     """Accuracy of both judges on labelled images: style (all three parts), content (every object's kind + cell)."""
     return {
@@ -293,6 +342,7 @@ def judge_accuracy(judges: Judges, pixels: torch.Tensor, contents, styles) -> di
 
 
 __all__ = [
+    "ColourPaletteJudge",
     "ContentJudge",
     "JudgeTrainingConfig",
     "Judges",

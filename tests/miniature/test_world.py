@@ -11,7 +11,12 @@ import torch
 from stylear_core.data.images import to_tensor
 from stylear_core.data.synthetic import ALL_STYLES
 from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES
-from stylear_core.miniature.judges import JudgeTrainingConfig, judge_accuracy, procedural_images
+from stylear_core.miniature.judges import (
+    ColourPaletteJudge,
+    JudgeTrainingConfig,
+    judge_accuracy,
+    procedural_images,
+)
 from stylear_core.miniature.style_clip import StyleClipTrainingConfig
 from stylear_core.miniature.vqgan_training import VQGANTrainingConfig, psnr, train_vqgan
 from stylear_core.miniature.world import WorldConfig, ensure_world, load_judges, load_vqgan, world_paths
@@ -28,6 +33,19 @@ def test_held_out_styles_are_new_combinations_of_known_parts():
         for a, b in itertools.combinations(("palette", "texture", "stroke"), 2):
             seen = {(getattr(s, a), getattr(s, b)) for s in TRAIN_STYLES}
             assert (getattr(style, a), getattr(style, b)) in seen, (style, a, b)
+
+
+def test_the_colour_palette_judge_names_held_out_palettes_and_not_shuffled_ones():
+    judge = ColourPaletteJudge.fit()  # no VQGAN: drawn images only
+    images, _, styles = procedural_images(4242, 120)
+    pixels = to_tensor(images)
+    assert judge.correct(pixels, styles).float().mean().item() >= 0.95
+    # Each image against the next image's style, where that names another palette: a judge that did
+    # not read colour would agree with these about as often as with the true ones.
+    others = styles[1:] + styles[:1]
+    differ = torch.tensor([a.palette != b.palette for a, b in zip(styles, others)])
+    assert differ.sum() > 60
+    assert judge.correct(pixels, others)[differ].float().mean().item() <= 0.05
 
 
 def test_vqgan_training_turns_noise_into_reconstructions():
@@ -124,7 +142,7 @@ def test_world_evaluation_judges_every_variant_on_the_held_out_pairs(small_world
     assert summary["variants"] == ["base"]
     base = summary["metrics"]["base"]
     assert base["pairs"] == len(HELD_OUT_STYLES)
-    for key in ("style_accuracy", "content_accuracy", "leakage"):
+    for key in ("style_accuracy", "content_accuracy", "leakage", "palette_colour_accuracy"):
         assert 0.0 <= base[key] <= 1.0
     grid = Image.open(summary["grid"])
     assert grid.size == (12 * 128, 2 * 128)  # references, then the base's images
