@@ -93,6 +93,12 @@ class LocalRayCluster:
             f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
             f"--temp-dir={self.temp_dir}",
             f"--ray-client-server-port={free_port()}",
+            # Ray's fixed defaults (agent 52365, ...) clash with any other Ray on the machine: the job
+            # agent then never registers and `ray job submit` answers "No available agent".
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
             f"--min-worker-port={workers}",
             f"--max-worker-port={workers + 400}",
         ]  # fmt: skip
