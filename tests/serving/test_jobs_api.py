@@ -160,7 +160,10 @@ def read_events(client: httpx.Client, path: str, timeout_s: float = 60) -> tuple
 def test_events_stream_progress_then_done(client):
     # A style job in a multipart form: the synchronous endpoint's body, its reference as a file part.
     files = {"image": ("ref.png", reference_png(), "image/png")}
-    data = {"prompt": "a kite in this style", "height": str(LONG), "width": str(LONG), "seed": "3"}
+    # 256 px (276 tokens) decodes for about a second: many progress intervals, where a 128 px image can
+    # finish within two of them on a quiet machine.
+    side = str(PREVIEWED)
+    data = {"prompt": "a kite in this style", "height": side, "width": side, "seed": "3"}
     job_id = submit(client, "style", data=data, files=files)
     content_type, events = read_events(client, f"/v1/jobs/{job_id}/events")
     assert content_type.startswith("text/event-stream")
