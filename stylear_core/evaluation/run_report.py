@@ -21,12 +21,15 @@ as is):
 
 from __future__ import annotations
 
-import html
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from stylear_core.evaluation.report_html import esc as _esc
+from stylear_core.evaluation.report_html import fmt as _fmt
+from stylear_core.evaluation.report_html import img as _img
+from stylear_core.evaluation.report_html import table as _table
 from stylear_core.evaluation.style_eval import EVALUATE_FORMAT
 from stylear_core.evaluation.world_report import is_world_stage, world_sections
 from stylear_core.runs import read_manifest
@@ -55,16 +58,6 @@ METRIC_LABELS = {
     "palette_other": "palette vs other styles",
     "palette_margin": "palette margin (own − other)",
 }
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return _esc(value)
 
 
 def stage_dirs(run_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -109,17 +102,6 @@ def plot_training_curves(metrics_log: str | Path, png: str | Path, title: str) -
     fig.savefig(png, dpi=90)
     plt.close(fig)
     return png
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _img(src: str, caption: str = "", width: int = 128) -> str:
-    cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
-    return f'<figure><img src="{_esc(src)}" width="{width}" alt="{_esc(caption)}">{cap}</figure>'
 
 
 def _stages_section(run_dir: Path, stages: Mapping[str, Mapping[str, Any]]) -> str:

@@ -30,6 +30,9 @@ from typing import Any
 from PIL import Image
 
 from stylear_core.data.synthetic import PALETTES, STROKES, TEXTURES
+from stylear_core.evaluation.report_html import esc as _esc
+from stylear_core.evaluation.report_html import img as _img
+from stylear_core.evaluation.report_html import table as _table
 
 WORLD_STAGE_FORMAT = "stylear.evaluate_world/1"  # EVALUATE_WORLD_FORMAT, without importing the stage
 WORLD_ASSETS = "report/world"
@@ -45,27 +48,6 @@ ACCURACY_COLUMNS: dict[str, tuple[str, float | None]] = {
 }
 REFERENCE_ROW = "reference"
 RECONSTRUCTIONS = 6
-
-
-def _esc(value: Any) -> str:
-    import html
-
-    return html.escape(str(value))
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else _esc(value)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _img(src: str, caption: str = "", width: int = 128) -> str:
-    cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
-    return f'<figure><img src="{_esc(src)}" width="{width}" alt="{_esc(caption)}">{cap}</figure>'
 
 
 def is_world_stage(manifest: Mapping[str, Any]) -> bool:
@@ -174,7 +156,7 @@ def _world_figures_section(run_dir: Path) -> str:
     return (
         "<h2>The miniature world's trained parts</h2><p class='note'>Trained by the pretrain stage on "
         "procedural images (cached under the run's .cache and reused on a rerun); measured on held-out "
-        "images whose content and style are known.</p>" + _table(["figure", "value", "note"], rows)
+        "images whose content and style are known.</p>" + _table(["figure", "value", "note"], rows, digits=3)
     )
 
 
@@ -193,7 +175,7 @@ def _accuracy_section(metrics: Mapping[str, Mapping[str, Any]], judges: Mapping[
         "texture and stroke all are; the colour judge names the palette from colours alone; content is "
         "the prompt's object kind at the prompt's place; leakage is the reference's object appearing "
         "(lower is better).</p>"
-        + _table(["variant", "pairs", *[ACCURACY_COLUMNS[k][0] for k in keys]], rows)
+        + _table(["variant", "pairs", *[ACCURACY_COLUMNS[k][0] for k in keys]], rows, digits=3)
         + _verdict(metrics, judges)
     )
 
@@ -250,7 +232,7 @@ def _ablation_section(metrics: Mapping[str, Mapping[str, Any]], default_noise: f
     return (
         "<h2>Ablation: style-token noise at inference</h2><p class='note'>Noise on the style tokens is "
         "StyleAR's guard against copying the reference's content: with it, leakage should be lower.</p>"
-        + _table(["variant", "noise strength", "style", "content", "leakage ↓"], rows)
+        + _table(["variant", "noise strength", "style", "content", "leakage ↓"], rows, digits=3)
     )
 
 
