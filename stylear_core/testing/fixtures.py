@@ -141,3 +141,24 @@ def lora_copy(
             if ".lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * scale)
     return model.eval()
+
+
+# The serving tests' two subject adapters: name -> (LoRA seed, identifier word).
+SUBJECT_ADAPTERS = {"dog": (2, "sks"), "cat": (3, "zwx")}
+
+
+def write_subject_adapters(root: str | Path, model: ModelConfig) -> Path:
+    """One subject adapter dir per :data:`SUBJECT_ADAPTERS` entry under ``root`` (the serving config's
+    ``adapters_root``): ``model``'s backbone with a seeded random LoRA (rank 4, scale 0.3), the subject
+    ``<word> <name>``. Returns ``root``."""
+    from stylear_core.adapters.format import base_model_id
+    from stylear_core.adapters.io import write_adapter_dir
+    from stylear_core.models.presets import build_backbone
+
+    root = Path(root)
+    base, backbone = base_model_id(model), build_backbone(model)[0]
+    for name, (seed, word) in SUBJECT_ADAPTERS.items():
+        tuned = lora_copy(backbone, rank=4, alpha=4.0, seed=seed, scale=0.3)
+        subjects = [{"identifier": word, "class_noun": name}]
+        write_adapter_dir(root / name, tuned, kind="subject", subjects=subjects, base_model=base)
+    return root

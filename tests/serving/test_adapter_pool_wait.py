@@ -14,11 +14,8 @@ import pytest
 from serving.config import ServingConfig
 from serving.model import StyleARModelDeployment
 from serving.schemas import GenerationJob
-from stylear_core.adapters.format import base_model_id
-from stylear_core.adapters.io import write_adapter_dir
 from stylear_core.config import load_config, to_dict
-from stylear_core.models.presets import build_backbone
-from stylear_core.testing.fixtures import lora_copy, tiny_model_cfg
+from stylear_core.testing.fixtures import tiny_model_cfg, write_subject_adapters
 
 TINY = tiny_model_cfg()
 LONG, SHORT = 128, 32  # the long request holds the only adapter slot while the short one waits
@@ -26,12 +23,7 @@ LONG, SHORT = 128, 32  # the long request holds the only adapter slot while the 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    base = base_model_id(TINY)
-    for name, seed, word in (("dog", 2, "sks"), ("cat", 3, "zwx")):
-        backbone = lora_copy(build_backbone(TINY)[0], rank=4, alpha=4.0, seed=seed, scale=0.3)
-        subjects = [{"identifier": word, "class_noun": name}]
-        write_adapter_dir(root / name, backbone, kind="subject", subjects=subjects, base_model=base)
+    root = write_subject_adapters(tmp_path_factory.mktemp("adapters"), TINY)
     cfg = load_config(ServingConfig, "serving/configs/tiny.yaml")
     cfg.model = TINY
     cfg.adapters_root = str(root)

@@ -14,12 +14,10 @@ import httpx
 import pytest
 
 from serving.app import build_app
-from stylear_core.adapters.format import base_model_id
-from stylear_core.adapters.io import write_adapter_dir
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.models.backbone import tiny_vocab
 from stylear_core.models.presets import build_backbone, tiny_vqgan_codebook_size
-from stylear_core.testing.fixtures import lora_copy, tiny_model_cfg
+from stylear_core.testing.fixtures import lora_copy, tiny_model_cfg, write_subject_adapters
 
 TINY = tiny_model_cfg()
 LONG, SHORT = 128, 32  # the long request decodes while the short one arrives
@@ -32,11 +30,7 @@ def tuned_copy(seed: int):
 
 @pytest.fixture(scope="module")
 def url(serve_on_loopback, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    base = base_model_id(TINY)
-    for name, seed, word in (("dog", 2, "sks"), ("cat", 3, "zwx")):
-        subjects = [{"identifier": word, "class_noun": name}]
-        write_adapter_dir(root / name, tuned_copy(seed), kind="subject", subjects=subjects, base_model=base)
+    root = write_subject_adapters(tmp_path_factory.mktemp("adapters"), TINY)
     overrides = [
         f"adapters_root={root}",
         "sam_enabled=false",

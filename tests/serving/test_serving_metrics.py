@@ -16,12 +16,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.app import build_app
-from stylear_core.adapters.format import base_model_id
-from stylear_core.adapters.io import write_adapter_dir
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.models.backbone import tiny_vocab
-from stylear_core.models.presets import build_backbone, tiny_vqgan_codebook_size
-from stylear_core.testing.fixtures import lora_copy, tiny_model_cfg
+from stylear_core.models.presets import tiny_vqgan_codebook_size
+from stylear_core.testing.fixtures import tiny_model_cfg, write_subject_adapters
 
 TINY = tiny_model_cfg()
 APP = "stylear-metrics"
@@ -32,12 +30,7 @@ SENT = {"dog": 2, "cat": 1}  # requests per adapter, each answered with an image
 
 @pytest.fixture(scope="module")
 def url(serve_on_loopback, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    base = base_model_id(TINY)
-    for name, seed, word in (("dog", 2, "sks"), ("cat", 3, "zwx")):
-        backbone = lora_copy(build_backbone(TINY)[0], rank=4, alpha=4.0, seed=seed, scale=0.3)
-        subjects = [{"identifier": word, "class_noun": name}]
-        write_adapter_dir(root / name, backbone, kind="subject", subjects=subjects, base_model=base)
+    root = write_subject_adapters(tmp_path_factory.mktemp("adapters"), TINY)
     overrides = [f"adapters_root={root}", "sam_enabled=false", f"max_slots={MAX_SLOTS}"]
     app = build_app({"config_file": "serving/configs/tiny.yaml", "overrides": overrides})
     return serve_on_loopback(app, APP)
