@@ -1,8 +1,5 @@
 """The run report: ``<run_dir>/report.html`` with its figures in ``<run_dir>/report/``.
 
-(The module is not called ``report.py``: ``cluster/runtime_env.yaml`` keeps ``report*`` out of the
-working dir a job uploads.)
-
 :func:`write_report` reads what a pipeline run left in its run directory -- whatever of it exists --
 and renders one self-contained page (relative links only, so the directory can be copied or served
 as is):

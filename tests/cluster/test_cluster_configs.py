@@ -432,3 +432,31 @@ def test_cli_writes_then_check_detects_drift(tmp_path: Path):
     target.write_text(target.read_text().replace("maxReplicas: 2", "maxReplicas: 3"))
     assert km.main([*args, "--check"]) == 1
     assert km.main([*args, "--image", "example.org/other:1", "--check"]) == 1
+
+
+# ---------------------------------------------------------------- what `--working-dir .` uploads
+
+
+def test_the_working_dir_upload_keeps_every_tracked_source_file_and_drops_the_outputs():
+    """Ray's own exclude matcher over the runtime env's ``excludes``: no tracked ``.py``/``.yaml`` is left
+    behind (a bare ``report*`` once dropped ``stylear_core/evaluation/report_html.py`` and every job
+    that wrote a report died on the import), while root-level outputs and caches stay behind."""
+    import subprocess
+
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    excluded = _get_excludes(REPO_ROOT, RUNTIME_ENV["excludes"])
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.py", "*.yaml"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert len(tracked) > 100
+    dropped = [p for p in tracked if any(excluded(REPO_ROOT / q) for q in _with_parents(p))]
+    assert dropped == []
+    for output in ["report", "report_demo", "runs", ".venv", ".git", "stylear_core/__pycache__"]:
+        assert excluded(REPO_ROOT / output), output
+
+
+def _with_parents(path: str) -> list[str]:
+    """``a/b/c.py`` -> ``[a, a/b, a/b/c.py]``: Ray skips a whole folder when the folder matches."""
+    parts = Path(path).parts
+    return [str(Path(*parts[: i + 1])) for i in range(len(parts))]
