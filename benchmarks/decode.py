@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py --preset tiny --device cpu              # seconds, CPU
     python benchmarks/decode.py --preset lumina7b --device cuda         # random 7B weights, one GPU
+    python benchmarks/decode.py --json decode.json                      # also write every figure as JSON
 
 For each batch of ``N`` images (``2N`` rows with CFG) it prints, on the same model in the same run:
 
@@ -11,16 +12,32 @@ For each batch of ``N`` images (``2N`` rows with CFG) it prints, on the same mod
   new tokens, and the images/s that implies;
 * the weights-read floor: bytes of weights each step must read (all but the embedding table) over
   the device copy bandwidth measured here, and the weights + KV-cache floor at mid-image;
+* mid-image ms per step: the serving loop (:class:`ContinuousBatchingEngine`, ``2N`` slots, ``N`` guided
+  requests of this size submitted together) stepped to mid-image, then ``--mid-steps`` further
+  ``step()`` calls timed (a window centred on the image's middle token; best of ``--repeats`` consecutive
+  windows). A step here is the whole serving step: sampling with CFG, host bookkeeping and one eager
+  forward (that loop has no CUDA graphs yet), with no prefill and none of the cheap early steps in it;
+* the same mid-image figure with a LoRA adapter in use (``--lora-rank R``, 0 skips it): the backbone
+  behind a :class:`MultiLoraPool` (capacity 1, max rank ``R``, gather mode) holding one random adapter,
+  every row on it. The pool converts the backbone's linears in place, so every base figure (engine,
+  ``generate``, mid-image) of every batch is measured first, on the unconverted model, and the LoRA
+  figures after;
 
-then the ratios: engine speed-up over ``generate`` and engine time over each floor.
+then the ratios: engine speed-up over ``generate``, engine time over each floor (``x floor``, ``x fl+KV``:
+1.0 = at the floor), the mid-image step's fraction of the weights+KV roofline (``mid_over_floor_kv`` =
+floor ms / mid ms: 1.0 = at the roofline, the figure the ">= 0.70 at 16 images" goal reads) and the LoRA
+overhead (mid-image ms with the adapter / without).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
+import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -30,7 +47,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from stylear_core.data.layout import ImageTokenLayout  # noqa: E402
 from stylear_core.data.tokenizer import text_prompt_ids  # noqa: E402
+from stylear_core.inference.continuous import ContinuousBatchingEngine  # noqa: E402
 from stylear_core.inference.engine import GenerationRequest, ImageGenerationEngine  # noqa: E402
+from stylear_core.inference.multi_lora import MultiLoraPool  # noqa: E402
 from stylear_core.models.presets import ModelConfig, build_backbone, build_prompt_tokenizer  # noqa: E402
 
 
@@ -102,6 +121,89 @@ def time_hf_generate(lm: torch.nn.Module, prompt: list[int], rows: int, steps: i
     return (time.perf_counter() - start) / steps
 
 
+def release_decoders(engine: ImageGenerationEngine) -> None:
+    """Drop the engine's cached decoders (KV cache + graph) before a pool allocates its own cache.
+
+    At 768 px a 32-row cache of the 7B model is ~40 GB: the engine's and a pool's together do not fit
+    beside the weights on an 80 GB card.
+    """
+    engine._decoders.clear()
+    gc.collect()
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_mid_image(
+    engine: ImageGenerationEngine,
+    requests: list[GenerationRequest],
+    mid_steps: int,
+    repeats: int,
+    adapter: int = 0,
+    row_adapters: Callable[[torch.Tensor], None] | None = None,
+) -> float:
+    """Best seconds per :meth:`ContinuousBatchingEngine.step` over ``mid_steps`` steps at mid-image.
+
+    A pool of two slots per request (cache sized by ``columns_needed``) takes every request at once
+    (same size, guided, on ``adapter``), is stepped until ``repeats`` consecutive windows of
+    ``mid_steps`` steps are centred on the image's middle token, and each window is timed (the device
+    synchronised around it). Copies of the requests are cancelled afterwards and the pool dropped.
+    """
+    release_decoders(engine)
+    probe = ContinuousBatchingEngine(engine, 2, 1)  # columns_needed only reads the engine
+    layout = engine.validate(requests[0])
+    cache_len = max(probe.columns_needed(r, layout) for r in requests)
+    pool = ContinuousBatchingEngine(engine, 2 * len(requests), cache_len, row_adapters=row_adapters)
+    # Copies: cancelling a handle sets its request's cancel event, and the callers reuse their requests.
+    handles = [pool.submit(dataclasses.replace(r, cancel=None), adapter=adapter) for r in requests]
+    timed = mid_steps * repeats
+    # tokens_done is 3 (the header) + the steps taken; the first step admits and prefills: never timed,
+    # and no request may finish inside a window (its last step feeds nothing).
+    start_at = max(4, layout.num_tokens // 2 - timed // 2)
+    if start_at + timed > layout.num_tokens - 1:
+        raise ValueError(f"{timed} timed steps do not fit in an image of {layout.num_tokens} tokens")
+    for _ in range(layout.num_tokens):  # bounded: one token per step
+        if handles[0].tokens_done >= start_at:
+            break
+        pool.step()
+    reached = handles[0].tokens_done
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(engine.device)
+        start = time.perf_counter()
+        for _ in range(mid_steps):
+            pool.step()
+        synchronize(engine.device)
+        best = min(best, time.perf_counter() - start)
+    # The pool turns an exception in a step into failed requests: a failed run must not read as fast.
+    for handle in handles:
+        if handle.status != "running" or handle.tokens_done != reached + timed:
+            raise RuntimeError(
+                f"a mid-image request is {handle.status!r} at token {handle.tokens_done}, "
+                f"expected running at {reached + timed}"
+            ) from handle.error
+    for handle in handles:
+        handle.cancel()
+    pool.step()  # retires the cancelled requests
+    del pool, probe
+    release_decoders(engine)
+    return best / mid_steps
+
+
+def random_adapter(pool: MultiLoraPool, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A peft-style LoRA state dict of rank ``rank`` for every target layer of ``pool``.
+
+    ``A`` is scaled like a trained factor (unit-variance inputs give unit-variance outputs); ``B`` is small
+    but non-zero, so the update is computed and added and the logits stay finite.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, layer in pool.layers.items():
+        a = torch.randn(rank, layer.in_features, generator=generator) / layer.in_features**0.5
+        state[f"{name}.lora_A.weight"] = a
+        state[f"{name}.lora_B.weight"] = 1e-3 * torch.randn(layer.out_features, rank, generator=generator)
+    return state
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the benchmark and print the report; returns its rows as dicts (for tests)."""
     parser = argparse.ArgumentParser(
@@ -117,9 +219,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "--hf-steps", type=int, default=None, help="new tokens timed for generate (default: 64)"
     )
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--mid-steps", type=int, default=16, help="pool steps per timed mid-image window (default: 16)"
+    )
+    parser.add_argument(
+        "--lora-rank", type=int, default=8, help="rank of the adapter in use for the LoRA figure (0: skip it)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     args = parser.parse_args(argv)
+    if args.mid_steps < 1 or args.repeats < 1 or args.lora_rank < 0:
+        parser.error("--mid-steps and --repeats must be at least 1, --lora-rank at least 0")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     steps = layout.num_tokens - 3  # positions the engine fills after the header
     prompt = text_prompt_ids(tokenizer, "a watercolour of a lighthouse on a cliff at dusk", size, size)
     hf_steps = args.hf_steps or min(64, steps)
+    if args.mid_steps * args.repeats > layout.num_tokens - 5:
+        parser.error(f"--mid-steps x --repeats must fit in the {layout.num_tokens - 5} steps after the first")
 
     bandwidth = copy_bandwidth(device, 1024 if device.type == "cuda" else 256)
     element = next(lm.parameters()).element_size()
@@ -153,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     header = (
         f"{'images':>6} {'rows':>4} | {'engine ms/step':>14} {'img/s':>8} | {'generate ms/step':>16} {'img/s':>8}"
         f" | {'floor ms':>8} {'+KV':>8} | {'speed-up':>8} {'x floor':>7} {'x fl+KV':>7}"
+        f" | {'mid ms/step':>11} {'roofline':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -168,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         floor_ms = weights / bandwidth * 1e3
         mid_positions = len(prompt) + 3 + steps // 2
         floor_kv_ms = (weights + kv_bytes(lm, 2 * images, mid_positions, element)) / bandwidth * 1e3
+        mid_ms = time_mid_image(engine, requests, args.mid_steps, args.repeats) * 1e3
         row = {
             "images": images,
             "rows": 2 * images,
@@ -180,17 +295,59 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             "speedup_vs_generate": hf_ms / engine_ms,
             "engine_over_floor": engine_ms / floor_ms,
             "engine_over_floor_kv": engine_ms / floor_kv_ms,
+            "mid_ms_per_step": mid_ms,
+            "mid_over_floor_kv": floor_kv_ms / mid_ms,
         }
         rows.append(row)
         print(
             f"{images:>6} {2 * images:>4} | {engine_ms:>14.3f} {row['engine_images_per_s']:>8.3f} | "
             f"{hf_ms:>16.3f} {row['generate_images_per_s']:>8.3f} | {floor_ms:>8.3f} {floor_kv_ms:>8.3f} | "
             f"{row['speedup_vs_generate']:>7.1f}x {row['engine_over_floor']:>6.2f}x {row['engine_over_floor_kv']:>6.2f}x"
+            f" | {mid_ms:>11.3f} {row['mid_over_floor_kv']:>8.3f}"
         )
     print(
         "speed-up = generate ms/step / engine ms/step; x floor = engine ms/step / floor "
-        "(1.0 = at the bandwidth limit). generate runs the 2N rows as one plain batch (no CFG combine)."
+        "(1.0 = at the bandwidth limit). generate runs the 2N rows as one plain batch (no CFG combine).\n"
+        f"mid ms/step = continuous-batching pool step (sampling + eager forward) over {args.mid_steps} steps "
+        "centred on mid-image; roofline = floor+KV ms / mid ms/step (1.0 = at the weights+KV roofline)."
     )
+    if args.lora_rank:
+        # Converts the backbone's linears in place: only after every base figure above.
+        adapters = MultiLoraPool(lm, capacity=1, max_rank=args.lora_rank)
+        slot = adapters.load("benchmark", random_adapter(adapters, args.lora_rank))
+        print(
+            f"\nLoRA in use: rank {args.lora_rank} on {len(adapters.layers)} modules "
+            f"({adapters.mode} mode), every row on it"
+        )
+        lora_header = f"{'images':>6} {'rows':>4} | {'mid ms/step':>11} {'+LoRA ms/step':>13} {'overhead':>8}"
+        print(lora_header)
+        print("-" * len(lora_header))
+        for row in rows:
+            requests = [
+                GenerationRequest(prompt, size, size, cfg_scale=4.0, top_k=2000, temperature=1.0, seed=i)
+                for i in range(row["images"])
+            ]
+            lora_s = time_mid_image(
+                engine, requests, args.mid_steps, args.repeats, slot, row_adapters=adapters.set_rows
+            )
+            row["mid_lora_ms_per_step"] = lora_s * 1e3
+            row["lora_overhead"] = row["mid_lora_ms_per_step"] / row["mid_ms_per_step"]
+            print(
+                f"{row['images']:>6} {row['rows']:>4} | {row['mid_ms_per_step']:>11.3f} "
+                f"{row['mid_lora_ms_per_step']:>13.3f} {row['lora_overhead']:>7.2f}x"
+            )
+        print("overhead = mid-image ms/step with the adapter / without (same run; base measured first).")
+    if args.json is not None:
+        report = {
+            "device": name,
+            "preset": args.preset,
+            "size": size,
+            "bandwidth_gb_s": bandwidth / 1e9,
+            "mid_steps": args.mid_steps,
+            "lora_rank": args.lora_rank,
+            "rows": rows,
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return rows
 
 

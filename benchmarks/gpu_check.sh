@@ -339,7 +339,8 @@ def decode_bench():
     stub = stub_open_clip()
     import benchmarks.decode as d
     argv = (["--preset", "tiny", "--device", "cpu", "--images", "1,2", "--repeats", "1", "--hf-steps", "8", "--threads", "1"]
-            if SMOKE else ["--preset", "lumina7b", "--device", "cuda", "--images", "1,16", "--repeats", "1", "--hf-steps", "32"])
+            if SMOKE else ["--preset", "lumina7b", "--device", "cuda", "--images", "1,16", "--repeats", "1", "--hf-steps", "32",
+                           "--lora-rank", "16"])
     emit(stage="decode_bench_start", argv=argv, stub_open_clip=stub)
     for r in d.main(argv):
         emit(stage="decode_bench", **r)
