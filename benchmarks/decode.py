@@ -192,8 +192,8 @@ def time_mid_image(
 def random_adapter(pool: MultiLoraPool, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A peft-style LoRA state dict of rank ``rank`` for every target layer of ``pool``.
 
-    ``A`` is scaled like a trained factor (unit-variance inputs give unit-variance outputs); ``B`` is small
-    but non-zero, so the update is computed and added and the logits stay finite.
+    ``A ~ N(0, 1/in)`` keeps the rank-``r`` hidden of unit-variance inputs near unit variance; ``B`` is
+    small but non-zero: the adapter changes the outputs, and they stay finite in bf16.
     """
     generator = torch.Generator().manual_seed(seed)
     state = {}
