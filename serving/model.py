@@ -42,7 +42,9 @@ import torch
 from PIL import Image
 from ray import serve
 from ray.serve.exceptions import RayServeException
+from torch import nn
 
+from serving.batching import BatchingWorker
 from serving.config import ServingConfig
 from serving.jobs import JobProgressReporter
 from serving.metrics import ReplicaMetrics
@@ -63,7 +65,7 @@ from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.inference.engine import GenerationRequest, GenerationRequestError, GenerationResult
 from stylear_core.inference.generator import ServedAdapter, StyleARGenerator
 from stylear_core.inference.multi_lora import MultiLoraPool, PoolFullError
-from stylear_core.inference.style_request import StyleRequestError
+from stylear_core.inference.style_request import PreparedReference, StyleRequestError
 
 log = logging.getLogger("ray.serve")
 
@@ -125,6 +127,20 @@ class _CancelTally:
     steps_skipped: int = 0
 
 
+@dataclass
+class _Prepared:
+    """A request between its per-request preparation and the batched style encoding of its queue."""
+
+    job: GenerationJob
+    ids: list[int]
+    condition: list[int] | None
+    sampling: SamplingConfig
+    seed: int
+    reference: PreparedReference | None = None  # style requests: the reference ready for CLIP
+    resampler: nn.Module | None = None  # whose resampler encodes it (an adapter's, or the base's)
+    style: torch.Tensor | None = None  # the style tokens, once encoded
+
+
 @serve.deployment(name="StyleARModel", max_ongoing_requests=32, health_check_period_s=10)
 class StyleARModelDeployment:
     """Ray Serve deployment wrapping the continuous-batching engine and the style path.
@@ -183,8 +199,14 @@ class StyleARModelDeployment:
         self.replica_id = _replica_id()
         self.base_model = base_model_id(model_cfg)  # what adapter manifests must name as their base
         self.build_seconds = time.perf_counter() - started
-        # Preparation (CLIP, SAM, condition images) and VQ decoding: one worker thread, off the event loop.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stylear-prepare")
+        # Preparation (CLIP, SAM, condition images), VQ decoding and previews: one worker thread, off the
+        # event loop, that takes whatever of a kind has queued up as one batch (style references through
+        # CLIP and the resampler together, finished images of one size through the VQGAN together).
+        self._worker = BatchingWorker(
+            {"prepare": self._prepare_batch, "decode": self._decode_batch, "preview": self._preview_batch},
+            max_batch=max(1, self.cfg.max_slots // 2),
+            name="stylear-prepare",
+        )
         # Threads that block on a handle until its request ends (one per request in flight).
         self._waiters = ThreadPoolExecutor(max_workers=64, thread_name_prefix="stylear-wait")
         self._admitted: dict[int, int] = {}  # engine step -> requests admitted at it (recent ones)
@@ -227,6 +249,9 @@ class StyleARModelDeployment:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.stop(timeout=5.0)
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.shutdown(timeout=5.0)
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
@@ -310,7 +335,7 @@ class StyleARModelDeployment:
             # Counted once the adapter is found, so the tag takes only the names of adapters on disk.
             self.metrics.request(job.adapter)
             loop = asyncio.get_running_loop()
-            prepared = await loop.run_in_executor(self._executor, self._prepare_outcome, job, adapter)
+            prepared = await asyncio.wrap_future(self._worker.submit("prepare", (job, adapter)))
             if isinstance(prepared, JobOutcome):
                 return prepared
             slot = 0
@@ -336,7 +361,7 @@ class StyleARModelDeployment:
             self._admitted[handle.admitted_step] = self._admitted.get(handle.admitted_step, 0) + 1
             while len(self._admitted) > self.cfg.stats_window:
                 del self._admitted[next(iter(self._admitted))]
-            outcome = await loop.run_in_executor(self._executor, self._decode, result)
+            outcome = await asyncio.wrap_future(self._worker.submit("decode", result))
             if outcome.status == 200:
                 self.metrics.answered(time.perf_counter() - arrived)
             return outcome
@@ -393,14 +418,10 @@ class StyleARModelDeployment:
         self.metrics.rejected(status)
         return JobOutcome.failure(status, message, field)
 
-    def _prepare_outcome(
-        self, job: GenerationJob, adapter: LoadedAdapter | None
-    ) -> GenerationRequest | JobOutcome:
-        """:meth:`_prepare`, with its errors as the 4xx/500 outcome naming the field."""
+    def _outcome_of(self, step: Callable[..., Any], *args: Any) -> Any:
+        """``step(*args)``, with a preparation error as the 4xx/500 outcome naming the field."""
         try:
-            request = self._prepare(job, adapter)
-            request.cancel = threading.Event()
-            return request
+            return step(*args)
         except ConditionImageError as e:
             return self._fail(400, f"condition: {e}", "condition")
         except ImageDecodeError as e:
@@ -411,13 +432,57 @@ class StyleARModelDeployment:
             log.exception("preparing a request failed")
             return self._fail(500, "internal error while preparing the request", None)
 
-    def _decode(self, result: GenerationResult) -> JobOutcome:
-        try:
-            (image,) = self.generator.decode(result.tokens.unsqueeze(0), result.layout)
-        except Exception:
-            log.exception("VQ decoding a request failed")
-            return self._fail(500, "internal error while decoding the image", None)
-        return JobOutcome(png=encode_png(image), seed=result.seed)
+    def _prepare_batch(
+        self, items: list[tuple[GenerationJob, LoadedAdapter | None]]
+    ) -> list[GenerationRequest | JobOutcome]:
+        """Each queued ``(job, adapter)`` -> its engine request, or the outcome that refuses it.
+
+        Per request: the prompt, the condition image and the reference's decoding and SAM
+        (:meth:`_prepare_parts`). Then the style references go through CLIP and the resampler in one
+        batch per resampler (an adapter's own, or the base's), each with its own noise seed, so a
+        request's tokens do not depend on its neighbours.
+        """
+        parts = [self._outcome_of(self._prepare_parts, job, adapter) for job, adapter in items]
+        groups: dict[int, list[int]] = {}
+        for i, part in enumerate(parts):
+            if isinstance(part, _Prepared) and part.reference is not None:
+                groups.setdefault(id(part.resampler), []).append(i)
+        for index in groups.values():
+            batch = [parts[i] for i in index]
+            try:
+                tokens = self.style.encode(
+                    [p.reference for p in batch],
+                    [p.sampling.noise_strength for p in batch],
+                    [p.seed for p in batch],
+                    batch[0].resampler,
+                )
+            except Exception:
+                log.exception("encoding %d style references failed", len(batch))
+                for i in index:
+                    parts[i] = self._fail(500, "internal error while preparing the request", None)
+                continue
+            for part, style in zip(batch, tokens):
+                part.style = style
+        return [p if isinstance(p, JobOutcome) else self._outcome_of(self._request_of, p) for p in parts]
+
+    def _decode_batch(self, results: list[GenerationResult]) -> list[JobOutcome]:
+        """Finished requests -> PNG outcomes; the token grids of one layout are VQ-decoded as one batch."""
+        outcomes: list[JobOutcome | None] = [None] * len(results)
+        groups: dict[ImageTokenLayout, list[int]] = {}
+        for i, result in enumerate(results):
+            groups.setdefault(result.layout, []).append(i)
+        for layout, index in groups.items():
+            try:
+                tokens = torch.stack([results[i].tokens for i in index])
+                images = self.generator.decode(tokens, layout)
+            except Exception:
+                log.exception("VQ decoding %d images failed", len(index))
+                for i in index:
+                    outcomes[i] = self._fail(500, "internal error while decoding the image", None)
+                continue
+            for i, image in zip(index, images):
+                outcomes[i] = JobOutcome(png=encode_png(image), seed=results[i].seed)
+        return outcomes
 
     def _preview(self, handle: GenerationHandle, send: Callable[[int, str, int, int], None]) -> bool:
         """Start a preview of ``handle``'s image so far; called on the decode loop's thread.
@@ -431,12 +496,15 @@ class StyleARModelDeployment:
         try:
             tokens = self.loop.tokens_so_far(handle)
             if tokens is not None:
-                self._executor.submit(self._decode_preview, tokens, handle.layout, send)
+                self._worker.submit("preview", (tokens, handle.layout, send))
                 return True
-        except RuntimeError:  # the executor is shut down: the replica is stopping
+        except RuntimeError:  # the worker is shut down: the replica is stopping
             pass
         self._preview_slot.release()
         return False
+
+    def _preview_batch(self, items: list[tuple[torch.Tensor, ImageTokenLayout, Callable]]) -> list[None]:
+        return [self._decode_preview(*item) for item in items]
 
     def _decode_preview(
         self, tokens: torch.Tensor, layout: ImageTokenLayout, send: Callable[[int, str, int, int], None]
@@ -456,7 +524,8 @@ class StyleARModelDeployment:
         finally:
             self._preview_slot.release()
 
-    def _prepare(self, job: GenerationJob, adapter: LoadedAdapter | None) -> GenerationRequest:
+    def _prepare_parts(self, job: GenerationJob, adapter: LoadedAdapter | None) -> _Prepared:
+        """Everything of a request but its style tokens: prompt ids, sampling, seed, the prepared reference."""
         seed = job.seed if job.seed is not None else random.SystemRandom().randrange(2**63)
         strength = (
             job.noise_strength if job.noise_strength is not None else self.cfg.model.noise_strength_infer
@@ -464,7 +533,6 @@ class StyleARModelDeployment:
         sampling = SamplingConfig(
             cfg_scale=job.cfg, top_k=job.top_k, temperature=job.temperature, noise_strength=strength
         )
-        style = None
         # A condition image's tokens (e.g. a depth map's) go into the prompt at the requested size.
         condition = None
         if job.condition is not None:
@@ -474,20 +542,30 @@ class StyleARModelDeployment:
             if job.reference is None:
                 raise StyleRequestError("image", "a style reference image is required")
             resampler = adapter.resampler if adapter is not None else None
-            style = self.style(job.reference, job.sam, strength, seed, resampler, sam_mode=job.sam_mode)
-        else:
-            self._check_subject_prompt(job, adapter)
-            ids = self.generator.text_prompt_ids(job.prompt, job.height, job.width, condition)
-        request = self.generator.request(ids, job.height, job.width, sampling, seed, style_embeds=style)
+            reference = self.style.prepare(job.reference, job.sam, job.sam_mode)
+            return _Prepared(
+                job, ids, condition, sampling, seed, reference, resampler or self.style.resampler
+            )
+        self._check_subject_prompt(job, adapter)
+        ids = self.generator.text_prompt_ids(job.prompt, job.height, job.width, condition)
+        return _Prepared(job, ids, condition, sampling, seed)
+
+    def _request_of(self, part: _Prepared) -> GenerationRequest:
+        """The engine request of a prepared job (style tokens in place), validated as the engine will."""
+        job = part.job
+        request = self.generator.request(
+            part.ids, job.height, job.width, part.sampling, part.seed, style_embeds=part.style
+        )
         try:
             self.engine.validate(request)
         except GenerationRequestError as e:
-            if condition is None or e.field != "prompt":
+            if part.condition is None or e.field != "prompt":
                 raise
             # The prompt is too long because of the condition's tokens: name the field that made it so.
             raise GenerationRequestError(
-                "condition", f"with the condition image's {len(condition)} tokens, {e}"
+                "condition", f"with the condition image's {len(part.condition)} tokens, {e}"
             ) from None
+        request.cancel = threading.Event()
         return request
 
     @staticmethod

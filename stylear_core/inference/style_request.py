@@ -23,6 +23,7 @@ to 224 for ViT-H/14 and centre-crops) looks at more pixels than that.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -51,6 +52,15 @@ class StyleRequestError(ValueError):
         super().__init__(message)
         self.field = field
         self.message = message
+
+
+@dataclass(frozen=True)
+class PreparedReference:
+    """A reference ready for CLIP: ``image`` as encoded (SAM-cleaned in ``mask`` mode) and, in ``subtract``
+    mode, the ``content`` SAM cut out of it (``None`` otherwise)."""
+
+    image: Image.Image
+    content: Image.Image | None = None
 
 
 class ReferenceStyleEncoder:
@@ -175,6 +185,60 @@ class ReferenceStyleEncoder:
         )
         return self._add_noise(tokens, noise_strengths, seeds)
 
+    def prepare(self, data: bytes, use_sam: bool, sam_mode: SamMode = "mask") -> PreparedReference:
+        """Reference bytes -> what :meth:`encode` takes: decoded, checked, shrunk, and SAM's part done.
+
+        Raises :class:`StyleRequestError` for an unknown ``sam_mode`` or SAM asked of a server without it,
+        and :class:`ImageDecodeError` for bytes :meth:`load` refuses.
+        """
+        if sam_mode not in SAM_MODES:
+            raise StyleRequestError(
+                "sam_mode", f"unknown SAM mode {sam_mode!r} (known: {', '.join(SAM_MODES)})"
+            )
+        image = self.load(data)
+        if use_sam and sam_mode == "subtract":
+            return PreparedReference(image, self.content(image))
+        return PreparedReference(self.clean(image) if use_sam else image)
+
+    def encode(
+        self,
+        references: Sequence[PreparedReference],
+        noise_strengths: Sequence[float],
+        seeds: Sequence[int],
+        resampler: nn.Module | None = None,
+        subtract_weight: float | None = None,
+        mix_weight: float | None = None,
+    ) -> torch.Tensor:
+        """Style tokens ``(B, N, hidden)`` of prepared references, in order, batched through CLIP.
+
+        References of both kinds may be mixed: the plain ones go through :meth:`style_tokens` as one
+        batch and the ``subtract`` ones through :meth:`subtracted_style_tokens` as another. Each row's
+        noise comes from its own seed, so a reference gets the same tokens in any batch.
+        """
+        groups: dict[bool, list[int]] = {False: [], True: []}
+        for i, ref in enumerate(references):
+            groups[ref.content is not None].append(i)
+        parts: list[tuple[list[int], torch.Tensor]] = []
+        for subtract, index in groups.items():
+            if not index:
+                continue
+            strengths, row_seeds = [noise_strengths[i] for i in index], [seeds[i] for i in index]
+            images = [references[i].image for i in index]
+            if subtract:
+                contents = [references[i].content for i in index]
+                tokens = self.subtracted_style_tokens(
+                    images, contents, strengths, row_seeds, resampler, subtract_weight, mix_weight
+                )
+            else:
+                tokens = self.style_tokens(images, strengths, row_seeds, resampler)
+            parts.append((index, tokens))
+        if len(parts) == 1:
+            return parts[0][1]
+        out = parts[0][1].new_empty((len(references), *parts[0][1].shape[1:]))
+        for index, tokens in parts:
+            out[index] = tokens
+        return out
+
     def __call__(
         self,
         data: bytes,
@@ -190,18 +254,8 @@ class ReferenceStyleEncoder:
 
         ``sam_mode`` (used when ``use_sam``): ``mask`` encodes the reference with its content removed,
         ``subtract`` subtracts the content's CLIP features as StyleAR's release does (module docstring),
-        with ``subtract_weight`` / ``mix_weight`` (None: this encoder's).
+        with ``subtract_weight`` / ``mix_weight`` (None: this encoder's). :meth:`prepare` then
+        :meth:`encode` of one.
         """
-        if sam_mode not in SAM_MODES:
-            raise StyleRequestError(
-                "sam_mode", f"unknown SAM mode {sam_mode!r} (known: {', '.join(SAM_MODES)})"
-            )
-        image = self.load(data)
-        if use_sam and sam_mode == "subtract":
-            content = self.content(image)
-            return self.subtracted_style_tokens(
-                [image], [content], [noise_strength], [seed], resampler, subtract_weight, mix_weight
-            )[0]
-        if use_sam:
-            image = self.clean(image)
-        return self.style_tokens([image], [noise_strength], [seed], resampler)[0]
+        prepared = self.prepare(data, use_sam, sam_mode)
+        return self.encode([prepared], [noise_strength], [seed], resampler, subtract_weight, mix_weight)[0]

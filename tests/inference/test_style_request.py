@@ -66,6 +66,22 @@ def test_batched_tokens_do_not_depend_on_neighbours(parts):
     torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=1e-5)
 
 
+def test_one_encode_of_mixed_sam_modes_equals_each_reference_alone(parts):
+    """The serving replica batches whatever references are queued, plain and subtract mode together."""
+    encoder, resampler, masker = parts
+    style = ReferenceStyleEncoder(encoder, resampler, masker)
+    asks = [(reference_png(), True, "subtract", 0.3, 11), (reference_png(96), False, "mask", 0.0, 12),
+            (reference_png(80), True, "mask", 0.5, 13), (reference_png(72), True, "subtract", 0.0, 14)]  # fmt: skip
+    prepared = [style.prepare(data, sam, mode) for data, sam, mode, _, _ in asks]
+    assert [p.content is not None for p in prepared] == [True, False, False, True]
+    batched = style.encode(prepared, [a[3] for a in asks], [a[4] for a in asks])
+    for row, (data, sam, mode, strength, seed) in zip(batched, asks):
+        alone = style(data, use_sam=sam, noise_strength=strength, seed=seed, sam_mode=mode)
+        torch.testing.assert_close(row, alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(StyleRequestError, match="unknown SAM mode"):
+        style.prepare(reference_png(), True, "blur")
+
+
 def test_sam_cleaning_changes_what_is_encoded(parts):
     encoder, resampler, masker = parts
     style = ReferenceStyleEncoder(encoder, resampler, masker)
