@@ -31,7 +31,8 @@ has a floor (``min_timeout_s``). Queues are bounded: past ``max_queued_requests`
 HTTP proxy, Serve's proxy answers 503 + ``Retry-After`` at once (the ingress's
 ``backpressure_config``); past the model deployment's bound, this ingress does (the handle raises
 ``BackPressureError``), and counts each such 503 as ``stylear_rejections_total{reason="overload"}``
-(:mod:`serving.metrics`; a job counts once, if it fails for want of room).
+(:mod:`serving.metrics`; a job counts once, if it fails for want of room), as it does each 429 for
+``max_jobs`` held jobs.
 
 Auth and CORS: with a token configured (``auth_token_env`` / ``auth_token_file``), every route but
 ``/healthz`` needs ``Authorization: Bearer <token>`` (401 + ``WWW-Authenticate: Bearer`` otherwise,
@@ -431,6 +432,7 @@ class StyleARIngress:
         run_s = timeout + JOB_DEADLINE_SLACK_S
         job_id = await self._registry("create", job.kind, job.width, job.height, job.adapter, run_s)
         if job_id is None:
+            self.metrics.overloaded()  # refused for want of room, like a 503 from the model's bound
             raise ApiError(429, f"{self.cfg.max_jobs} jobs are held; retry once some end or expire", None)
         # A fresh context: the runner is not part of this HTTP request (which ends now), so nothing Serve
         # ties to the request (e.g. cancelling its child calls) reaches the job.

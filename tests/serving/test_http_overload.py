@@ -24,6 +24,7 @@ RETRY_AFTER_S = 3
 INGRESS_SLOTS, INGRESS_QUEUE = 8, 4
 REQUEST_TIMEOUT_S = 60
 APP = "stylear-small"
+MAX_JOBS = 2
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,7 @@ def url(serve_on_loopback):
         f"request_timeout_s={REQUEST_TIMEOUT_S}",
         f"body_read_timeout_s={BODY_READ_TIMEOUT_S}",
         f"retry_after_s={RETRY_AFTER_S}",
+        f"max_jobs={MAX_JOBS}",
     ]
     app = build_app(
         {"config_file": "serving/configs/tiny.yaml", "overrides": overrides},
@@ -96,6 +98,21 @@ def test_overload_gets_fast_503s_with_retry_after_and_no_other_server_error(url)
     while (counted := overload_rejections()) != answered_by_ingress and time.monotonic() < deadline:
         time.sleep(1.0)
     assert counted == answered_by_ingress
+
+
+def test_a_job_past_max_jobs_gets_a_429_counted_as_overload(url):
+    before = overload_rejections()
+    body = {"prompt": "a boat", "height": 32, "seed": 1}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        held = [c.post("/v1/jobs/subject", json=body) for _ in range(MAX_JOBS)]
+        assert [r.status_code for r in held] == [202] * MAX_JOBS, [r.text for r in held]
+        refused = c.post("/v1/jobs/subject", json=body)
+    assert refused.status_code == 429 and refused.headers["retry-after"] == str(RETRY_AFTER_S)
+    assert refused.json()["error"].startswith(f"{MAX_JOBS} jobs are held")
+    deadline = time.monotonic() + 60  # Ray flushes a process's metrics every few seconds
+    while (counted := overload_rejections()) != before + 1 and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert counted == before + 1
 
 
 def overload_rejections() -> float:
