@@ -1,4 +1,5 @@
-"""Preference pairs for DPO: sample K images per held (prompt, style reference) with the SFT model, rank by CLIP.
+"""Preference pairs for DPO: sample K images per held (prompt, style reference) with the SFT model, rank by CLIP
+(or by colour-palette similarity to the reference, ``sampling.style_scorer: palette``, in the miniature world).
 
 Takes the SFT artefact (``sft_adapter``; its manifest names the model block unless ``model`` is set)
 and request rows (``requests``: parquet with ``id, prompt, style_image`` and optionally

@@ -284,6 +284,16 @@ def train_judges(config: JudgeTrainingConfig, vq: nn.Module | None = None) -> tu
     return Judges(style, content), stats
 
 
+def colour_histogram_features(pixels: torch.Tensor, bins: int = 6) -> torch.Tensor:
+    """``(B, bins**3)`` square roots of each image's colour histogram (``bins`` levels per channel, pixels
+    ``(B, 3, H, W)`` in [-1, 1]). Each row has unit L2 norm, so the dot product of two rows is the
+    Bhattacharyya coefficient of their histograms (1: the same colours)."""
+    level = ((pixels.clamp(-1, 1) + 1) / 2 * (bins - 1e-4)).long()
+    index = ((level[:, 0] * bins + level[:, 1]) * bins + level[:, 2]).flatten(1)
+    counts = torch.zeros(pixels.shape[0], bins**3).scatter_add_(1, index, torch.ones(index.shape))
+    return (counts / counts.sum(dim=1, keepdim=True)).sqrt()
+
+
 class ColourPaletteJudge:
     """Names an image's palette from its colours alone, with no training loop: the nearest class mean of
     square-rooted colour histograms (``bins`` per channel), fitted on procedural images of every palette.
@@ -299,11 +309,7 @@ class ColourPaletteJudge:
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, bins**3)`` square roots of each image's colour histogram (pixels in [-1, 1])."""
-        bins = self.bins
-        level = ((pixels.clamp(-1, 1) + 1) / 2 * (bins - 1e-4)).long()
-        index = ((level[:, 0] * bins + level[:, 1]) * bins + level[:, 2]).flatten(1)
-        counts = torch.zeros(pixels.shape[0], bins**3).scatter_add_(1, index, torch.ones(index.shape))
-        return (counts / counts.sum(dim=1, keepdim=True)).sqrt()
+        return colour_histogram_features(pixels, self.bins)
 
     @classmethod
     @torch.no_grad()
@@ -347,6 +353,7 @@ __all__ = [
     "JudgeTrainingConfig",
     "Judges",
     "StyleJudge",
+    "colour_histogram_features",
     "content_labels",
     "judge_accuracy",
     "procedural_images",

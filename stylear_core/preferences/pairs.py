@@ -3,9 +3,13 @@
 For each held (prompt, style reference) row, :class:`PreferencePairSampler` (a Ray Data actor UDF)
 generates ``num_samples`` images with the SFT-tuned StyleAR model through the inference engine
 (batched CFG, each sample its own seed and its own style-noise draw), decodes them with the VQGAN and
-scores each one with CLIP:
+scores each one:
 
-* ``style_score``: CLIP image similarity to the style reference (style adherence),
+* ``style_score``: similarity to the style reference (style adherence), by ``style_scorer``: CLIP image
+  similarity (``clip``), or the Bhattacharyya coefficient of the two images' colour histograms
+  (``palette``: the features of the miniature world's
+  :class:`~stylear_core.miniature.judges.ColourPaletteJudge`, compared with the reference itself rather
+  than with class means, so it scores any reference),
 * ``text_score``: CLIP text score against the prompt (prompt adherence),
 * ``score = style_weight * style_score + text_weight * text_score``.
 
@@ -19,14 +23,17 @@ Output rows follow :data:`PREFERENCE_PAIRS_SCHEMA` (``stylear.preference_pairs/1
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import torch
+from PIL import Image
 
 from stylear_core.config import option
-from stylear_core.data.images import decode_image
+from stylear_core.data.images import decode_image, to_tensor
 from stylear_core.data.schemas import PREFERENCE_PAIRS_SCHEMA, rows_to_table
 from stylear_core.data.synthetic import SyntheticStyleSet
 from stylear_core.inference.defaults import SamplingConfig
@@ -42,7 +49,11 @@ class PreferenceSamplingConfig(SamplingConfig):
     ranked."""
 
     num_samples: int = option(4, "images sampled per (prompt, style) row (K >= 2)")
-    style_weight: float = option(1.0, "weight of CLIP style similarity in the score")
+    style_scorer: Literal["clip", "palette"] = option(
+        "clip", "style score: CLIP image similarity, or colour-histogram similarity to the reference"
+    )
+    palette_bins: int = option(6, "colour levels per channel of the palette scorer's histograms")
+    style_weight: float = option(1.0, "weight of the style score in the score")
     text_weight: float = option(1.0, "weight of CLIP text score in the score")
     min_margin: float = option(0.0, "drop rows whose chosen and rejected scores differ by no more than this")
     seed: int = option(0, "base seed; each sample's seed derives from it and the row id")
@@ -58,6 +69,31 @@ def preference_sample_seed(base: int, row_id: str, k: int) -> int:
     return (base * 1_000_003 + zlib.crc32(f"{row_id}/{k}".encode())) % 2**62
 
 
+class PaletteStyleScorer:
+    """Style adherence read off colours alone: the Bhattacharyya coefficient (in [0, 1]) of an image's and
+    its reference's colour histograms, with the features of the miniature world's palette judge.
+
+    Needs no fitting, so it scores references of any style, held-out ones included; it reads the palette
+    only (not texture or stroke), which is what a world this small carries through its VQGAN.
+    """
+
+    def __init__(self, bins: int = 6) -> None:
+        self.bins = bins
+
+    @torch.no_grad()
+    def image_similarity(
+        self, images_a: Sequence[Image.Image], images_b: Sequence[Image.Image]
+    ) -> torch.Tensor:
+        """``(B,)`` histogram similarity of ``images_a[i]`` with ``images_b[i]`` (same size or not)."""
+        from stylear_core.miniature.judges import colour_histogram_features
+
+        if len(images_a) != len(images_b):
+            raise ValueError(f"{len(images_a)} images against {len(images_b)}")
+        a = torch.cat([colour_histogram_features(to_tensor([im]), self.bins) for im in images_a])
+        b = torch.cat([colour_histogram_features(to_tensor([im]), self.bins) for im in images_b])
+        return (a * b).sum(dim=1)
+
+
 def synthetic_style_requests(
     count: int, seed: int = 1, size: int = 64, num_styles: int = 4
 ) -> list[dict[str, Any]]:
@@ -65,6 +101,28 @@ def synthetic_style_requests(
     procedural style set with ``seed`` (use a seed other than the training data's to hold them out)."""
     rows = SyntheticStyleSet(seed=seed, size=size).stylization_requests(count, num_styles=num_styles)
     return [{k: r[k] for k in ("id", "prompt", "style_ref", "style_image")} for r in rows]
+
+
+def world_style_requests(count: int, seed: int = 1) -> list[dict[str, Any]]:
+    """``count`` held (prompt, style reference) rows ``{id, prompt, style_ref, style_image}`` of the
+    miniature world: a one-object prompt and a reference in one of its *training* styles
+    (:data:`~stylear_core.miniature.data.TRAIN_STYLES`, never the held-out styles its evaluation judges),
+    drawn on another object elsewhere, as the evaluation's references are."""
+    from stylear_core.data.images import encode_png
+    from stylear_core.miniature.data import TRAIN_STYLES, reference_for, scenes
+
+    rows = []
+    for i, (content, style) in enumerate(scenes(seed, count, TRAIN_STYLES, "preferences")):
+        _, reference = reference_for(style, content, seed * 1_000_003 + i)
+        rows.append(
+            {
+                "id": f"world-pref-{seed}-{i:06d}",
+                "prompt": content.prompt,
+                "style_ref": style.style_id,
+                "style_image": encode_png(reference),
+            }
+        )
+    return rows
 
 
 class PreferencePairSampler:
@@ -92,6 +150,9 @@ class PreferencePairSampler:
         self.device = self.generator.device
         self.vqgan = self.generator.vq
         self.scorer = build_clip_scorer(model, self.device)  # the style encoder's CLIP
+        self.style_scorer = (
+            PaletteStyleScorer(sampling.palette_bins) if sampling.style_scorer == "palette" else self.scorer
+        )
         self.reference_noise_strength = reference_noise_strength
         if reference_noise_strength is not None:
             g = self.generator
@@ -109,7 +170,7 @@ class PreferencePairSampler:
         generated = self.generator.style([prompt] * s.num_samples, [reference] * s.num_samples, seeds, s)
         samples = generated.tokens
         images = self.generator.decode(samples, generated.layout)
-        style_scores = self.scorer.image_similarity(images, [reference] * len(images))
+        style_scores = self.style_scorer.image_similarity(images, [reference] * len(images))
         text_scores = self.scorer.text_score(images, [prompt] * len(images))
         scores = s.style_weight * style_scores + s.text_weight * text_scores
         best, worst = int(scores.argmax()), int(scores.argmin())

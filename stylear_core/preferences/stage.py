@@ -1,8 +1,10 @@
-"""The preference-pair stage: K samples per held (prompt, style reference) with the SFT model, ranked by CLIP.
+"""The preference-pair stage: K samples per held (prompt, style reference) with the SFT model, ranked by CLIP
+(or, in the miniature world, by colour-palette similarity to the reference: ``sampling.style_scorer``).
 
 :func:`run_preference_stage` takes a :class:`PreferenceStageConfig`: the SFT artefact (``sft_adapter``;
 its manifest names the model block unless ``model`` is set) and request rows (``requests``: parquet with
-``id, prompt, style_image`` and optionally ``style_ref``; or ``synthetic_requests`` procedural rows). The
+``id, prompt, style_image`` and optionally ``style_ref``; or ``synthetic_requests`` procedural rows, of the
+procedural style set or of the miniature world's training styles: ``synthetic_set``). The
 sampler runs as Ray Data actors (``resources`` each) and writes ``<output_dir>/pairs/*.parquet``
 (``stylear.preference_pairs/1``: prompt, style, chosen and rejected tokens, scores and, unless
 ``reference_logps`` is off, the SFT model's log-probs of both for DPO's reference at
@@ -12,7 +14,7 @@ sampler runs as Ray Data actors (``resources`` each) and writes ``<output_dir>/p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import pyarrow.parquet as pq
 
@@ -23,6 +25,7 @@ from stylear_core.preferences.pairs import (
     PreferenceSamplingConfig,
     make_preference_pairs,
     synthetic_style_requests,
+    world_style_requests,
 )
 from stylear_core.stages import StageConfig
 
@@ -44,6 +47,10 @@ class PreferenceStageConfig(StageConfig):
     model: ModelConfig | None = option(None, "model block (default: the one in the SFT adapter's manifest)")
     requests: str = option("", "parquet of held (prompt, style reference) rows; empty: synthetic")
     synthetic_requests: int = option(0, "procedural request rows to use when `requests` is empty")
+    synthetic_set: Literal["procedural", "world"] = option(
+        "procedural",
+        "what those rows are: the procedural style set's, or the miniature world's (training styles only)",
+    )
     synthetic_seed: int = option(1, "seed of the procedural rows (not the training data's, to hold them out)")
     sampling: PreferenceSamplingConfig = option(PreferenceSamplingConfig, "sampling and ranking")
     actors: int = option(1, "sampler actors (one model each)")
@@ -64,7 +71,10 @@ def run_preference_stage(cfg: PreferenceStageConfig) -> dict[str, Any]:
     if cfg.requests:
         requests = ray.data.read_parquet(cfg.path(cfg.requests))
     else:
-        rows = synthetic_style_requests(cfg.synthetic_requests, cfg.synthetic_seed, model.image_size)
+        if cfg.synthetic_set == "world":
+            rows = world_style_requests(cfg.synthetic_requests, cfg.synthetic_seed)
+        else:
+            rows = synthetic_style_requests(cfg.synthetic_requests, cfg.synthetic_seed, model.image_size)
         requests = ray.data.from_items(rows)
     out = cfg.stage_dir
     pairs = make_preference_pairs(
