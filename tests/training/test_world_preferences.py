@@ -111,3 +111,27 @@ def test_stage_ranks_world_pairs_by_the_palette_scorer(tmp_path, model_cfg, sft_
         # text_weight 0: the score is the style score alone.
         assert [row["chosen_score"], row["rejected_score"]] == pytest.approx(stored, abs=1e-6)
         assert row["chosen_score"] >= row["rejected_score"]
+
+
+def test_demo_runs_dpo_on_its_sft_and_judges_it():
+    from stylear_core.miniature.evaluate_stage import WorldEvalStageConfig
+    from stylear_core.pipeline import PipelineConfig
+
+    demo = load_config(PipelineConfig, CONFIGS / "pipeline" / "demo.yaml")
+    order = list(demo.stages)
+    assert order.index("train_style") < order.index("make_preferences") < order.index("train_dpo")
+    assert order.index("train_dpo") < order.index("evaluate_world")
+
+    def stage(name, cls):
+        spec = demo.stages[name]
+        run = ["run_dir=/r", f"output_dir=/r/{name}", *spec.overrides]
+        return load_config(cls, CONFIGS.parent.parent / spec.config, run)
+
+    prefs = stage("make_preferences", PreferenceStageConfig)
+    dpo = stage("train_dpo", DPOTrainConfig)
+    world = stage("evaluate_world", WorldEvalStageConfig)
+    # Pairs from the demo's SFT, DPO on those pairs from that SFT, and the judged DPO adapter is its output.
+    assert prefs.path(prefs.sft_adapter) == dpo.path(dpo.sft_adapter) == "/r/train_style/adapter"
+    assert dpo.path(dpo.pairs) == "/r/make_preferences/pairs"
+    assert world.path(world.adapters["dpo"]) == "/r/train_dpo/adapter"
+    assert prefs.reference_noise_strength == dpo.dpo.noise_strength
