@@ -236,6 +236,17 @@ def _ablation_section(metrics: Mapping[str, Mapping[str, Any]], default_noise: f
     )
 
 
+def _exported_variant(run_dir: Path) -> str:
+    """Which tuned adapter the export stage published (``DPO``, ``SFT``), from its manifest's config."""
+    manifest = run_dir / "export" / "manifest.json"
+    if manifest.is_file():
+        source = str(json.loads(manifest.read_text()).get("config", {}).get("adapter", ""))
+        for stage, name in (("train_dpo", "DPO"), ("train_style", "SFT")):
+            if stage in source:
+                return name
+    return "exported"
+
+
 def _served_by_pair(run_dir: Path) -> dict[int, dict[str, str]]:
     """``{pair index: {"sft" | "base": served PNG path relative to run_dir}}`` from served/responses.json."""
     responses = run_dir / "served" / "responses.json"
@@ -262,9 +273,10 @@ def _rows_section(
     tiles = grid_tiles(grid, [REFERENCE_ROW, *variants], run_dir / WORLD_ASSETS / "grid")
     served = _served_by_pair(run_dir)
     shown = min(len(tiles[REFERENCE_ROW]), len(pair_labels) or len(tiles[REFERENCE_ROW]))
-    header = ["pair", "reference", *variants, "served over HTTP: SFT adapter", "served: base"]
+    header = ["pair", "reference", *variants, f"served over HTTP: {_exported_variant(run_dir)} adapter"]
+    header.append("served: base")
     parts = [
-        "<h2>Held-out styles: reference | base | SFT | served</h2><p class='note'>One row per held-out "
+        "<h2>Held-out styles: reference | each variant | served</h2><p class='note'>One row per held-out "
         "style. The reference shows another object elsewhere: a tuned model should draw the prompt's "
         "object in the reference's style (colours, background texture, stroke), not the reference's "
         "object. The served columns are what the Ray Serve app answered over HTTP for the same prompt "

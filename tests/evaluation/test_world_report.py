@@ -70,7 +70,10 @@ def _world_run(tmp_path: Path) -> Path:
     rows = [[Image.new("RGB", (64, 64), c)] * len(HELD_OUT_STYLES) for c in ROW_COLOURS]
     write_grid(rows, stage / "grid.png")
     write_manifest(stage, EVALUATE_WORLD_FORMAT, status="complete", config={"eval": EVAL}, summary={})
-    write_manifest(run / "export", "stylear.export/1", status="complete", summary={"name": "stylear-mini"})
+    write_manifest(
+        run / "export", "stylear.export/1", status="complete", config={"adapter": "{run_dir}/train_dpo/adapter"},
+        summary={"name": "stylear-mini"},
+    )  # fmt: skip
     served = run / "served"
     served.mkdir()
     png = encode_png(Image.new("RGB", (64, 64), (9, 9, 9)))
@@ -103,7 +106,7 @@ def test_world_report_renders_every_section_and_links_only_existing_images(tmp_p
         "The miniature world's trained parts",
         "Held-out styles: accuracy per variant",
         "Ablation: style-token noise at inference",
-        "Held-out styles: reference | base | SFT | served",
+        "Held-out styles: reference | each variant | served",
         "VQGAN reconstructions",
         "Training curves",
         "Served over HTTP",
@@ -116,6 +119,7 @@ def test_world_report_renders_every_section_and_links_only_existing_images(tmp_p
     grid_tiles = [s for s in sources if s.startswith("report/world/grid/")]
     assert len(grid_tiles) == len(HELD_OUT_STYLES) * (1 + len(VARIANTS))
     assert sources.count("served/0_stylear-mini.png") == 2 and sources.count("served/0_base.png") == 2
+    assert "<th>served over HTTP: DPO adapter</th>" in page  # the export stage published train_dpo's
     assert len([s for s in sources if s.startswith("report/world/vqgan/")]) == 12
     # Each tile is cut from its own variant's row of the grid.
     for row, colour in zip(("reference", "base", "sft", "sft_noise0"), ROW_COLOURS):

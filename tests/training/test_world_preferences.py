@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from stylear_core.adapters.export_stage import ExportStageConfig
 from stylear_core.config import load_config
 from stylear_core.data.images import decode_image
 from stylear_core.data.layout import ImageTokenLayout
@@ -134,4 +135,7 @@ def test_demo_runs_dpo_on_its_sft_and_judges_it():
     assert prefs.path(prefs.sft_adapter) == dpo.path(dpo.sft_adapter) == "/r/train_style/adapter"
     assert dpo.path(dpo.pairs) == "/r/make_preferences/pairs"
     assert world.path(world.adapters["dpo"]) == "/r/train_dpo/adapter"
+    assert order.index("evaluate_world") < order.index("export")
+    export = stage("export", ExportStageConfig)
+    assert export.path(export.adapter) == "/r/train_dpo/adapter"  # the demo serves the DPO adapter
     assert prefs.reference_noise_strength == dpo.dpo.noise_strength
