@@ -12,10 +12,13 @@ held-out drawn and VQ-decoded images first, so a failure here is the method's an
 
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from jobs import pretrain, train_style
 from stylear_core.adapters.format import adapter_model_config
@@ -46,10 +49,10 @@ CUT_DOWN_WORLD = [
     "train.max_steps=300",
     "train.micro_batch_size=16",
     "train.checkpoint_every=300",
-    "ray.worker.cpus=1",
+    "ray.worker.cpus=2",
     "eval.prompts=4",
 ]
-SFT = ["train.max_steps=300", "train.micro_batch_size=16", "train.checkpoint_every=300", "ray.worker.cpus=1"]
+SFT = ["train.max_steps=300", "train.micro_batch_size=16", "train.checkpoint_every=300", "ray.worker.cpus=2"]
 PALETTES = 6
 
 
@@ -60,10 +63,23 @@ def _train_controller_for_tiny_runs(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 
+@contextmanager
+def job_driver_threads():
+    """Torch threads as a job's driver has them (every core), not the suite's one: the world's VQGAN, CLIP
+    and judges train in the stage's own process, and their convolutions use both cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_sft_draws_the_palette_of_held_out_references(tmp_path):
     clock = time.perf_counter()
     run = [f"run_dir={tmp_path}"]
-    pretrain.main(["--config", "jobs/configs/pretrain/mini.yaml", *run, *CUT_DOWN_WORLD])
+    with job_driver_threads():
+        pretrain.main(["--config", "jobs/configs/pretrain/mini.yaml", *run, *CUT_DOWN_WORLD])
     t_pretrain = time.perf_counter() - clock
     train_style.main(["--config", "jobs/configs/train_style/mini.yaml", *run, *SFT])
     t_sft = time.perf_counter() - clock - t_pretrain
@@ -94,6 +110,6 @@ def test_sft_draws_the_palette_of_held_out_references(tmp_path):
         f"held-out pairs: base {accuracy['base']:.2f}, SFT {accuracy['sft']:.2f} (chance {1 / PALETTES:.2f}); "
         f"pretrain {t_pretrain:.0f} s, SFT {t_sft:.0f} s, total {t_all:.0f} s"
     )
-    # Calibration: base 0.11, SFT 0.53 (decoded-image judge 0.82, raw 0.96).
+    # Calibration: base 0.11-0.19, SFT 0.53 in four runs (decoded-image judge 0.78-0.82, raw 0.96).
     assert accuracy["sft"] >= 2 / PALETTES, accuracy
     assert accuracy["sft"] >= accuracy["base"] + 0.2, accuracy
