@@ -129,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--sizes", default="32,64,128", help="comma-separated image sides in px to draw from")
     parser.add_argument("--slots", type=int, default=8, help="pool rows (two per guided image)")
-    parser.add_argument("--requests", type=int, default=32, help="requests per run")
+    # Enough that a run is mostly steady state: with 32, ramp-up and the drain of the last requests took
+    # most of the first-arrival-to-last-finish window at the queueing rate, hiding the schedulers' capacity.
+    parser.add_argument("--requests", type=int, default=96, help="requests per run")
     parser.add_argument(
         "--rates", default="", help="comma-separated arrival rates in images/s (default: measured)"
     )
