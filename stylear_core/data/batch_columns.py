@@ -8,7 +8,7 @@ only (no Ray, no torch), so model-side modules that Ray workers import stay ligh
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,4 +49,24 @@ def batch_to_table(batch: Batch) -> pa.Table:
     return pa.table({k: column_values(v) for k, v in batch.items()})
 
 
-__all__ = ["Batch", "batch_columns", "batch_num_rows", "batch_to_table", "batch_values", "column_values"]
+def table_to_numpy_batch(table: pa.Table, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """A pyarrow table as Ray Data's numpy batch format hands it to a UDF: one object array per column
+    (``columns``, default all), list cells as numpy arrays."""
+    out = {}
+    for name in table.column_names if columns is None else columns:
+        values = table.column(name).to_pylist()
+        column = np.empty(len(values), dtype=object)
+        column[:] = [np.asarray(v) if isinstance(v, list) else v for v in values]
+        out[name] = column
+    return out
+
+
+__all__ = [
+    "Batch",
+    "batch_columns",
+    "batch_num_rows",
+    "batch_to_table",
+    "batch_values",
+    "column_values",
+    "table_to_numpy_batch",
+]

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from stylear_core.adapters.format import BACKBONE_WEIGHTS_NAME, RESAMPLER_WEIGHTS_NAME
+from stylear_core.data.batch_columns import table_to_numpy_batch
 from stylear_core.data.schemas import PREFERENCE_PAIRS_SCHEMA, conform_table, parquet_files
 from stylear_core.models.config import ModelConfig
 from stylear_core.models.lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
@@ -158,16 +159,6 @@ def score_reference_columns(
     }
 
 
-def _numpy_rows(table: pa.Table, columns: Sequence[str]) -> dict[str, np.ndarray]:
-    out = {}
-    for name in columns:
-        values = table.column(name).to_pylist()
-        arr = np.empty(len(values), dtype=object)
-        arr[:] = [np.asarray(v) if isinstance(v, list) else v for v in values]
-        out[name] = arr
-    return out
-
-
 class ReferenceLogProbScorer:
     """Ray Data actor: preference-pair tables -> the same tables with :data:`REFERENCE_COLUMNS` (re)scored.
 
@@ -202,7 +193,7 @@ class ReferenceLogProbScorer:
     def __call__(self, table: pa.Table) -> pa.Table:
         """A pyarrow batch of pairs -> a ``stylear.preference_pairs/1`` table with the reference columns."""
         needed = ("id", "prompt", "prompt_ids", "style_image", "height", "width")
-        rows = _numpy_rows(table, (*needed, "chosen_tokens", "rejected_tokens"))
+        rows = table_to_numpy_batch(table, (*needed, "chosen_tokens", "rejected_tokens"))
         scored = score_reference_columns(
             self.model, self.collate, rows, self.noise_strength, self.digest, self.score_batch_size
         )

@@ -113,15 +113,9 @@ def write_release_word_tokenizer(path: str | Path, words: Sequence[str]) -> Path
 def numpy_batch(table: Any) -> dict[str, Any]:
     """A pyarrow table as Ray Data's numpy batch format hands it to a collate: one object array per
     column, list cells as numpy arrays."""
-    import numpy as np
+    from stylear_core.data.batch_columns import table_to_numpy_batch
 
-    out = {}
-    for name in table.column_names:
-        values = table.column(name).to_pylist()
-        column = np.empty(len(values), dtype=object)
-        column[:] = [np.asarray(v) if isinstance(v, list) else v for v in values]
-        out[name] = column
-    return out
+    return table_to_numpy_batch(table)
 
 
 def lora_copy(
