@@ -2,8 +2,10 @@
 
 :func:`run_pipeline` takes a :class:`PipelineConfig` (the run dir, the stages and each stage's config
 file plus overrides). Every stage writes ``<run_dir>/<stage>/`` with its manifest; a stage whose
-manifest says complete is skipped (its stored summary is its result), and Ray is attached only when a
-stage has work to do. ``<run_dir>/manifest.json`` lists the stages' results.
+manifest says complete is skipped (its stored summary is its result) unless an earlier stage of this
+run had work to do: a later stage may read what that one rewrote, so from the first stage that runs on,
+every stage runs (``force=true``). Ray is attached only when a stage has work to do.
+``<run_dir>/manifest.json`` lists the stages' results.
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ class PipelineConfig:
     ray_address: str = option("auto", help=RAY_ADDRESS_HELP)
 
 
-def run_pipeline_stage(name: str, spec: StageSpec, run_dir: str) -> dict[str, Any]:
-    """Import ``jobs.<spec.job>`` and call its ``main`` with the stage's config, writing under run_dir/name."""
+def run_pipeline_stage(name: str, spec: StageSpec, run_dir: str, force: bool = False) -> dict[str, Any]:
+    """Import ``jobs.<spec.job>`` and call its ``main`` with the stage's config, writing under run_dir/name
+    (``force``: even over a complete manifest)."""
     module = importlib.import_module(f"jobs.{spec.job}")
     argv = ["--config", spec.config, f"output_dir={run_dir}/{name}", f"run_dir={run_dir}", *spec.overrides]
-    return module.main(argv) or {}
+    return module.main([*argv, "force=true"] if force else argv) or {}
 
 
 def run_pipeline(cfg: PipelineConfig, stages: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -58,17 +61,21 @@ def run_pipeline(cfg: PipelineConfig, stages: Sequence[str] | None = None) -> di
     if unknown:
         raise UnknownStageError(f"unknown stage(s) {unknown}; this pipeline has {list(cfg.stages)}")
     results: dict[str, dict[str, Any]] = {}
+    upstream_ran = False  # a stage of this run had work: every later one may read what it rewrote
     for name in wanted:
         out = f"{cfg.run_dir}/{name}"
-        if is_complete(out):
+        complete = is_complete(out)
+        if complete and not upstream_ran:
             print(f"[pipeline] {name}: complete, skipped", flush=True)
             results[name] = (read_manifest(out) or {}).get("summary", {})
             continue
         # Attached once, before the first stage with work: every stage then runs on this cluster.
         connect_ray(cfg.ray_address, log_prefix="[pipeline]")
         t0 = time.time()
-        print(f"[pipeline] {name}: running", flush=True)
-        results[name] = run_pipeline_stage(name, cfg.stages[name], cfg.run_dir)
+        why = " (complete, but an earlier stage ran)" if complete else ""
+        print(f"[pipeline] {name}: running{why}", flush=True)
+        results[name] = run_pipeline_stage(name, cfg.stages[name], cfg.run_dir, force=complete)
+        upstream_ran = True
         print(f"[pipeline] {name}: done in {time.time() - t0:.1f}s", flush=True)
     write_manifest(cfg.run_dir, PIPELINE_FORMAT, status="complete", config=to_dict(cfg), stages=results)
     return results
