@@ -6,7 +6,9 @@ generation path shares), and runs one :class:`~stylear_core.inference.continuous
 over ``max_slots`` rows of one KV cache. Requests arrive through :meth:`StyleARModelDeployment.generate`:
 each is prepared (prompt, style tokens from its adapter's own resampler, condition image, validation)
 on a worker thread and submitted to the loop, which admits it into free rows at the next decode step,
-so a request arriving mid-decode joins the running batch instead of waiting for it to finish.
+so a request arriving mid-decode joins the running batch instead of waiting for it to finish. The worker
+thread (:class:`~serving.batching.BatchingWorker`) takes what has queued up as one batch: style references
+through CLIP and the resampler together, finished images of one size through the VQGAN together.
 
 Adapters: ``serve.multiplexed`` reads them (an LRU of ``max_adapters_per_replica``; Serve also uses the
 multiplexed id to route a request to a replica that holds its adapter), and their LoRA factors live in
