@@ -43,13 +43,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _train_controller_for_tiny_runs(monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-
-
 def run(run_dir, *extra: str) -> dict:
     argv = [
         "--config",

@@ -4,7 +4,7 @@ of style references it never saw in training, well above chance and well above t
 references.
 
 The world, the base and the SFT are the pipeline's own stages (``jobs.pretrain``, ``jobs.train_style``)
-with fewer images and steps. Palette is the part of a style that a world this small carries through
+with fewer images and steps (``cut_down_world`` in this folder's conftest). Palette is the part of a style that a world this small carries through
 its VQGAN, and it is read by :class:`ColourPaletteJudge`, which needs no training loop and is checked on
 held-out drawn and VQ-decoded images first, so a failure here is the method's and not the judge's
 (the full-size figures, texture and stroke included, are in the README).
@@ -12,15 +12,11 @@ held-out drawn and VQ-decoded images first, so a failure here is the method's an
 
 from __future__ import annotations
 
-import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
-from jobs import pretrain, train_style
 from stylear_core.adapters.format import adapter_model_config
 from stylear_core.data.images import to_tensor
 from stylear_core.miniature.evaluate import WorldEvalConfig, generate_variant, held_out_pairs
@@ -29,61 +25,11 @@ from stylear_core.miniature.world import WorldPaths, load_vqgan
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-CUT_DOWN_WORLD = [
-    "world.vq_images=512",
-    "world.vqgan.steps=1000",
-    "world.vqgan.batch_size=16",
-    "world.vqgan.full_image_steps=300",
-    "world.vqgan.full_image_batch_size=8",
-    "world.vqgan.warmup_steps=20",
-    "world.vqgan.lr=0.003",
-    "world.style_clip.steps=100",
-    "world.style_clip.batch_size=32",
-    # The trained judges are not read here (the colour judge is); the stage still makes them.
-    "world.judges.num_images=128",
-    "world.judges.steps=10",
-    "world.judges.batch_size=16",
-    "world.held_images=32",
-    "data.rows=2000",
-    "data.sft_rows=1000",
-    "train.max_steps=300",
-    "train.micro_batch_size=16",
-    "train.checkpoint_every=300",
-    "ray.worker.cpus=2",
-    "eval.prompts=4",
-]
-SFT = ["train.max_steps=300", "train.micro_batch_size=16", "train.checkpoint_every=300", "ray.worker.cpus=2"]
 PALETTES = 6
 
 
-@pytest.fixture(autouse=True)
-def _train_controller_for_tiny_runs(monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-
-
-@contextmanager
-def job_driver_threads():
-    """Torch threads as a job's driver has them (every core), not the suite's one: the world's VQGAN, CLIP
-    and judges train in the stage's own process, and their convolutions use both cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_sft_draws_the_palette_of_held_out_references(tmp_path):
+def test_sft_draws_the_palette_of_held_out_references(tmp_path, cut_down_world):
     clock = time.perf_counter()
-    run = [f"run_dir={tmp_path}"]
-    with job_driver_threads():
-        pretrain.main(["--config", "jobs/configs/pretrain/mini.yaml", *run, *CUT_DOWN_WORLD])
-    t_pretrain = time.perf_counter() - clock
-    train_style.main(["--config", "jobs/configs/train_style/mini.yaml", *run, *SFT])
-    t_sft = time.perf_counter() - clock - t_pretrain
-
     vq = load_vqgan(WorldPaths(Path(tmp_path) / "pretrain" / "model"))
     judge = ColourPaletteJudge.fit(vq)
     drawn, _, styles = procedural_images(4242, 96)
@@ -104,7 +50,8 @@ def test_sft_draws_the_palette_of_held_out_references(tmp_path):
         images = generate_variant(model, adapter_dir, pairs, cfg.sampling, cfg.seed)
         right = judge.correct(to_tensor(images), [p.style for p in pairs])
         accuracy[name] = right.float().mean().item()
-    t_all = time.perf_counter() - clock
+    t_pretrain, t_sft = cut_down_world["pretrain"], cut_down_world["sft"]
+    t_all = t_pretrain + t_sft + time.perf_counter() - clock
     print(
         f"palette judge: raw {on_raw:.2f}, decoded {on_decoded:.2f}; palette accuracy on {len(pairs)} "
         f"held-out pairs: base {accuracy['base']:.2f}, SFT {accuracy['sft']:.2f} (chance {1 / PALETTES:.2f}); "

@@ -2,7 +2,8 @@
 styles only), then DPO of the SFT on them, draws the palette of held-out references at least as often
 as the SFT does, judged as the style gate judges (:class:`ColourPaletteJudge` on the same held-out pairs).
 
-The world and the SFT are trained fresh here as in ``test_style_gate``; the preference and DPO stages
+The world and the SFT are trained fresh here as in ``test_style_gate`` (``cut_down_world``, this folder's
+conftest); the preference and DPO stages
 are the demo's (``jobs/configs/make_preferences/mini.yaml``, ``jobs/configs/train_dpo/mini.yaml``).
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import make_preferences, pretrain, train_dpo, train_style
+from jobs import make_preferences, train_dpo
 from stylear_core.adapters.format import adapter_model_config
 from stylear_core.data.images import to_tensor
 from stylear_core.miniature.evaluate import WorldEvalConfig, generate_variant, held_out_pairs
@@ -22,44 +23,9 @@ from stylear_core.miniature.world import WorldPaths, load_vqgan
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
-# The demo's cut-down world (jobs/configs/pipeline/demo.yaml) with the judges the colour judge replaces
-# left untrained.
-CUT_DOWN_WORLD = [
-    "world.vq_images=512",
-    "world.vqgan.steps=1000",
-    "world.vqgan.batch_size=16",
-    "world.vqgan.full_image_steps=300",
-    "world.vqgan.full_image_batch_size=8",
-    "world.vqgan.warmup_steps=20",
-    "world.vqgan.lr=0.003",
-    "world.style_clip.steps=100",
-    "world.style_clip.batch_size=32",
-    "world.judges.num_images=128",
-    "world.judges.steps=10",
-    "world.judges.batch_size=16",
-    "world.held_images=32",
-    "data.rows=2000",
-    "data.sft_rows=1000",
-    "train.max_steps=300",
-    "train.micro_batch_size=16",
-    "train.checkpoint_every=300",
-    "ray.worker.cpus=1",
-    "eval.prompts=4",
-]
-SFT = ["train.max_steps=300", "train.micro_batch_size=16", "train.checkpoint_every=300", "ray.worker.cpus=1"]
 
-
-@pytest.fixture(autouse=True)
-def _train_controller_for_tiny_runs(monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-
-
-def test_dpo_on_palette_ranked_pairs_keeps_or_beats_the_sfts_palette_accuracy(tmp_path):
+def test_dpo_on_palette_ranked_pairs_keeps_or_beats_the_sfts_palette_accuracy(tmp_path, cut_down_world):
     run = [f"run_dir={tmp_path}"]
-    pretrain.main(["--config", "jobs/configs/pretrain/mini.yaml", *run, *CUT_DOWN_WORLD])
-    train_style.main(["--config", "jobs/configs/train_style/mini.yaml", *run, *SFT])
     clock = time.perf_counter()
     prefs = make_preferences.main(["--config", "jobs/configs/make_preferences/mini.yaml", *run])
     dpo = train_dpo.main(["--config", "jobs/configs/train_dpo/mini.yaml", *run])

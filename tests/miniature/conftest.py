@@ -1,0 +1,75 @@
+"""Shared pieces of the miniature-world tests: Ray Train settings for small runs, the quality gates'
+cut-down world + SFT: the pipeline's own ``jobs.pretrain`` and ``jobs.train_style`` with fewer images
+and steps."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+CUT_DOWN_WORLD = [
+    "world.vq_images=512",
+    "world.vqgan.steps=1000",
+    "world.vqgan.batch_size=16",
+    "world.vqgan.full_image_steps=300",
+    "world.vqgan.full_image_batch_size=8",
+    "world.vqgan.warmup_steps=20",
+    "world.vqgan.lr=0.003",
+    "world.style_clip.steps=100",
+    "world.style_clip.batch_size=32",
+    # The trained judges are not read by the gates (the colour judge is); the stage still makes them.
+    "world.judges.num_images=128",
+    "world.judges.steps=10",
+    "world.judges.batch_size=16",
+    "world.held_images=32",
+    "data.rows=2000",
+    "data.sft_rows=1000",
+    "train.max_steps=300",
+    "train.micro_batch_size=16",
+    "train.checkpoint_every=300",
+    "ray.worker.cpus=2",
+    "eval.prompts=4",
+]
+SFT = ["train.max_steps=300", "train.micro_batch_size=16", "train.checkpoint_every=300", "ray.worker.cpus=2"]
+
+
+@pytest.fixture(autouse=True)
+def _train_controller_for_tiny_runs(monkeypatch):
+    # Read by TorchTrainer.fit in this process and passed to its controller: reports every 0.5 s (tiny
+    # steps are far shorter than the 2 s default), no preemption watcher, and room for a slow start.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+
+
+@contextmanager
+def job_driver_threads():
+    """Torch threads as a job's driver has them (every core), not the suite's one: the world's VQGAN, CLIP
+    and judges train in the stage's own process, and their convolutions use both cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cut_down_world(tmp_path: Path) -> dict[str, float]:
+    """The cut-down world and its SFT trained under ``tmp_path`` (``<tmp_path>/pretrain``,
+    ``<tmp_path>/train_style``); returns the seconds each took."""
+    from jobs import pretrain, train_style
+
+    run = [f"run_dir={tmp_path}"]
+    clock = time.perf_counter()
+    with job_driver_threads():
+        pretrain.main(["--config", "jobs/configs/pretrain/mini.yaml", *run, *CUT_DOWN_WORLD])
+    seconds = {"pretrain": time.perf_counter() - clock}
+    train_style.main(["--config", "jobs/configs/train_style/mini.yaml", *run, *SFT])
+    seconds["sft"] = time.perf_counter() - clock - seconds["pretrain"]
+    return seconds
