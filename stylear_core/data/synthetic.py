@@ -188,6 +188,12 @@ def _background(style: StyleSpec, size: int) -> np.ndarray:
     return c0 * (1 - t[..., None]) + c1 * t[..., None]
 
 
+def background(style: StyleSpec, size: int) -> np.ndarray:
+    """The background of ``style`` alone, ``(size, size, 3)`` float RGB in 0..255 (what :func:`render` draws
+    objects on)."""
+    return _background(style, size)
+
+
 def _star_points(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     points = []
     for i in range(10):

@@ -82,6 +82,20 @@ _SUBJECT_DESIGNS: dict[str, tuple[str, tuple[tuple[str, tuple[int, int, int], fl
 SUBJECT_NAMES = tuple(_SUBJECT_DESIGNS)
 
 
+def subject_bounds(name: str) -> tuple[float, float, float, float]:
+    """``(left, top, right, bottom)`` of subject ``name``'s design in units of its scale, relative to the
+    point it is drawn around (each part spans its offset +- its half-extent)."""
+    if name not in _SUBJECT_DESIGNS:
+        raise ValueError(f"unknown subject {name!r} (known: {SUBJECT_NAMES})")
+    parts = _SUBJECT_DESIGNS[name][1]
+    return (
+        min(dx - r for _, _, dx, _, r in parts),
+        min(dy - r for _, _, _, dy, r in parts),
+        max(dx + r for _, _, dx, _, r in parts),
+        max(dy + r for _, _, _, dy, r in parts),
+    )
+
+
 @dataclass(frozen=True)
 class Subject:
     """A procedural subject: a rare identifier token, its class noun, and instance images (PNG bytes).
@@ -145,4 +159,4 @@ def procedural_subjects(
     return subjects
 
 
-__all__ = ["SUBJECT_NAMES", "Subject", "procedural_subjects", "render_subject"]
+__all__ = ["SUBJECT_NAMES", "Subject", "procedural_subjects", "render_subject", "subject_bounds"]

@@ -1,0 +1,82 @@
+"""Subject scenes of the miniature world and the subject judge that reads them."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from PIL import Image
+
+from stylear_core.data.synthetic import POSITIONS, ObjectSpec, StyleSpec, shape_mask
+from stylear_core.data.synthetic_subjects import SUBJECT_NAMES
+from stylear_core.miniature.subjects import (
+    DEFAULT_SUBJECT_SCALE,
+    SCALE_RANGE,
+    SubjectScene,
+    cell_center,
+    instance_scenes,
+    render_subject_scene,
+    sample_subject_scene,
+    subject_parts,
+)
+
+
+def test_scenes_are_deterministic_and_prompts_read_right():
+    first = [sample_subject_scene(random.Random(f"t/{i}"), no_subject_share=0.2) for i in range(40)]
+    again = [sample_subject_scene(random.Random(f"t/{i}"), no_subject_share=0.2) for i in range(40)]
+    assert first == again
+    assert render_subject_scene(first[0]).tobytes() == render_subject_scene(again[0]).tobytes()
+    assert any(s.distractor is not None for s in first) and any(s.distractor is None for s in first)
+    assert any(s.subject is None for s in first)
+    for scene in first:
+        if scene.subject is None:
+            assert scene.distractor is not None and scene.prompt == scene.distractor.describe()
+        elif scene.distractor is not None:
+            assert scene.distractor.position != scene.position
+
+    style = StyleSpec("vivid", "dots", "filled")
+    robot = SubjectScene("robot", "top left", style)
+    assert robot.prompt == "a sks robot at the top left"
+    assert SubjectScene("cat", "center", style).prompt == "a pdj cat in the center"
+    box = ObjectSpec("circle", "red", "bottom", "small")
+    assert SubjectScene("robot", "top left", style, distractor=box).prompt == (
+        "a sks robot at the top left and a small red circle at the bottom"
+    )
+    assert SubjectScene(None, "bottom", style, distractor=box).prompt == "a small red circle at the bottom"
+
+
+def test_subject_stays_inside_the_frame_at_every_position():
+    size, pad = 64, 32
+    for name in SUBJECT_NAMES:
+        for position in POSITIONS:
+            for scale in (SCALE_RANGE[0], DEFAULT_SUBJECT_SCALE, SCALE_RANGE[1]):
+                parts = subject_parts(name, cell_center(position), scale, size)
+                # Each part drawn on a canvas padded on every side: none of its pixels may fall in the pad.
+                for kind, _, cx, cy, r in parts:
+                    mask = np.asarray(shape_mask(kind, cx + pad, cy + pad, r, size + 2 * pad)) > 127
+                    assert mask.sum() > 0
+                    inside = mask[pad : pad + size, pad : pad + size].sum()
+                    assert inside == mask.sum(), (name, position, scale, kind)
+                # Drawn on an empty (uniform) background, the subject is there, near its cell's centre.
+                blank = np.asarray(render_subject_scene(SubjectScene(None, position, _PLAIN)))
+                drawn = np.asarray(render_subject_scene(SubjectScene(name, position, _PLAIN, scale)))
+                ys, xs = np.nonzero((drawn != blank).any(axis=-1))
+                assert len(xs) > 40
+                col, row = POSITIONS[position]
+                assert int(xs.mean() // (size / 3)) == col and int(ys.mean() // (size / 3)) == row
+
+
+_PLAIN = StyleSpec("vivid", "gradient", "filled")
+
+
+def test_instance_scenes_are_centred_views():
+    views = instance_scenes("robot", 4, seed=0)
+    assert len(views) == 4 and all(p == "a sks robot in the center" for p, _ in views)
+    assert [v.tobytes() for _, v in views] == [v.tobytes() for _, v in instance_scenes("robot", 4, seed=0)]
+    assert len({v.tobytes() for _, v in views}) == 4
+    for _, image in views:
+        assert isinstance(image, Image.Image) and image.size == (64, 64)
+        pixels = np.asarray(image).astype(int)
+        corner = pixels[0, 0]
+        ys, xs = np.nonzero(np.abs(pixels - corner).sum(-1) > 30)
+        assert abs(xs.mean() - 32) < 5 and abs(ys.mean() - 32) < 5
