@@ -8,6 +8,11 @@ style's background, optionally beside one ordinary world object (a *distractor*)
     scene.prompt                     # "a sks robot at the top left and a small red circle at the bottom"
     render_subject_scene(scene, 64)  # PIL image
 
+The **subject judge** (:class:`SubjectJudge`) reads the grid as the content judge does: for each cell,
+which subject is there, or none. It is trained on subject scenes in the training styles, with world
+objects beside the subject and scenes with no subject at all, and validated on held-out styles; it is
+the world's stand-in for DINO / CLIP-I subject fidelity.
+
 The subject keeps its own colours under every palette (they are its identity; the palette tones
 world objects only), and it is sized to fill about one cell of the 3x3 grid, so the judge's
 per-cell reading and the prompt's placement words mean the same cell.
@@ -16,12 +21,18 @@ per-cell reading and the prompt's placement words mean the same cell.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
+from stylear_core.config import option
+from stylear_core.data.images import to_tensor
 from stylear_core.data.synthetic import (
     COLOURS,
     OBJECT_KINDS,
@@ -35,7 +46,8 @@ from stylear_core.data.synthetic import (
     shape_mask,
 )
 from stylear_core.data.synthetic_subjects import _SUBJECT_DESIGNS, SUBJECT_NAMES, subject_bounds
-from stylear_core.miniature.data import TRAIN_STYLES, WORLD_IMAGE_SIZE
+from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES, WORLD_IMAGE_SIZE
+from stylear_core.miniature.judges import JudgeTrainingConfig, _train, _Trunk
 
 # A subject's unit as a fraction of the side: the tallest designs span ~1.85 units, so at 0.18 they are
 # ~21 px tall at 64 px, one cell of the 3x3 grid (64 / 3 = 21.3 px).
@@ -183,3 +195,160 @@ def instance_scenes(
             )
         )
     return views
+
+
+NO_SUBJECT = len(SUBJECT_NAMES)  # the class of a cell with no subject
+
+
+def subject_labels(scene: SubjectScene) -> list[int]:
+    """Per grid cell (row-major, 9): the subject's index in ``SUBJECT_NAMES`` at its cell, ``NO_SUBJECT``
+    elsewhere (and everywhere for a scene with no subject)."""
+    labels = [NO_SUBJECT] * 9
+    if scene.subject is not None:
+        col, row = POSITIONS[scene.position]
+        labels[row * 3 + col] = SUBJECT_NAMES.index(scene.subject)
+    return labels
+
+
+def _cells(positions: Sequence[str]) -> torch.Tensor:
+    return torch.tensor([POSITIONS[p][1] * 3 + POSITIONS[p][0] for p in positions])
+
+
+class SubjectJudge(nn.Module):
+    """Pixels ``(B, 3, 64, 64)`` in [-1, 1] -> per grid cell, logits over the subjects and "none".
+
+    The content judge's trunk (an 8x8 feature map at 64 px) pooled to the 3x3 grid, a 1x1 head per cell.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.trunk = _Trunk(width)
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.head = nn.Conv2d(self.trunk.channels, NO_SUBJECT + 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, 9, len(SUBJECT_NAMES) + 1)``, cells row-major, the last class "no subject"."""
+        return self.head(self.pool(self.trunk(x))).flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def predict(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 9)`` class per cell: an index of ``SUBJECT_NAMES``, or ``NO_SUBJECT``."""
+        return self(pixels).argmax(-1)
+
+    @torch.no_grad()
+    def subject_present(self, pixels: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """``(B,)`` bool: subject ``names[i]`` is predicted in at least one cell of image ``i``."""
+        expected = torch.tensor([SUBJECT_NAMES.index(n) for n in names])
+        return (self.predict(pixels) == expected[:, None]).any(dim=1)
+
+    @torch.no_grad()
+    def subject_at(
+        self, pixels: torch.Tensor, names: Sequence[str], positions: Sequence[str]
+    ) -> torch.Tensor:
+        """``(B,)`` bool: subject ``names[i]`` is predicted at the cell of ``positions[i]`` in image ``i``."""
+        expected = torch.tensor([SUBJECT_NAMES.index(n) for n in names])
+        predicted = self.predict(pixels).gather(1, _cells(positions)[:, None])[:, 0]
+        return predicted == expected
+
+
+@dataclass
+class SubjectJudgeConfig:
+    """How the subject judge is trained on subject scenes."""
+
+    num_images: int = option(8000, "training scenes (training styles, half with a world object beside)")
+    steps: int = option(1500, "optimizer steps")
+    batch_size: int = option(64, "images per step")
+    lr: float = option(3e-3, "peak AdamW learning rate (one-cycle)")
+    width: int = option(32, "base channel width of the CNN")
+    seed: int = option(0, "seed of the training scenes and initialisation")
+    no_subject_share: float = option(0.15, "share of training scenes with no subject (world objects only)")
+
+
+def _subject_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def train_subject_judge(
+    config: SubjectJudgeConfig, shuffled_labels: bool = False
+) -> tuple[SubjectJudge, dict[str, float]]:
+    """Train a :class:`SubjectJudge` on ``config.num_images`` subject scenes in :data:`TRAIN_STYLES`, seen
+    through the judges' corruptions (blur, noise, colour jitter); returns it and its stats (final loss,
+    seconds). Torch's thread count is left as the caller set it.
+
+    ``shuffled_labels`` permutes the labels across images: a control that has nothing to learn from.
+    """
+    start = time.perf_counter()
+    rng = random.Random(f"miniature/subject-judge/train/{config.seed}")
+    scenes = [
+        sample_subject_scene(rng, no_subject_share=config.no_subject_share) for _ in range(config.num_images)
+    ]
+    pixels = to_tensor([render_subject_scene(s) for s in scenes])
+    labels = torch.tensor([subject_labels(s) for s in scenes])
+    if shuffled_labels:
+        labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.seed))]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        judge = SubjectJudge(config.width)
+    # The other judges' loop (sampling, corruptions, one-cycle AdamW), with this judge's sizes.
+    loop = JudgeTrainingConfig(
+        num_images=config.num_images,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        width=config.width,
+        seed=config.seed,
+    )
+    loss = _train(judge, _subject_loss, pixels, labels, loop)
+    return judge, {"loss": loss, "seconds": time.perf_counter() - start}
+
+
+def light_blur(pixels: torch.Tensor) -> torch.Tensor:
+    """A 3x3 box blur (edges replicated) of ``(B, 3, H, W)`` pixels: a stand-in for a decoder's softness."""
+    return F.avg_pool2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+
+
+@torch.no_grad()
+def subject_judge_accuracy(judge: SubjectJudge, seed: int = 0, count: int = 512) -> dict[str, float]:
+    """The judge on held-out scenes (their own random stream, :data:`HELD_OUT_STYLES`, half with a world
+    object): ``at_cell``, the share of ``count`` subject scenes whose subject is found at its cell;
+    ``identity``, the share whose subject is found in any cell; ``false_positive``, the share of
+    ``count // 2`` no-subject scenes where any cell is read as a subject. ``blurred_*``: the same on a
+    light blur of the images."""
+    rng = random.Random(f"miniature/subject-judge/held-out/{seed}")
+    with_subject = [sample_subject_scene(rng, styles=HELD_OUT_STYLES) for _ in range(count)]
+    without = [
+        sample_subject_scene(rng, styles=HELD_OUT_STYLES, no_subject_share=1.0) for _ in range(count // 2)
+    ]
+    names = [s.subject for s in with_subject]
+    positions = [s.position for s in with_subject]
+    pixels = to_tensor([render_subject_scene(s) for s in with_subject])
+    empty = to_tensor([render_subject_scene(s) for s in without])
+    judge.eval()
+    out = {}
+    for prefix, transform in (("", lambda x: x), ("blurred_", light_blur)):
+        x, e = transform(pixels), transform(empty)
+        out[f"{prefix}at_cell"] = float(judge.subject_at(x, names, positions).float().mean())
+        out[f"{prefix}identity"] = float(judge.subject_present(x, names).float().mean())
+        out[f"{prefix}false_positive"] = float((judge.predict(e) != NO_SUBJECT).any(dim=1).float().mean())
+    return out
+
+
+__all__ = [
+    "DEFAULT_SUBJECT_SCALE",
+    "NO_SUBJECT",
+    "SCALE_RANGE",
+    "SubjectJudge",
+    "SubjectJudgeConfig",
+    "SubjectScene",
+    "cell_center",
+    "instance_scenes",
+    "light_blur",
+    "render_subject_scene",
+    "sample_subject_scene",
+    "subject_judge_accuracy",
+    "subject_labels",
+    "subject_parts",
+    "subject_token",
+    "train_subject_judge",
+]
