@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from stylear_core.config import option
 from stylear_core.data.images import to_tensor
 from stylear_core.data.synthetic import ALL_STYLES, ContentSpec, render, sample_content
+from stylear_core.data.synthetic_subjects import SUBJECT_NAMES
 from stylear_core.miniature.data import HELD_OUT_STYLES
 from stylear_core.miniature.judges import (
     ContentJudge,
@@ -38,6 +39,20 @@ from stylear_core.miniature.judges import (
     train_judges,
 )
 from stylear_core.miniature.style_clip import StyleClipTrainingConfig, train_style_clip
+from stylear_core.miniature.subjects import (
+    SubjectJudge,
+    SubjectJudgeConfig,
+    render_subject_scene,
+    sample_subject_scene,
+    subject_judge_accuracy,
+    train_subject_judge,
+)
+from stylear_core.miniature.supervisor import (
+    SupervisorTrainingConfig,
+    WorldSupervisor,
+    pretrain_supervisor,
+    supervisor_content_accuracy,
+)
 from stylear_core.miniature.vqgan_training import VQGANTrainingConfig, psnr, train_vqgan
 from stylear_core.models.config import ModelConfig
 from stylear_core.models.presets import build_style_encoder
@@ -59,12 +74,25 @@ class WorldConfig:
     style_clip: StyleClipTrainingConfig = option(StyleClipTrainingConfig, "the style encoder's CLIP training")
     judges: JudgeTrainingConfig = option(JudgeTrainingConfig, "style and content judge training")
     held_images: int = option(256, "held-out procedural images the figures are measured on")
+    subject_share: float = option(
+        0.0,
+        "share of the VQGAN's images that are subject scenes; above 0 the world also trains the subject "
+        "judge and the diffusion supervisor (Proxy-Tuning's world)",
+    )
+    subject_judge: SubjectJudgeConfig = option(SubjectJudgeConfig, "subject judge training (with subjects)")
+    supervisor: SupervisorTrainingConfig = option(
+        SupervisorTrainingConfig, "diffusion supervisor pretraining (with subjects)"
+    )
 
     def digest(self) -> str:
         """A short hash of every field and the world's format: a changed config, or a world whose parts
-        changed shape, gets its own cache entry."""
-        fields = json.dumps([WORLD_FORMAT, asdict(self)], sort_keys=True)
-        return hashlib.sha256(fields.encode()).hexdigest()[:10]
+        changed shape, gets its own cache entry. A world without subjects hashes as it did before the
+        subject fields existed, so its cached parts stay valid."""
+        fields = asdict(self)
+        if not self.subject_share:
+            for name in ("subject_share", "subject_judge", "supervisor"):
+                fields.pop(name)
+        return hashlib.sha256(json.dumps([WORLD_FORMAT, fields], sort_keys=True).encode()).hexdigest()[:10]
 
 
 @dataclass
@@ -90,6 +118,14 @@ class WorldPaths:
         return self.root / "judges.pt"
 
     @property
+    def subject_judge(self) -> Path:
+        return self.root / "subject_judge.pt"
+
+    @property
+    def supervisor(self) -> Path:
+        return self.root / "supervisor.pt"
+
+    @property
     def report(self) -> Path:
         return self.root / "world.json"
 
@@ -99,14 +135,24 @@ def world_paths(cache_dir: str | Path, config: WorldConfig) -> WorldPaths:
     return WorldPaths(Path(cache_dir) / "miniature" / f"world-{config.digest()}")
 
 
-def _random_images(seed: int, count: int, stream: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` random one- or two-object scenes in [-1, 1], and per-pixel loss weights: 1 on the
-    background, :data:`OBJECT_WEIGHT` on the objects (where the scene differs from its empty background)."""
+def _random_images(
+    seed: int, count: int, stream: str, subject_share: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` random one- or two-object scenes in [-1, 1] (``subject_share`` of them subject scenes),
+    and per-pixel loss weights: 1 on the background, :data:`OBJECT_WEIGHT` on the objects (where the
+    scene differs from its empty background)."""
     rng = random.Random(f"world/{stream}/{seed}")
+    # Subject scenes come from a stream of their own, so a world without them draws what it always drew.
+    subject_rng = random.Random(f"world/{stream}/subjects/{seed}")
     images, backgrounds = [], []
     for _ in range(count):
         content, style = sample_content(rng, 2), rng.choice(ALL_STYLES)
-        images.append(render(content, style, 64))
+        if subject_share and subject_rng.random() < subject_share:
+            scene = sample_subject_scene(subject_rng, styles=ALL_STYLES)
+            images.append(render_subject_scene(scene, 64))
+            style = scene.style
+        else:
+            images.append(render(content, style, 64))
         backgrounds.append(render(ContentSpec(()), style, 64))
     pixels, empty = to_tensor(images), to_tensor(backgrounds)
     objects = (pixels - empty).abs().amax(dim=1, keepdim=True) > 0
@@ -148,6 +194,77 @@ def load_judges(paths: WorldPaths) -> Judges:
     return Judges(style.eval(), content.eval())
 
 
+def load_subject_judge(paths: WorldPaths) -> SubjectJudge:
+    """The world's trained subject judge (eval mode); only a world with subjects has one."""
+    state = torch.load(paths.subject_judge, map_location="cpu", weights_only=True)
+    judge = SubjectJudge(state["width"])
+    judge.load_state_dict(state["judge"])
+    return judge.eval()
+
+
+def load_supervisor(paths: WorldPaths) -> WorldSupervisor:
+    """The world's pretrained diffusion supervisor over its VQGAN (eval mode); only a world with subjects
+    has one."""
+    state = torch.load(paths.supervisor, map_location="cpu", weights_only=True)
+    supervisor = WorldSupervisor(load_vqgan(paths), state["width"], state["text_dim"])
+    supervisor.text.load_state_dict(state["text"])
+    supervisor.unet.load_state_dict(state["unet"])
+    supervisor.latent_mean.copy_(state["latent_mean"])
+    supervisor.latent_std.copy_(state["latent_std"])
+    return supervisor.eval()
+
+
+def _train_subject_parts(
+    config: WorldConfig, paths: WorldPaths, report: dict, log: Callable[[str], None]
+) -> None:
+    if not paths.subject_judge.exists():
+        log(f"miniature world: training the subject judge ({config.subject_judge.steps} steps)")
+        judge, stats = train_subject_judge(config.subject_judge)
+        report["subject_judge_training"] = stats
+        state = {"width": config.subject_judge.width, "judge": judge.state_dict()}
+        _atomic_write(paths.subject_judge, lambda p: torch.save(state, p))
+    if not paths.supervisor.exists():
+        log(f"miniature world: pretraining the diffusion supervisor ({config.supervisor.steps} steps)")
+        supervisor, stats = pretrain_supervisor(
+            load_vqgan(paths),
+            config.supervisor,
+            progress=lambda step, loss: log(
+                f"  supervisor step {step}/{config.supervisor.steps} loss {loss:.4f}"
+            ),
+        )
+        report["supervisor_training"] = stats
+        state = {
+            "width": config.supervisor.width,
+            "text_dim": config.supervisor.text_dim,
+            "text": supervisor.text.state_dict(),
+            "unet": supervisor.unet.state_dict(),
+            "latent_mean": supervisor.latent_mean,
+            "latent_std": supervisor.latent_std,
+        }
+        _atomic_write(paths.supervisor, lambda p: torch.save(state, p))
+
+
+@torch.no_grad()
+def _measure_subject_parts(
+    config: WorldConfig, paths: WorldPaths, vq: ChameleonVQGAN, judges: Judges
+) -> dict:
+    rng = random.Random(f"world/held-subjects/{config.seed}")
+    scenes = [sample_subject_scene(rng, styles=HELD_OUT_STYLES) for _ in range(config.held_images)]
+    pixels = to_tensor([render_subject_scene(s) for s in scenes])
+    recon = vq.decode(vq.encode(pixels))
+    judge = load_subject_judge(paths)
+    names, positions = [s.subject for s in scenes], [s.position for s in scenes]
+    return {
+        "subject_psnr_db": psnr(pixels, recon),
+        "subject_judge": {
+            **subject_judge_accuracy(judge, config.seed + 1000, config.held_images),
+            "vq_reconstruction_at_cell": float(judge.subject_at(recon, names, positions).float().mean()),
+            "chance_identity": 1 / len(SUBJECT_NAMES),
+        },
+        "supervisor": supervisor_content_accuracy(load_supervisor(paths), judges, config.seed + 1000),
+    }
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -172,7 +289,7 @@ def ensure_world(
     if not paths.vqgan_ckpt.exists():
         log(f"miniature world: training the VQGAN ({config.vqgan.steps} steps on {config.vq_images} images)")
         vq = random_vqgan(mini_vqgan_config(), seed=config.seed)
-        images, weights = _random_images(config.seed, config.vq_images, "vqgan")
+        images, weights = _random_images(config.seed, config.vq_images, "vqgan", config.subject_share)
         stats = train_vqgan(
             vq,
             images,
@@ -200,6 +317,8 @@ def ensure_world(
             "content": judges.content.state_dict(),
         }
         _atomic_write(paths.judges, lambda p: torch.save(state, p))
+    if config.subject_share:
+        _train_subject_parts(config, paths, report, log)
     start = time.perf_counter()
     vq, judges = load_vqgan(paths), load_judges(paths)
     images, contents, styles = procedural_images(config.seed + 1000, config.held_images)
@@ -226,6 +345,8 @@ def ensure_world(
         "random_tiny_clip": style_separation(random_encoder, HELD_OUT_STYLES, config.seed),
         "trained_tiny_clip": style_separation(trained_encoder, HELD_OUT_STYLES, config.seed),
     }
+    if config.subject_share:
+        report["subjects"] = _measure_subject_parts(config, paths, vq, judges)
     report["measure_seconds"] = time.perf_counter() - start
     _atomic_write(paths.report, lambda p: p.write_text(json.dumps(report, indent=2)))
     log(
@@ -241,6 +362,8 @@ __all__ = [
     "WorldPaths",
     "ensure_world",
     "load_judges",
+    "load_subject_judge",
+    "load_supervisor",
     "load_vqgan",
     "world_paths",
 ]
