@@ -47,7 +47,7 @@ from stylear_core.data.synthetic import (
 )
 from stylear_core.data.synthetic_subjects import _SUBJECT_DESIGNS, SUBJECT_NAMES, subject_bounds
 from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES, WORLD_IMAGE_SIZE
-from stylear_core.miniature.judges import JudgeTrainingConfig, _train, _Trunk
+from stylear_core.miniature.judges import JudgeTrainingConfig, _train, _Trunk, vq_round_trip
 
 # A subject's unit as a fraction of the side: the tallest designs span ~1.85 units, so at 0.18 they are
 # ~21 px tall at 64 px, one cell of the 3x3 grid (64 / 3 = 21.3 px).
@@ -270,13 +270,15 @@ def _subject_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 def train_subject_judge(
-    config: SubjectJudgeConfig, shuffled_labels: bool = False
+    config: SubjectJudgeConfig, shuffled_labels: bool = False, vq: nn.Module | None = None
 ) -> tuple[SubjectJudge, dict[str, float]]:
     """Train a :class:`SubjectJudge` on ``config.num_images`` subject scenes in :data:`TRAIN_STYLES`, seen
     through the judges' corruptions (blur, noise, colour jitter); returns it and its stats (final loss,
     seconds). Torch's thread count is left as the caller set it.
 
     ``shuffled_labels`` permutes the labels across images: a control that has nothing to learn from.
+    With ``vq`` (the world's VQGAN), every second image is its VQ reconstruction, as for the other
+    judges: what the judge scores (supervisor samples, AR outputs) are decoded images.
     """
     start = time.perf_counter()
     rng = random.Random(f"miniature/subject-judge/train/{config.seed}")
@@ -284,6 +286,8 @@ def train_subject_judge(
         sample_subject_scene(rng, no_subject_share=config.no_subject_share) for _ in range(config.num_images)
     ]
     pixels = to_tensor([render_subject_scene(s) for s in scenes])
+    if vq is not None:
+        pixels[1::2] = vq_round_trip(vq, pixels[1::2])
     labels = torch.tensor([subject_labels(s) for s in scenes])
     if shuffled_labels:
         labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.seed))]

@@ -219,7 +219,7 @@ def _train_subject_parts(
 ) -> None:
     if not paths.subject_judge.exists():
         log(f"miniature world: training the subject judge ({config.subject_judge.steps} steps)")
-        judge, stats = train_subject_judge(config.subject_judge)
+        judge, stats = train_subject_judge(config.subject_judge, vq=load_vqgan(paths))
         report["subject_judge_training"] = stats
         state = {"width": config.subject_judge.width, "judge": judge.state_dict()}
         _atomic_write(paths.subject_judge, lambda p: torch.save(state, p))
