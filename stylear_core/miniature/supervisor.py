@@ -106,8 +106,8 @@ def tiny_unet(latent_channels: int, cross_attention_dim: int, width: int = 32) -
 class SupervisorTrainingConfig:
     """How the supervisor is pretrained on world (prompt, image) pairs."""
 
-    rows: int = option(4000, "world scenes (training styles) it trains on")
-    steps: int = option(2000, "optimizer steps")
+    rows: int = option(6000, "world scenes (training styles) it trains on")
+    steps: int = option(5000, "optimizer steps (2000 gave content accuracy 0.23, 5000 gave 0.67)")
     batch_size: int = option(32, "pairs per step")
     lr: float = option(1e-3, "peak AdamW learning rate (cosine decay to 5%)")
     width: int = option(32, "UNet width of the first level")
