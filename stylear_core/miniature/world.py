@@ -1,11 +1,14 @@
-"""The miniature world's trained parts, made on first use and cached: a VQGAN and two judges.
+"""The miniature world's trained parts, made on first use and cached: a VQGAN, a style CLIP and judges.
 
 :func:`ensure_world` trains what is missing under ``<cache_dir>/miniature/`` (deterministic by seed)
 and measures it on held-out procedural images, writing the figures to ``world.json``:
 
 - ``vqgan.safetensors`` + ``vqgan.yaml``: the VQGAN, in the layout of Chameleon's released tokenizer
   (so the ``mini`` model preset loads it through the same loader as the real one);
-- ``judges.pt``: the style and content judges (:mod:`stylear_core.miniature.judges`).
+- ``judges.pt``: the style and content judges (:mod:`stylear_core.miniature.judges`);
+- with ``subject_share`` above 0 (Proxy-Tuning's world, whose VQGAN also learns subject scenes):
+  ``subject_judge.pt`` (:mod:`stylear_core.miniature.subjects`) and ``supervisor.pt``, the pretrained
+  diffusion supervisor (:mod:`stylear_core.miniature.supervisor`).
 
 A second call with the same config reuses the files; a different config (the hash of its fields is
 part of the directory name) trains afresh beside them.
