@@ -181,8 +181,8 @@ class WorldSupervisor(nn.Module):
         uncond = self.text(self.text.ids([""] * len(prompts)))
         states = torch.cat([cond, uncond])
         for t in scheduler.timesteps:
-            eps_c, eps_u = self.unet(torch.cat([x, x]), t, states).sample.chunk(2)
-            x = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
+            v_cond, v_uncond = self.unet(torch.cat([x, x]), t, states).sample.chunk(2)
+            x = scheduler.step(v_uncond + guidance * (v_cond - v_uncond), t, x).prev_sample
         return x
 
     @torch.no_grad()
@@ -329,7 +329,6 @@ def supervisor_content_accuracy(
 __all__ = [
     "DreamBoothConfig",
     "dreambooth",
-    "SUBJECT_NAMES",
     "SupervisorTrainingConfig",
     "WordTextEncoder",
     "WorldSupervisor",
