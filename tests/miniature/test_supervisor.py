@@ -47,7 +47,7 @@ def subject_world(tmp_path_factory):
         judges=JudgeTrainingConfig(num_images=200, steps=20, batch_size=32),
         held_images=32,
         subject_share=0.5,
-        subject_judge=SubjectJudgeConfig(num_images=600, steps=120, batch_size=32, width=16),
+        subject_judge=SubjectJudgeConfig(num_images=1000, steps=300, batch_size=32, width=16),
         supervisor=SupervisorTrainingConfig(rows=256, steps=40, batch_size=16, width=16, text_dim=32),
     )
     logs: list[str] = []
