@@ -96,6 +96,11 @@ PALETTES: dict[str, Palette] = {
 }
 
 
+def place_words(position: str) -> str:
+    """How a prompt says a named position: ``"in the center"``, else ``"at the <position>"``."""
+    return "in the center" if position == "center" else f"at the {position}"
+
+
 @dataclass(frozen=True)
 class ObjectSpec:
     """One object of the content: kind (``OBJECT_KINDS``), colour name, named position, size name."""
@@ -107,8 +112,7 @@ class ObjectSpec:
 
     def describe(self) -> str:
         """Prompt words for this object, e.g. ``"a large red circle at the top left"``."""
-        place = "in the center" if self.position == "center" else f"at the {self.position}"
-        return f"a {self.size} {self.colour} {self.kind} {place}"
+        return f"a {self.size} {self.colour} {self.kind} {place_words(self.position)}"
 
 
 @dataclass(frozen=True)

@@ -42,12 +42,13 @@ from stylear_core.data.synthetic import (
     ObjectSpec,
     StyleSpec,
     background,
+    place_words,
     render,
     shape_mask,
 )
 from stylear_core.data.synthetic_subjects import _SUBJECT_DESIGNS, SUBJECT_NAMES, subject_bounds
 from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES, WORLD_IMAGE_SIZE
-from stylear_core.miniature.judges import JudgeTrainingConfig, _train, _Trunk, vq_round_trip
+from stylear_core.miniature.judges import JudgeTrainingConfig, _cell, _train, _Trunk, vq_round_trip
 
 # A subject's unit as a fraction of the side: the tallest designs span ~1.85 units, so at 0.18 they are
 # ~21 px tall at 64 px, one cell of the 3x3 grid (64 / 3 = 21.3 px).
@@ -63,9 +64,9 @@ def subject_token(name: str) -> str:
     return _SUBJECT_DESIGNS[name][0]
 
 
-def _place_words(position: str) -> str:
+def _subject_words(name: str, position: str) -> str:
     # The same placement words as ObjectSpec.describe, so subject and object prompts read alike.
-    return "in the center" if position == "center" else f"at the {position}"
+    return f"a {subject_token(name)} {name} {place_words(position)}"
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class SubjectScene:
         distractor's words alone."""
         parts = []
         if self.subject is not None:
-            parts.append(f"a {subject_token(self.subject)} {self.subject} {_place_words(self.position)}")
+            parts.append(_subject_words(self.subject, self.position))
         if self.distractor is not None:
             parts.append(self.distractor.describe())
         return " and ".join(parts)
@@ -190,7 +191,7 @@ def instance_scenes(
         _draw_subject(canvas, name, center, scale)
         views.append(
             (
-                f"a {subject_token(name)} {name} {_place_words('center')}",
+                _subject_words(name, "center"),
                 Image.fromarray(canvas.round().astype(np.uint8), "RGB"),
             )
         )
@@ -205,13 +206,8 @@ def subject_labels(scene: SubjectScene) -> list[int]:
     elsewhere (and everywhere for a scene with no subject)."""
     labels = [NO_SUBJECT] * 9
     if scene.subject is not None:
-        col, row = POSITIONS[scene.position]
-        labels[row * 3 + col] = SUBJECT_NAMES.index(scene.subject)
+        labels[_cell(scene.position)] = SUBJECT_NAMES.index(scene.subject)
     return labels
-
-
-def _cells(positions: Sequence[str]) -> torch.Tensor:
-    return torch.tensor([POSITIONS[p][1] * 3 + POSITIONS[p][0] for p in positions])
 
 
 class SubjectJudge(nn.Module):
@@ -247,7 +243,8 @@ class SubjectJudge(nn.Module):
     ) -> torch.Tensor:
         """``(B,)`` bool: subject ``names[i]`` is predicted at the cell of ``positions[i]`` in image ``i``."""
         expected = torch.tensor([SUBJECT_NAMES.index(n) for n in names])
-        predicted = self.predict(pixels).gather(1, _cells(positions)[:, None])[:, 0]
+        cells = torch.tensor([_cell(p) for p in positions])
+        predicted = self.predict(pixels).gather(1, cells[:, None])[:, 0]
         return predicted == expected
 
 
