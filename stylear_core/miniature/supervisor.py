@@ -34,9 +34,10 @@ from torch import nn
 from stylear_core.config import option
 from stylear_core.data.images import to_tensor
 from stylear_core.data.synthetic import caption_words, render
-from stylear_core.data.synthetic_subjects import SUBJECT_NAMES, procedural_subjects
+from stylear_core.data.synthetic_subjects import SUBJECT_NAMES
 from stylear_core.miniature.data import TRAIN_STYLES, WORLD_IMAGE_SIZE, scenes
 from stylear_core.miniature.judges import Judges
+from stylear_core.miniature.subjects import subject_token
 from stylear_core.models.vqgan import ChameleonVQGAN
 
 _WORD = re.compile(r"[A-Za-z0-9]+")
@@ -49,9 +50,7 @@ def supervisor_words() -> tuple[str, ...]:
 
     The subjects' words are in the vocabulary from the start but never seen in pretraining, as a rare
     token is in a real text encoder; DreamBooth gives them their meaning."""
-    subject_words = [
-        w for s in procedural_subjects(len(SUBJECT_NAMES), 3, size=8) for w in (s.token, s.class_noun)
-    ]
+    subject_words = [w for name in SUBJECT_NAMES for w in (subject_token(name), name)]
     return tuple(dict.fromkeys([*caption_words(), *subject_words]))
 
 
@@ -156,13 +155,21 @@ class WorldSupervisor(nn.Module):
         """Normalised latents of ``images``: what the denoiser trains on."""
         return (self.raw_latents(images, batch_size) - self.latent_mean) / self.latent_std
 
-    def loss(self, latents: torch.Tensor, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
-        """v-prediction MSE on ``latents`` noised at random timesteps.
+    def loss(
+        self,
+        latents: torch.Tensor,
+        prompts: Sequence[str],
+        generator: torch.Generator,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """v-prediction MSE on ``latents`` noised at ``timesteps`` (default: drawn uniformly).
 
         v (a mix of noise and signal) rather than the noise: at high noise, predicting the noise is
         nearly free and the loss hardly asks for the prompt; v asks for the image there."""
         noise = torch.randn(latents.shape, generator=generator)
-        t = torch.randint(0, TRAIN_TIMESTEPS, (latents.shape[0],), generator=generator)
+        t = timesteps
+        if t is None:
+            t = torch.randint(0, TRAIN_TIMESTEPS, (latents.shape[0],), generator=generator)
         noisy = self.train_scheduler.add_noise(latents, noise, t)
         states = self.text(self.text.ids(prompts))
         target = self.train_scheduler.get_velocity(latents, noise, t)
@@ -208,13 +215,12 @@ def train_supervisor(
     lr: float,
     prompt_dropout: float,
     seed: int,
-    params: Sequence[nn.Parameter] | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
     """Denoising steps over (latent, prompt) rows; returns the first and last 50-step mean losses."""
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(f"miniature/supervisor/batches/{seed}")
-    params = list(params) if params is not None else [p for p in supervisor.parameters() if p.requires_grad]
+    params = [p for p in supervisor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * (0.05 + 0.475 * (1 + math.cos(math.pi * s / steps)))

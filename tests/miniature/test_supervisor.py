@@ -87,16 +87,11 @@ def test_a_world_without_subjects_keeps_its_cache_key():
 
 
 def _high_noise_loss(supervisor: WorldSupervisor, latents, prompts, seed: int) -> float:
-    """The v-prediction loss at the noisiest fifth of the schedule, where only the prompt says what to draw."""
+    """The training loss at the noisiest fifth of the schedule, where only the prompt says what to draw."""
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(latents.shape, generator=generator)
     t = torch.randint(int(0.8 * TRAIN_TIMESTEPS), TRAIN_TIMESTEPS, (latents.shape[0],), generator=generator)
-    noisy = supervisor.train_scheduler.add_noise(latents, noise, t)
     with torch.no_grad():
-        states = supervisor.text(supervisor.text.ids(prompts))
-        predicted = supervisor.unet(noisy, t, states).sample
-    target = supervisor.train_scheduler.get_velocity(latents, noise, t)
-    return float((predicted - target).pow(2).mean())
+        return float(supervisor.loss(latents, prompts, generator, timesteps=t))
 
 
 def test_the_supervisor_learns_to_read_its_prompt_and_dreambooth_binds_a_subject(subject_world):
