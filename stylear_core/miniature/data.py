@@ -12,7 +12,8 @@ A scene of the world is one object (kind, colour, named position, size) drawn in
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -78,17 +79,21 @@ def token_rows(
     num_style_tokens: int,
     id_prefix: str,
     batch_size: int = 64,
+    draw: Callable[[Any], tuple[str, Image.Image]] | None = None,
 ) -> list[dict]:
     """Token-shard rows (``stylear.token_shards/2``) of the scenes: prompt ids with ``num_style_tokens``
-    placeholders (0: the plain text prompt), image tokens by ``vq``, the PNG of the image."""
+    placeholders (0: the plain text prompt), image tokens by ``vq``, the PNG of the image.
+
+    ``draw`` turns an item into its ``(prompt, image)``; by default items are ``(content, style)`` scenes
+    drawn by :func:`render`."""
     size = WORLD_IMAGE_SIZE
+    draw = draw or (lambda item: (item[0].prompt, render(item[0], item[1], size)))
     rows = []
     for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        images = [render(content, style, size) for content, style in chunk]
+        pairs = [draw(item) for item in items[start : start + batch_size]]
+        images = [image for _, image in pairs]
         tokens = layout.encode(encode_images(vq, images, size))
-        for i, ((content, _), image) in enumerate(zip(chunk, images)):
-            prompt = content.prompt
+        for i, (prompt, image) in enumerate(pairs):
             ids = (
                 style_prompt_ids(tokenizer, prompt, num_style_tokens, size, size)
                 if num_style_tokens

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+from PIL import Image
 
 from stylear_core.adapters.io import load_adapter
 from stylear_core.config import option, to_dict
@@ -30,9 +31,11 @@ from stylear_core.curation.tokenize import token_vocab
 from stylear_core.data.images import to_tensor
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.data.schemas import TOKEN_SHARDS_SCHEMA, rows_to_table
+from stylear_core.data.synthetic import ContentSpec, StyleSpec, render
 from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.inference.generator import StyleARGenerator
 from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES, WORLD_IMAGE_SIZE, scenes, token_rows
+from stylear_core.miniature.subjects import SubjectScene, classmate_scenes, render_subject_scene
 from stylear_core.miniature.world import WorldConfig, WorldPaths, ensure_world, load_judges
 from stylear_core.models.config import ModelConfig
 from stylear_core.models.presets import build_prompt_tokenizer, build_stylear_model, build_vqgan
@@ -69,6 +72,18 @@ class PretrainDataConfig:
     rows: int = option(16000, "(prompt, image) pairs in the training styles, for pretraining")
     sft_rows: int = option(3000, "stylized pairs in the training styles written for SFT (sft_tokens/)")
     seed: int = option(0, "seed of the scenes")
+    classmate_share: float = option(
+        0.0,
+        "share of the pretraining pairs that are subject class-mates ('a robot at the left', in colours "
+        "not the subject's): the classes a real base knows before subject tuning (Proxy-Tuning's world)",
+    )
+
+    def key(self) -> dict[str, Any]:
+        """The fields that make the base; without class-mates, as before they existed (cached bases stay valid)."""
+        fields = asdict(self)
+        if not self.classmate_share:
+            fields.pop("classmate_share")
+        return fields
 
 
 @dataclass
@@ -101,15 +116,23 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def _draw_item(item: tuple[ContentSpec, StyleSpec] | SubjectScene) -> tuple[str, Image.Image]:
+    if isinstance(item, SubjectScene):
+        return item.prompt, render_subject_scene(item)
+    content, style = item
+    return content.prompt, render(content, style, WORLD_IMAGE_SIZE)
+
+
 def write_world_shards(
     directory: Path, model: ModelConfig, items, num_style_tokens: int, id_prefix: str
 ) -> Path:
-    """Token shards of ``items`` (scenes) for ``model`` in ``directory/part-00000.parquet``."""
+    """Token shards of ``items`` (world scenes ``(content, style)`` or subject scenes) for ``model`` in
+    ``directory/part-00000.parquet``."""
     vocab = token_vocab(model)  # the backbone's vocab without building the backbone
     tokenizer = build_prompt_tokenizer(model, vocab)
     layout = ImageTokenLayout.for_resolution(WORLD_IMAGE_SIZE, WORLD_IMAGE_SIZE, vocab)
     vq = build_vqgan(model, vocab)
-    rows = token_rows(items, vq, layout, tokenizer, num_style_tokens, id_prefix)
+    rows = token_rows(items, vq, layout, tokenizer, num_style_tokens, id_prefix, draw=_draw_item)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / "part-00000.parquet.tmp"
     pq.write_table(rows_to_table(rows, TOKEN_SHARDS_SCHEMA), tmp)
@@ -161,12 +184,13 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     cache = Path(cfg.path(cfg.cache_dir))
     paths, world = ensure_world(cfg.world, cache)
     model = replace(cfg.model, vqgan_ckpt=str(paths.vqgan_ckpt), vqgan_yaml=str(paths.vqgan_yaml))
-    key = _digest(asdict(cfg.data), to_dict(cfg.model), to_dict(cfg.train), cfg.world.digest())
+    key = _digest(cfg.data.key(), to_dict(cfg.model), to_dict(cfg.train), cfg.world.digest())
     base_dir = paths.root / f"base-{key}"
     out = cfg.stage_dir
     trained: dict[str, Any] = {}
     if not (base_dir / "config.json").is_file():
-        items = scenes(cfg.data.seed, cfg.data.rows, TRAIN_STYLES, "pretrain")
+        kin = classmate_scenes(cfg.data.seed, round(cfg.data.rows * cfg.data.classmate_share), "pretrain")
+        items = scenes(cfg.data.seed, cfg.data.rows - len(kin), TRAIN_STYLES, "pretrain") + kin
         shards = write_world_shards(out / "tokens", model, items, 0, "pretrain")
         dataset = read_parquet_dataset(str(shards), list(TOKEN_SHARD_COLUMNS))
         objective = StyleSFTObjective(model, use_style_tokens=False)

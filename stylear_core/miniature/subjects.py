@@ -64,39 +64,71 @@ def subject_token(name: str) -> str:
     return _SUBJECT_DESIGNS[name][0]
 
 
-def _subject_words(name: str, position: str) -> str:
-    # The same placement words as ObjectSpec.describe, so subject and object prompts read alike.
-    return f"a {subject_token(name)} {name} {place_words(position)}"
+def _subject_words(name: str, position: str, classmate: bool = False) -> str:
+    # The same placement words as ObjectSpec.describe, so subject and object prompts read alike. A
+    # class-mate is named by its class noun alone, as a class image is in DreamBooth ("a robot").
+    token = "" if classmate else f"{subject_token(name)} "
+    return f"a {token}{name} {place_words(position)}"
+
+
+# What a class-mate's parts are painted with: the world's colours, white, near-black and grey.
+_CLASSMATE_PALETTE = (*COLOURS.values(), (250, 250, 255), (30, 30, 30), (150, 160, 175))
+# How far (RGB distance) a class-mate's largest part is from the subject's own: far enough that a
+# class-mate never passes for the subject.
+_CLASSMATE_MIN_DISTANCE = 120.0
+
+
+def classmate_colours(name: str, seed: int) -> tuple[tuple[int, int, int], ...]:
+    """The part colours of class-mate ``seed`` of subject ``name``: the same design in other colours.
+
+    Each part takes a colour of the palette; the largest part (the one that carries the subject's look)
+    takes one at least ``_CLASSMATE_MIN_DISTANCE`` from the subject's own, so every class-mate is
+    another individual of the class, never the subject itself."""
+    parts = _SUBJECT_DESIGNS[name][1]
+    rng = random.Random(f"miniature/classmate/{name}/{seed}")
+    largest = max(range(len(parts)), key=lambda i: parts[i][4])
+    own = np.asarray(parts[largest][1], dtype=np.float32)
+    far = [c for c in _CLASSMATE_PALETTE if np.linalg.norm(np.asarray(c) - own) >= _CLASSMATE_MIN_DISTANCE]
+    return tuple(
+        rng.choice(far) if i == largest else rng.choice(_CLASSMATE_PALETTE) for i in range(len(parts))
+    )
 
 
 @dataclass(frozen=True)
 class SubjectScene:
     """A subject (a name of ``SUBJECT_NAMES``, or None for no subject) at ``position`` (a key of
     ``POSITIONS``) in ``style``, ``scale`` (its unit as a fraction of the side), and an optional world
-    object in another cell (``distractor``)."""
+    object in another cell (``distractor``).
+
+    With ``classmate`` (a seed), the scene shows not the subject but another member of its class: the
+    same design in :func:`classmate_colours`, prompted by the class noun alone. Class-mates are what the
+    world's generators know of a class before DreamBooth, and what the subject judge must not mistake
+    for the subject."""
 
     subject: str | None
     position: str
     style: StyleSpec
     scale: float = DEFAULT_SUBJECT_SCALE
     distractor: ObjectSpec | None = None
+    classmate: int | None = None
 
     @property
     def prompt(self) -> str:
         """``"a sks robot at the top left"`` (+ ``" and "`` + the distractor's words); with no subject, the
-        distractor's words alone."""
+        distractor's words alone; for a class-mate, ``"a robot at the top left"``."""
         parts = []
         if self.subject is not None:
-            parts.append(_subject_words(self.subject, self.position))
+            parts.append(_subject_words(self.subject, self.position, self.classmate is not None))
         if self.distractor is not None:
             parts.append(self.distractor.describe())
         return " and ".join(parts)
 
 
 def subject_parts(
-    name: str, center: tuple[float, float], scale: float, size: int
+    name: str, center: tuple[float, float], scale: float, size: int, classmate: int | None = None
 ) -> list[tuple[str, tuple[int, int, int], float, float, float]]:
-    """Where subject ``name``'s parts are drawn: ``(kind, colour, cx, cy, r)`` in pixels of a ``size`` image.
+    """Where subject ``name``'s parts are drawn: ``(kind, colour, cx, cy, r)`` in pixels of a ``size`` image
+    (in class-mate ``classmate``'s colours when given).
 
     The design's bounding box is centred on ``center`` (fractions of the side), then shifted so that the
     whole subject stays inside the frame with a pixel to spare.
@@ -109,15 +141,19 @@ def subject_parts(
     margin = 1.0
     ox = min(max(ox, margin - left * unit), size - margin - right * unit)
     oy = min(max(oy, margin - top * unit), size - margin - bottom * unit)
+    parts = _SUBJECT_DESIGNS[name][1]
+    colours = [c for _, c, *_ in parts] if classmate is None else classmate_colours(name, classmate)
     return [
         (kind, colour, ox + dx * unit, oy + dy * unit, r * unit)
-        for kind, colour, dx, dy, r in _SUBJECT_DESIGNS[name][1]
+        for (kind, _, dx, dy, r), colour in zip(parts, colours, strict=True)
     ]
 
 
-def _draw_subject(canvas: np.ndarray, name: str, center: tuple[float, float], scale: float) -> None:
+def _draw_subject(
+    canvas: np.ndarray, name: str, center: tuple[float, float], scale: float, classmate: int | None = None
+) -> None:
     size = canvas.shape[0]
-    for kind, colour, cx, cy, r in subject_parts(name, center, scale, size):
+    for kind, colour, cx, cy, r in subject_parts(name, center, scale, size, classmate):
         canvas[np.asarray(shape_mask(kind, cx, cy, r, size)) > 127] = colour
 
 
@@ -137,7 +173,7 @@ def render_subject_scene(scene: SubjectScene, size: int = WORLD_IMAGE_SIZE) -> I
     else:
         canvas = background(scene.style, size)
     if scene.subject is not None:
-        _draw_subject(canvas, scene.subject, cell_center(scene.position), scene.scale)
+        _draw_subject(canvas, scene.subject, cell_center(scene.position), scene.scale, scene.classmate)
     return Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8), "RGB")
 
 
@@ -147,12 +183,16 @@ def sample_subject_scene(
     styles: Sequence[StyleSpec] = TRAIN_STYLES,
     distractor_share: float = 0.5,
     no_subject_share: float = 0.0,
+    classmate_share: float = 0.0,
 ) -> SubjectScene:
     """A random subject scene drawn from ``rng`` (the same stream, the same scene).
 
     ``distractor_share`` of the scenes have a world object in another cell; ``no_subject_share`` have no
-    subject, only a world object (so a judge can learn what "no subject" looks like).
+    subject, only a world object (so a judge can learn what "no subject" looks like); ``classmate_share``
+    of the scenes with a subject show a class-mate of it instead (a random one of a million).
     """
+    # Drawn only when asked for, so the stream (and every scene) without class-mates is unchanged.
+    classmate = rng.randrange(10**6) if classmate_share and rng.random() < classmate_share else None
     no_subject = rng.random() < no_subject_share
     has_distractor = no_subject or rng.random() < distractor_share
     name = None if no_subject else rng.choice(list(subjects))
@@ -165,7 +205,22 @@ def sample_subject_scene(
         distractor = ObjectSpec(
             rng.choice(OBJECT_KINDS), rng.choice(sorted(COLOURS)), place, rng.choice(sorted(SIZES))
         )
-    return SubjectScene(name, position, style, scale, distractor)
+    return SubjectScene(name, position, style, scale, distractor, None if no_subject else classmate)
+
+
+def classmate_scenes(
+    seed: int, count: int, tag: str, subjects: Sequence[str] = SUBJECT_NAMES
+) -> list[SubjectScene]:
+    """``count`` scenes of class-mates of ``subjects`` in the training styles (half beside a world
+    object), from their own stream: ``"a robot at the top left"`` in colours that are not the subject's."""
+    rng = random.Random(f"miniature/classmates/{tag}/{seed}")
+    return [sample_subject_scene(rng, subjects, classmate_share=1.0) for _ in range(count)]
+
+
+# Where the instance views put the subject, in order: a user's 3-6 photos of a subject frame it
+# differently, and at most six of the nine places are ever seen, so prompts at the other places test
+# whether a tuned model places the subject where it never saw it.
+INSTANCE_PLACES = ("center", "top left", "bottom right", "left", "top right", "bottom")
 
 
 def instance_scenes(
@@ -173,9 +228,13 @@ def instance_scenes(
 ) -> list[tuple[str, Image.Image]]:
     """DreamBooth instance views of subject ``name``: ``count`` (3-6) ``(prompt, image)`` pairs.
 
-    The subject is in the center cell (its prompt says so: ``"a sks robot in the center"``) at about the
-    world's scale, with a little jitter of place and scale, on a light plain background that varies per
-    view, as :func:`~stylear_core.data.synthetic_subjects.procedural_subjects` draws its views.
+    View ``j`` puts the subject at ``INSTANCE_PLACES[j]`` (its prompt says so: ``"a sks robot in the
+    center"``, ``"a sks robot at the top left"``, ...) at about the world's scale, with a little jitter of
+    place and scale, on a light plain background that varies per view.
+
+    Why not all centred: with every view in the center, DreamBooth bound the subject to that place. The
+    tuned supervisor drew it for ``"... in the center"`` (0.75 of samples) and at other places in 0.06.
+    With four views at four places it reached 1.0 at those places and 0.60 at the five it never saw.
     """
     if not 3 <= count <= 6:
         raise ValueError(f"count must be 3..6, got {count}")
@@ -185,16 +244,13 @@ def instance_scenes(
         # String seeds are hashed with SHA-512 by `random`, so views are stable across processes.
         rng = random.Random(f"miniature/subject-instance/{seed}/{name}/{j}")
         scale = DEFAULT_SUBJECT_SCALE * rng.uniform(0.9, 1.05)
-        center = (0.5 + rng.uniform(-0.03, 0.03), 0.5 + rng.uniform(-0.03, 0.03))
+        x, y = cell_center(INSTANCE_PLACES[j])
+        center = (x + rng.uniform(-0.03, 0.03), y + rng.uniform(-0.03, 0.03))
         canvas = np.empty((size, size, 3), dtype=np.float32)
         canvas[:] = [rng.randint(215, 250) for _ in range(3)]
         _draw_subject(canvas, name, center, scale)
-        views.append(
-            (
-                _subject_words(name, "center"),
-                Image.fromarray(canvas.round().astype(np.uint8), "RGB"),
-            )
-        )
+        image = Image.fromarray(canvas.round().astype(np.uint8), "RGB")
+        views.append((_subject_words(name, INSTANCE_PLACES[j]), image))
     return views
 
 
@@ -203,9 +259,9 @@ NO_SUBJECT = len(SUBJECT_NAMES)  # the class of a cell with no subject
 
 def subject_labels(scene: SubjectScene) -> list[int]:
     """Per grid cell (row-major, 9): the subject's index in ``SUBJECT_NAMES`` at its cell, ``NO_SUBJECT``
-    elsewhere (and everywhere for a scene with no subject)."""
+    elsewhere (and everywhere for a scene with no subject or with a class-mate: it is not the subject)."""
     labels = [NO_SUBJECT] * 9
-    if scene.subject is not None:
+    if scene.subject is not None and scene.classmate is None:
         labels[_cell(scene.position)] = SUBJECT_NAMES.index(scene.subject)
     return labels
 
@@ -259,6 +315,9 @@ class SubjectJudgeConfig:
     width: int = option(32, "base channel width of the CNN")
     seed: int = option(0, "seed of the training scenes and initialisation")
     no_subject_share: float = option(0.15, "share of training scenes with no subject (world objects only)")
+    classmate_share: float = option(
+        0.3, "share of subject scenes showing a class-mate instead (labelled no subject: not the subject)"
+    )
 
 
 def _subject_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -280,7 +339,10 @@ def train_subject_judge(
     start = time.perf_counter()
     rng = random.Random(f"miniature/subject-judge/train/{config.seed}")
     scenes = [
-        sample_subject_scene(rng, no_subject_share=config.no_subject_share) for _ in range(config.num_images)
+        sample_subject_scene(
+            rng, no_subject_share=config.no_subject_share, classmate_share=config.classmate_share
+        )
+        for _ in range(config.num_images)
     ]
     pixels = to_tensor([render_subject_scene(s) for s in scenes])
     if vq is not None:
@@ -314,35 +376,45 @@ def subject_judge_accuracy(judge: SubjectJudge, seed: int = 0, count: int = 512)
     """The judge on held-out scenes (their own random stream, :data:`HELD_OUT_STYLES`, half with a world
     object): ``at_cell``, the share of ``count`` subject scenes whose subject is found at its cell;
     ``identity``, the share whose subject is found in any cell; ``false_positive``, the share of
-    ``count // 2`` no-subject scenes where any cell is read as a subject. ``blurred_*``: the same on a
-    light blur of the images."""
+    ``count // 2`` no-subject scenes where any cell is read as a subject; ``classmate_false_positive``, the
+    share of ``count // 2`` class-mate scenes read as the subject they are a class-mate of. ``blurred_*``:
+    the same on a light blur of the images."""
     rng = random.Random(f"miniature/subject-judge/held-out/{seed}")
     with_subject = [sample_subject_scene(rng, styles=HELD_OUT_STYLES) for _ in range(count)]
     without = [
         sample_subject_scene(rng, styles=HELD_OUT_STYLES, no_subject_share=1.0) for _ in range(count // 2)
     ]
+    classmates = [
+        sample_subject_scene(rng, styles=HELD_OUT_STYLES, classmate_share=1.0) for _ in range(count // 2)
+    ]
     names = [s.subject for s in with_subject]
     positions = [s.position for s in with_subject]
     pixels = to_tensor([render_subject_scene(s) for s in with_subject])
     empty = to_tensor([render_subject_scene(s) for s in without])
+    kin = to_tensor([render_subject_scene(s) for s in classmates])
     judge.eval()
     out = {}
     for prefix, transform in (("", lambda x: x), ("blurred_", light_blur)):
-        x, e = transform(pixels), transform(empty)
+        x, e, k = transform(pixels), transform(empty), transform(kin)
         out[f"{prefix}at_cell"] = float(judge.subject_at(x, names, positions).float().mean())
         out[f"{prefix}identity"] = float(judge.subject_present(x, names).float().mean())
         out[f"{prefix}false_positive"] = float((judge.predict(e) != NO_SUBJECT).any(dim=1).float().mean())
+        kin_names = [s.subject for s in classmates]
+        out[f"{prefix}classmate_false_positive"] = float(judge.subject_present(k, kin_names).float().mean())
     return out
 
 
 __all__ = [
     "DEFAULT_SUBJECT_SCALE",
+    "INSTANCE_PLACES",
     "NO_SUBJECT",
     "SCALE_RANGE",
     "SubjectJudge",
     "SubjectJudgeConfig",
     "SubjectScene",
     "cell_center",
+    "classmate_colours",
+    "classmate_scenes",
     "instance_scenes",
     "light_blur",
     "render_subject_scene",

@@ -37,7 +37,7 @@ from stylear_core.data.synthetic import caption_words, render
 from stylear_core.data.synthetic_subjects import SUBJECT_NAMES
 from stylear_core.miniature.data import TRAIN_STYLES, WORLD_IMAGE_SIZE, scenes
 from stylear_core.miniature.judges import Judges
-from stylear_core.miniature.subjects import subject_token
+from stylear_core.miniature.subjects import classmate_scenes, render_subject_scene, subject_token
 from stylear_core.models.vqgan import ChameleonVQGAN
 
 _WORD = re.compile(r"[A-Za-z0-9]+")
@@ -55,8 +55,13 @@ def supervisor_words() -> tuple[str, ...]:
 
 
 class WordTextEncoder(nn.Module):
-    """Prompt words -> ``(B, MAX_PROMPT_WORDS, dim)`` states: embeddings, positions, two transformer layers.
+    """Prompt words -> ``(B, MAX_PROMPT_WORDS, dim)`` states: embeddings, positions, two causal transformer
+    layers.
 
+    Causal, as CLIP's text transformer is: a word's state depends only on the words before it, so
+    ``"a sks robot"`` means the same whatever place words follow. With bidirectional attention,
+    DreamBooth bound the subject to its instance prompt as a whole: the tuned supervisor drew the robot
+    for ``"a sks robot in the center"`` (0.88 of samples) and almost never at any other place (0.11).
     Id 0 pads (and stands for the empty prompt), id 1 is any word outside the vocabulary."""
 
     def __init__(self, words: Sequence[str], dim: int = 64, layers: int = 2) -> None:
@@ -82,7 +87,8 @@ class WordTextEncoder(nn.Module):
         pad = ids == 0
         pad[:, 0] = False  # an empty prompt still has one position to attend to
         h = self.embed(ids) + self.position[: ids.shape[1]]
-        return self.norm(self.encoder(h, src_key_padding_mask=pad))
+        causal = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], dtype=torch.bool)
+        return self.norm(self.encoder(h, mask=causal, src_key_padding_mask=pad, is_causal=True))
 
 
 def tiny_unet(latent_channels: int, cross_attention_dim: int, width: int = 32) -> UNet2DConditionModel:
@@ -112,6 +118,11 @@ class SupervisorTrainingConfig:
     width: int = option(32, "UNet width of the first level")
     text_dim: int = option(64, "text encoder width (the UNet's cross-attention size)")
     prompt_dropout: float = option(0.1, "share of rows trained with the empty prompt (for guidance)")
+    classmate_share: float = option(
+        0.25,
+        "share of rows that are class-mate scenes ('a robot at the top left', in random colours): the class "
+        "knowledge DreamBooth builds on",
+    )
     seed: int = option(0, "seed of scenes, initialisation and noise")
 
 
@@ -248,10 +259,14 @@ def train_supervisor(
 class DreamBoothConfig:
     """How a pretrained supervisor is tuned on a subject's instance images (DreamBooth)."""
 
-    steps: int = option(300, "optimizer steps")
+    steps: int = option(800, "optimizer steps")
     batch_size: int = option(16, "rows per step; half instance rows, half prior rows")
-    lr: float = option(2e-4, "peak AdamW learning rate")
-    prior_rows: int = option(1000, "world scenes kept in the batches (prior preservation)")
+    lr: float = option(
+        1e-3, "peak AdamW learning rate (2e-4 for 400 steps bound the robot in 0.25 of samples)"
+    )
+    prior_rows: int = option(
+        1000, "prior-preservation rows: world scenes, and class-mates of the tuned subjects for half of them"
+    )
     seed: int = option(0, "seed of batches and noise")
 
 
@@ -261,18 +276,26 @@ def dreambooth(
     """A copy of ``supervisor`` tuned on the ``(prompt, image)`` instance views of one or more subjects.
 
     The whole UNet and the text encoder train (DreamBooth's full fine-tune). Prior preservation keeps
-    world scenes in every batch, so the rest of the world (places, objects) is not forgotten while the
-    identifier words take the subject's meaning. Several subjects tune one model together."""
+    world scenes and class-mates of the tuned subjects (``"a robot at the left"``, other colours) in
+    every batch, so the rest of the world and the class are not forgotten while the identifier words
+    take the subject's meaning. Several subjects tune one model together."""
     start = time.perf_counter()
     tuned = copy.deepcopy(supervisor)
-    prior = scenes(config.seed, config.prior_rows, TRAIN_STYLES, "supervisor-prior", max_objects=2)
+    kinds = sorted(
+        {name for name in SUBJECT_NAMES for prompt, _ in instances if subject_token(name) in prompt.split()}
+    )
+    kin = classmate_scenes(config.seed, config.prior_rows // 2, "dreambooth-prior", kinds) if kinds else []
+    world = scenes(config.seed, config.prior_rows - len(kin), TRAIN_STYLES, "supervisor-prior", max_objects=2)
     instance_latents = tuned.encode_images([image for _, image in instances])
-    prior_latents = tuned.encode_images([render(c, s, WORLD_IMAGE_SIZE) for c, s in prior])
+    prior_latents = tuned.encode_images(
+        [render(c, s, WORLD_IMAGE_SIZE) for c, s in world] + [render_subject_scene(scene) for scene in kin]
+    )
+    prior_prompts = [c.prompt for c, _ in world] + [scene.prompt for scene in kin]
     # Batches are drawn uniformly over the rows: repeating the instance rows as often as there are
     # prior rows makes about half of every batch instance views.
-    repeat = max(1, len(prior) // len(instances))
+    repeat = max(1, len(prior_prompts) // len(instances))
     latents = torch.cat([instance_latents.repeat(repeat, 1, 1, 1), prior_latents])
-    prompts = [prompt for prompt, _ in instances] * repeat + [c.prompt for c, _ in prior]
+    prompts = [prompt for prompt, _ in instances] * repeat + prior_prompts
     stats = train_supervisor(
         tuned, latents, prompts, config.steps, config.batch_size, config.lr, 0.1, config.seed
     )
@@ -288,14 +311,16 @@ def pretrain_supervisor(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         supervisor = WorldSupervisor(vq, config.width, config.text_dim)
-    items = scenes(config.seed, config.rows, TRAIN_STYLES, "supervisor", max_objects=2)
-    raw = supervisor.raw_latents([render(content, style, WORLD_IMAGE_SIZE) for content, style in items])
+    kin = classmate_scenes(config.seed, round(config.rows * config.classmate_share), "supervisor")
+    items = scenes(config.seed, config.rows - len(kin), TRAIN_STYLES, "supervisor", max_objects=2)
+    images = [render(content, style, WORLD_IMAGE_SIZE) for content, style in items]
+    raw = supervisor.raw_latents(images + [render_subject_scene(scene) for scene in kin])
     supervisor.fit_latent_scale(raw)
     latents = (raw - supervisor.latent_mean) / supervisor.latent_std
     stats = train_supervisor(
         supervisor,
         latents,
-        [content.prompt for content, _ in items],
+        [content.prompt for content, _ in items] + [scene.prompt for scene in kin],
         config.steps,
         config.batch_size,
         config.lr,

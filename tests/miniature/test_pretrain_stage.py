@@ -82,3 +82,28 @@ def test_pretrain_trains_publishes_and_reuses_the_base(tmp_path):
     again = run(tmp_path, "force=true")
     assert again["trained"] == "reused" and again["base"] == summary["base"]
     assert again["base_content_accuracy"] == summary["base_content_accuracy"]
+
+
+def test_classmate_rows_join_the_pretraining_pairs_and_only_then_change_the_base_key(tmp_path):
+    from dataclasses import asdict
+
+    from stylear_core.miniature.data import TRAIN_STYLES, scenes
+    from stylear_core.miniature.pretrain import PretrainDataConfig, mini_model_config, write_world_shards
+    from stylear_core.miniature.subjects import classmate_scenes
+
+    # Without class-mates the base's key is what it was before the field existed: cached bases stay valid.
+    plain = PretrainDataConfig()
+    assert plain.key() == {k: v for k, v in asdict(plain).items() if k != "classmate_share"}
+    assert PretrainDataConfig(classmate_share=0.25).key() != plain.key()
+
+    kin = classmate_scenes(0, 3, "test")
+    items = scenes(0, 3, TRAIN_STYLES, "test") + kin
+    model = mini_model_config()
+    table = pq.read_table(write_world_shards(tmp_path, model, items, 0, "t"))
+    prompts = table.column("prompt").to_pylist()
+    assert prompts[:3] == [content.prompt for content, _ in items[:3]]
+    # Class-mates are named by their class noun alone ("a robot at the left"): no identifier token.
+    assert prompts[3:] == [scene.prompt for scene in kin]
+    assert all(p.startswith(f"a {scene.subject} ") for p, scene in zip(prompts[3:], kin))
+    tokens = table.column("image_tokens").to_pylist()
+    assert len({tuple(t) for t in tokens}) == 6 and len({len(t) for t in tokens}) == 1
