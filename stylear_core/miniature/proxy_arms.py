@@ -1,0 +1,341 @@
+"""Proxy-Tuning's three arms in the miniature world, on the same subjects and held-out prompts.
+
+- (a) **supervisor**: the world's diffusion supervisor after DreamBooth on the subjects' instance views;
+- (b) **direct**: the AR base tuned on the instance views themselves (and, as DreamBooth users do,
+  on views augmented by moving and rescaling the subject, caption unchanged);
+- (c) **proxy**: the AR base tuned on the supervisor's samples for varied prompts, kept where the
+  subject judge finds the subject at the prompt's place (the proxy data).
+
+Each arm draws the held-out prompts (every place, half beside another world object, held-out styles)
+and is scored by the world's judges: **subject fidelity** (the subject judge finds the subject; the
+DINO / CLIP-I stand-in), the same at the prompt's place, and **prompt adherence** on the rest of the
+prompt (the content judge finds the other object at its place)::
+
+    arms = run_arms(world_paths, base_model_block, ProxyArmsConfig(subjects=["robot"]), out_dir)
+    arms["results"]["c_proxy"]["fidelity"]
+
+The AR arms tune the backbone's LoRA with the train_subject stage's objective, in-process: the arms
+are a measurement, and the stage itself runs on Ray Train elsewhere.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from stylear_core.config import option
+from stylear_core.curation.tokenize import token_vocab
+from stylear_core.data.batch_columns import table_to_numpy_batch
+from stylear_core.data.images import encode_png, to_pil, to_tensor
+from stylear_core.data.layout import ImageTokenLayout
+from stylear_core.data.schemas import TOKEN_SHARDS_SCHEMA, rows_to_table
+from stylear_core.data.synthetic import COLOURS, OBJECT_KINDS, POSITIONS, SIZES, ContentSpec, ObjectSpec
+from stylear_core.data.tokenizer import text_prompt_ids
+from stylear_core.inference.defaults import SamplingConfig
+from stylear_core.inference.generator import StyleARGenerator
+from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES, WORLD_IMAGE_SIZE
+from stylear_core.miniature.judges import Judges
+from stylear_core.miniature.subjects import (
+    INSTANCE_PLACES,
+    SCALE_RANGE,
+    SubjectJudge,
+    SubjectScene,
+    instance_scenes,
+    render_subject_scene,
+)
+from stylear_core.miniature.supervisor import DreamBoothConfig, WorldSupervisor, dreambooth
+from stylear_core.models.config import ModelConfig
+from stylear_core.models.presets import build_prompt_tokenizer, build_vqgan
+from stylear_core.models.vqgan import encode_images
+from stylear_core.proxy.subject_training import SubjectSFTObjective
+from stylear_core.training.export import export_adapter
+
+ARMS = ("base", "supervisor_untuned", "a_supervisor", "b_direct", "b_augmented", "c_proxy")
+
+
+@dataclass
+class ProxyArmsConfig:
+    """Subjects, prompts, and how each arm is made."""
+
+    subjects: list[str] = option(["robot"], "subjects tuned together into one supervisor and one AR adapter")
+    views: int = option(4, "DreamBooth instance views per subject (3-6)")
+    prompts_per_subject: int = option(
+        18, "held-out prompts per subject: every place twice, once beside an object"
+    )
+    dreambooth: DreamBoothConfig = option(
+        DreamBoothConfig, "the supervisor's DreamBooth on the instance views"
+    )
+    guidance: float = option(3.0, "the supervisor's classifier-free guidance")
+    proxy_per_subject: int = option(96, "supervisor samples per subject before the subject judge's filter")
+    augment_per_view: int = option(8, "augmented copies per instance view for arm (b) augmented")
+    ar_steps: int = option(150, "AR tuning steps per arm")
+    ar_batch_size: int = option(16, "AR tuning rows per step")
+    ar_lr: float = option(2e-3, "AR tuning learning rate (AdamW, constant)")
+    lora_rank: int = option(32, "the AR arms' LoRA rank (alpha = rank)")
+    sampling: SamplingConfig = option(
+        SamplingConfig(cfg_scale=3.0, top_k=64, temperature=1.0, noise_strength=0.0), "AR sampling"
+    )
+    seed: int = option(0, "seed of prompts, proxy samples and tuning")
+
+
+def held_out_prompts(subjects: Sequence[str], per_subject: int, seed: int) -> list[SubjectScene]:
+    """Per subject, ``per_subject`` scenes in held-out styles: the nine places in turn, the second half
+    each beside a large world object in another cell (whose kind and place the prompt also asks for)."""
+    rng = random.Random(f"miniature/proxy-arms/prompts/{seed}")
+    places = sorted(POSITIONS)
+    out = []
+    for name in subjects:
+        for i in range(per_subject):
+            position = places[i % len(places)]
+            other = None
+            if i >= per_subject // 2:
+                place = rng.choice([p for p in places if p != position])
+                other = ObjectSpec(rng.choice(OBJECT_KINDS), rng.choice(sorted(COLOURS)), place, "large")
+            out.append(SubjectScene(name, position, rng.choice(HELD_OUT_STYLES), distractor=other))
+    return out
+
+
+@torch.no_grad()
+def score_subject_images(
+    pixels: torch.Tensor,
+    scenes: Sequence[SubjectScene],
+    subject_judge: SubjectJudge,
+    judges: Judges | None,
+    seen_places: Sequence[str] = (),
+) -> dict[str, float | None]:
+    """``fidelity``: the share of images where the subject judge finds the prompt's subject (any cell);
+    ``fidelity_at_place``: found at the prompt's place, and ``at_unseen_place``: the same over prompts at
+    places outside ``seen_places`` (the instance views'); ``other_object``: of the prompts that ask for a
+    world object too, the share where the content judge (``judges``) finds its kind at its place (None if
+    none ask, or without ``judges``)."""
+    names = [s.subject for s in scenes]
+    present = subject_judge.subject_present(pixels, names).float()
+    at = subject_judge.subject_at(pixels, names, [s.position for s in scenes]).float()
+    unseen = torch.tensor([s.position not in seen_places for s in scenes])
+    asked = [i for i, s in enumerate(scenes) if s.distractor is not None]
+    other = None
+    if asked and judges is not None:
+        contents = [ContentSpec((scenes[i].distractor,)) for i in asked]
+        other = float(judges.content_correct(pixels[asked], contents).float().mean())
+    return {
+        "fidelity": float(present.mean()),
+        "fidelity_at_place": float(at.mean()),
+        "at_unseen_place": float(at[unseen].mean()) if unseen.any() else None,
+        "other_object": other,
+    }
+
+
+def proxy_scenes(subjects: Sequence[str], per_subject: int, seed: int) -> list[SubjectScene]:
+    """The prompts the supervisor draws proxy data for: every place in turn, every second one beside a
+    world object, in the training styles (never the held-out prompts' styles)."""
+    rng = random.Random(f"miniature/proxy-arms/proxy/{seed}")
+    places = sorted(POSITIONS)
+    out = []
+    for name in subjects:
+        for i in range(per_subject):
+            position = places[i % len(places)]
+            other = None
+            if i % 2:
+                place = rng.choice([p for p in places if p != position])
+                other = ObjectSpec(
+                    rng.choice(OBJECT_KINDS), rng.choice(sorted(COLOURS)), place, rng.choice(sorted(SIZES))
+                )
+            out.append(SubjectScene(name, position, rng.choice(TRAIN_STYLES), distractor=other))
+    return out
+
+
+@torch.no_grad()
+def proxy_data(
+    supervisor: WorldSupervisor,
+    scenes: Sequence[SubjectScene],
+    subject_judge: SubjectJudge,
+    seed: int,
+    guidance: float = 3.0,
+    batch_size: int = 96,
+) -> tuple[list[tuple[str, Image.Image]], float]:
+    """The supervisor's samples for ``scenes``' prompts, kept where the subject judge finds the subject at
+    the prompt's place (Proxy-Tuning's filter); returns the kept ``(prompt, image)`` pairs and the kept share."""
+    kept: list[tuple[str, Image.Image]] = []
+    for start in range(0, len(scenes), batch_size):
+        chunk = scenes[start : start + batch_size]
+        seeds = [seed * 100_000 + start + i for i in range(len(chunk))]
+        pixels = supervisor.sample([s.prompt for s in chunk], seeds, guidance=guidance)
+        keep = subject_judge.subject_at(pixels, [s.subject for s in chunk], [s.position for s in chunk])
+        kept += [(s.prompt, image) for s, image, k in zip(chunk, to_pil(pixels), keep) if k]
+    return kept, len(kept) / max(1, len(scenes))
+
+
+def augmented_views(
+    views: Sequence[tuple[str, Image.Image]], subjects: Sequence[str], per_view: int, seed: int
+) -> list[tuple[str, Image.Image]]:
+    """DreamBooth-style augmentation for arm (b): each view's subject redrawn at random places, scales and
+    training-style backgrounds, its caption (``"a sks robot in the center"``) unchanged."""
+    rng = random.Random(f"miniature/proxy-arms/augment/{seed}")
+    out = []
+    for prompt, _ in views:
+        name = next(n for n in subjects if f" {n} " in f" {prompt} ")
+        for _ in range(per_view):
+            scene = SubjectScene(
+                name, rng.choice(sorted(POSITIONS)), rng.choice(TRAIN_STYLES), rng.uniform(*SCALE_RANGE)
+            )
+            out.append((prompt, render_subject_scene(scene)))
+    return out
+
+
+def arm_model(model: ModelConfig, config: ProxyArmsConfig) -> ModelConfig:
+    """The base's model block with the arms' LoRA (rank ``config.lora_rank``, alpha = rank)."""
+    return replace(model, trainable="lora", lora_rank=config.lora_rank, lora_alpha=float(config.lora_rank))
+
+
+def tune_ar(
+    model: ModelConfig, pairs: Sequence[tuple[str, Image.Image]], config: ProxyArmsConfig, directory: Path
+) -> tuple[Path, dict[str, float]]:
+    """Tune the base's LoRA on ``(prompt, image)`` pairs with the subject objective; export the adapter to
+    ``directory``; returns it and the first / last 10-step mean losses."""
+    model = arm_model(model, config)
+    vocab = token_vocab(model)
+    tokenizer = build_prompt_tokenizer(model, vocab)
+    layout = ImageTokenLayout.for_resolution(WORLD_IMAGE_SIZE, WORLD_IMAGE_SIZE, vocab)
+    tokens = layout.encode(
+        encode_images(build_vqgan(model, vocab), [image for _, image in pairs], WORLD_IMAGE_SIZE)
+    )
+    size = WORLD_IMAGE_SIZE
+    rows = [
+        {
+            "id": f"arm-{i:05d}",
+            "prompt": prompt,
+            "prompt_ids": text_prompt_ids(tokenizer, prompt, size, size),
+            "image_tokens": tokens[i].tolist(),
+            "height": size,
+            "width": size,
+            "source": "raw",
+            "image": encode_png(image),
+        }
+        for i, (prompt, image) in enumerate(pairs)
+    ]
+    table = rows_to_table(rows, TOKEN_SHARDS_SCHEMA)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        objective = SubjectSFTObjective(model)
+        module = objective.setup(torch.device("cpu"), "fp32")
+    collate = objective.collate_fn()
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.ar_lr, weight_decay=0.0)
+    rng = random.Random(f"miniature/proxy-arms/batches/{config.seed}")
+    losses = []
+    for _ in range(config.ar_steps):
+        index = [rng.randrange(len(rows)) for _ in range(config.ar_batch_size)]
+        loss = objective.compute(module, collate(table_to_numpy_batch(table.take(index)))).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    export_adapter(objective.model, directory)
+    window = min(10, len(losses))
+    return directory, {
+        "first_loss": sum(losses[:window]) / window,
+        "final_loss": sum(losses[-window:]) / window,
+    }
+
+
+def ar_images(
+    model: ModelConfig, adapter: Path | None, scenes: Sequence[SubjectScene], sampling: SamplingConfig
+) -> torch.Tensor:
+    """The AR model's (with ``adapter``, or the base) images for ``scenes``' prompts, seed i for prompt i."""
+    generator = StyleARGenerator(model, adapter, device="cpu", max_batch=len(scenes))
+    out = generator.text([s.prompt for s in scenes], list(range(len(scenes))), sampling)
+    return to_tensor(generator.decode(out.tokens, out.layout))
+
+
+def run_arms(
+    supervisor: WorldSupervisor,
+    subject_judge: SubjectJudge,
+    judges: Judges,
+    model: ModelConfig,
+    config: ProxyArmsConfig,
+    directory: Path,
+    random_proxy_control: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every arm on ``config.subjects`` (one model for all of them); returns ``results`` (per arm: the
+    scores of :func:`score_subject_images`), ``images`` (per arm, ``(N, 3, 64, 64)``), the prompts, the
+    proxy data's kept share and the tuning losses. With ``random_proxy_control``, arm (c) is also tuned on
+    uniform-noise images under the same prompts (``c_random_images``): a control the gate must fail."""
+    start = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
+    scenes = held_out_prompts(config.subjects, config.prompts_per_subject, config.seed)
+    views = [view for name in config.subjects for view in instance_scenes(name, config.views, config.seed)]
+    prompts, seeds = [s.prompt for s in scenes], list(range(len(scenes)))
+    model = arm_model(model, config)
+    images: dict[str, torch.Tensor] = {
+        "base": ar_images(model, None, scenes, config.sampling),
+        # The supervisor before DreamBooth: what the judges give a generator that knows the classes but
+        # not the subject (the supervisor's own baseline).
+        "supervisor_untuned": supervisor.sample(prompts, seeds, guidance=config.guidance),
+    }
+    log("proxy arms: base and untuned supervisor drawn")
+    tuned, db_stats = dreambooth(supervisor, views, config.dreambooth)
+    images["a_supervisor"] = tuned.sample(prompts, seeds, guidance=config.guidance)
+    log(f"proxy arms: supervisor tuned in {db_stats['seconds']:.0f} s")
+    proxy, kept_share = proxy_data(
+        tuned,
+        proxy_scenes(config.subjects, config.proxy_per_subject, config.seed),
+        subject_judge,
+        config.seed,
+        config.guidance,
+    )
+    log(f"proxy arms: {len(proxy)} proxy images kept ({kept_share:.2f})")
+    training = {
+        "b_direct": views,
+        "b_augmented": augmented_views(views, config.subjects, config.augment_per_view, config.seed),
+        "c_proxy": proxy,
+    }
+    if random_proxy_control:
+        noise = torch.rand(len(proxy), 3, 64, 64, generator=torch.Generator().manual_seed(config.seed))
+        training["c_random_images"] = list(zip([p for p, _ in proxy], to_pil(noise * 2 - 1)))
+    losses = {}
+    for arm, pairs in training.items():
+        if not pairs:
+            log(f"proxy arms: {arm} has no training pairs; skipped")
+            continue
+        adapter, losses[arm] = tune_ar(model, pairs, config, directory / f"adapter-{arm}")
+        images[arm] = ar_images(model, adapter, scenes, config.sampling)
+        log(
+            f"proxy arms: {arm} tuned (loss {losses[arm]['first_loss']:.3f} -> {losses[arm]['final_loss']:.3f})"
+        )
+    results = {
+        arm: score_subject_images(pixels, scenes, subject_judge, judges, INSTANCE_PLACES[: config.views])
+        for arm, pixels in images.items()
+    }
+    return {
+        "results": results,
+        "images": images,
+        "prompts": [s.prompt for s in scenes],
+        "proxy_kept_share": kept_share,
+        "proxy_rows": len(proxy),
+        "dreambooth": db_stats,
+        "ar_losses": losses,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+__all__ = [
+    "ARMS",
+    "ProxyArmsConfig",
+    "arm_model",
+    "augmented_views",
+    "held_out_prompts",
+    "proxy_data",
+    "proxy_scenes",
+    "run_arms",
+    "score_subject_images",
+    "tune_ar",
+]
