@@ -1,0 +1,160 @@
+"""The ``proxy_arms`` stage: Proxy-Tuning's three arms measured in the miniature world, with a report.
+
+Takes the pretrain stage's manifest (the world with subjects and the base model; ``jobs/configs/pretrain/
+proxy.yaml``) and one or more subject sets (one subject, and several tuned into one model). Each set runs
+:func:`~stylear_core.miniature.proxy_arms.run_arms` in its own Ray task. Gives
+``<output_dir>/results.json`` (per set, per arm: fidelity, fidelity at the prompt's place, at places no
+instance view showed, the other object), ``<output_dir>/<set>.png`` (a row per arm, the first prompts),
+``<output_dir>/report.html`` (the table, the judges' held-out accuracies and the images) and the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from stylear_core.config import Resources, from_dict, option
+from stylear_core.data.images import to_pil
+from stylear_core.evaluation.report_html import esc, img, table
+from stylear_core.miniature.evaluate_stage import write_grid
+from stylear_core.miniature.proxy_arms import ProxyArmsConfig, run_arms
+from stylear_core.miniature.world import WorldPaths, load_judges, load_subject_judge, load_supervisor
+from stylear_core.models.config import ModelConfig
+from stylear_core.runs import read_manifest
+from stylear_core.stages import StageConfig
+
+PROXY_ARMS_FORMAT = "stylear.proxy_arms/1"
+ARM_TITLES = {
+    "base": "AR base",
+    "supervisor_untuned": "supervisor before DreamBooth",
+    "a_supervisor": "(a) DreamBooth supervisor",
+    "b_direct": "(b) AR on the instance views",
+    "b_augmented": "(b) AR on augmented views",
+    "c_proxy": "(c) AR on proxy images",
+    "c_random_images": "(c) control: noise images, same prompts",
+}
+GRID_PROMPTS = 9
+
+
+@dataclass
+class ProxyArmsStageConfig(StageConfig):
+    """The world, the subject sets and how the arms are made."""
+
+    output_dir: str = option("{run_dir}/proxy_arms", "stage output directory")
+    pretrain: str = option("{run_dir}/pretrain", "the pretrain stage's output (a world with subjects)")
+    subject_sets: list[list[str]] = option(
+        [["robot"], ["robot", "mushroom", "cat"]], "subjects tuned together; each set is measured on its own"
+    )
+    arms: ProxyArmsConfig = option(ProxyArmsConfig, "prompts, DreamBooth, proxy data, AR tuning")
+    random_proxy_control: bool = option(True, "also tune arm (c) on noise images under the proxy prompts")
+    resources: Resources = option(Resources(cpus=2.0), "per subject-set task")
+
+
+def _set_task(
+    world_dir: str, model: ModelConfig, arms: ProxyArmsConfig, directory: str, control: bool
+) -> dict:
+    paths = WorldPaths(Path(world_dir))
+    out = run_arms(
+        load_supervisor(paths),
+        load_subject_judge(paths),
+        load_judges(paths),
+        model,
+        arms,
+        Path(directory),
+        random_proxy_control=control,
+    )
+    out["images"] = {arm: to_pil(pixels[:GRID_PROMPTS]) for arm, pixels in out["images"].items()}
+    return out
+
+
+def _report(sets: dict[str, dict], world: dict[str, Any], out: Path) -> str:
+    subjects = world.get("subjects", {})
+    judge = subjects.get("subject_judge", {})
+    parts = [
+        "<h1>Proxy-Tuning in the miniature world</h1>",
+        "<p>Subject fidelity: the subject judge finds the prompt's subject (anywhere / at the prompt's place /"
+        " at places no instance view showed). Other object: the content judge finds the prompt's other"
+        " object at its place. Held-out styles; every place; half the prompts with another object.</p>",
+        "<h2>Judges on held-out images</h2>",
+        table(
+            ["judge", "figure"],
+            [
+                ["subject at its cell (drawn)", judge.get("at_cell", "-")],
+                ["subject at its cell (VQ reconstructions)", judge.get("vq_reconstruction_at_cell", "-")],
+                ["class-mates taken for the subject", judge.get("classmate_false_positive", "-")],
+                ["false positives on subject-free scenes", judge.get("false_positive", "-")],
+                ["content judge (drawn)", world.get("judges", {}).get("raw", {}).get("content", "-")],
+                [
+                    "supervisor content accuracy before DreamBooth",
+                    subjects.get("supervisor", {}).get("content", "-"),
+                ],
+            ],
+            3,
+        ),
+    ]
+    for name, result in sets.items():
+        rows = [
+            [
+                ARM_TITLES.get(arm, arm),
+                r["fidelity"],
+                r["fidelity_at_place"],
+                r["at_unseen_place"],
+                r["other_object"],
+            ]
+            for arm, r in result["results"].items()
+        ]
+        parts += [
+            f"<h2>{esc(name)}: {len(result['prompts'])} prompts, {result['proxy_rows']} proxy images kept"
+            f" ({result['proxy_kept_share']:.2f})</h2>",
+            table(["arm", "fidelity", "at place", "at unseen places", "other object"], rows, 2),
+            img(
+                f"{name}.png", "rows: " + " | ".join(ARM_TITLES.get(a, a) for a in result["results"]), 9 * 128
+            ),
+        ]
+    body = "\n".join(parts)
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>Proxy-Tuning arms</title></head><body>{body}</body></html>"
+    (out / "report.html").write_text(page)
+    return str(out / "report.html")
+
+
+def run_proxy_arms(cfg: ProxyArmsStageConfig) -> dict[str, Any]:
+    """Every subject set's arms on Ray tasks; write results, grids and the report."""
+    import ray
+
+    pretrain = read_manifest(Path(cfg.path(cfg.pretrain)))
+    if pretrain is None:
+        raise ValueError(f"no pretrain manifest in {cfg.path(cfg.pretrain)}: run jobs.pretrain first")
+    summary = pretrain.get("summary", pretrain)
+    world_dir = summary["world"]
+    model = from_dict(ModelConfig, summary["model"])
+    world = json.loads(WorldPaths(Path(world_dir)).report.read_text())
+    if "subjects" not in world:
+        raise ValueError(
+            f"the world at {world_dir} has no subjects: pretrain it with world.subject_share > 0"
+        )
+    out = cfg.stage_dir
+    out.mkdir(parents=True, exist_ok=True)
+    task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus)(_set_task)
+    names = {"+".join(subjects): subjects for subjects in cfg.subject_sets}
+    refs = {
+        name: task.remote(
+            world_dir,
+            model,
+            replace(cfg.arms, subjects=list(subjects)),
+            str(out / f"adapters-{name}"),
+            cfg.random_proxy_control,
+        )
+        for name, subjects in names.items()
+    }
+    sets = {name: ray.get(ref) for name, ref in refs.items()}
+    for name, result in sets.items():
+        images = result.pop("images")
+        write_grid([images[arm] for arm in result["results"]], out / f"{name}.png")
+    (out / "results.json").write_text(json.dumps(sets, indent=2))
+    report = _report(sets, world, out)
+    return {"results": {name: r["results"] for name, r in sets.items()}, "report": report, "world": world_dir}
+
+
+__all__ = ["PROXY_ARMS_FORMAT", "ProxyArmsStageConfig", "run_proxy_arms"]

@@ -1,0 +1,109 @@
+"""The proxy_arms stage on real Ray over a cut-down world with subjects: every arm of every subject set is
+tuned, scored and reported, and the stage refuses a world without subjects. (The arms' quality needs the
+full world; see the README's Proxy-Tuning section.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from jobs import pretrain, proxy_arms
+from stylear_core.miniature.proxy_arms_stage import ARM_TITLES
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+WORLD = [
+    "world.vq_images=64",
+    "world.vqgan.steps=20",
+    "world.vqgan.crop=16",
+    "world.vqgan.batch_size=16",
+    "world.vqgan.full_image_steps=5",
+    "world.vqgan.full_image_batch_size=4",
+    "world.vqgan.warmup_steps=2",
+    "world.style_clip.steps=5",
+    "world.style_clip.batch_size=16",
+    "world.judges.num_images=128",
+    "world.judges.steps=20",
+    "world.judges.batch_size=16",
+    "world.held_images=16",
+    "world.subject_share=0.5",
+    "world.subject_judge.num_images=256",
+    "world.subject_judge.steps=20",
+    "world.subject_judge.width=16",
+    "world.supervisor.rows=128",
+    "world.supervisor.steps=20",
+    "world.supervisor.batch_size=16",
+    "world.supervisor.width=16",
+    "world.supervisor.text_dim=32",
+    "data.rows=64",
+    "data.sft_rows=8",
+    "data.classmate_share=0.25",
+    "train.max_steps=8",
+    "train.micro_batch_size=8",
+    "train.checkpoint_every=8",
+    "train.log_every=4",
+    "train.optimizer.warmup_steps=2",
+    "ray.worker.cpus=1",
+    "eval.prompts=2",
+]
+ARMS = [
+    "arms.views=3",
+    "arms.prompts_per_subject=9",
+    "arms.dreambooth.steps=10",
+    "arms.dreambooth.prior_rows=32",
+    "arms.proxy_per_subject=18",
+    "arms.ar_steps=4",
+    "arms.ar_batch_size=4",
+    "arms.lora_rank=4",
+    "resources.cpus=1",
+]
+
+
+def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_path):
+    run = [f"run_dir={tmp_path}"]
+    pretrain.main(
+        ["--config", "jobs/configs/pretrain/proxy.yaml", *run, f"output_dir={tmp_path}/pretrain", *WORLD]
+    )
+    summary = proxy_arms.main(
+        ["--config", "jobs/configs/proxy_arms/mini.yaml", *run, "subject_sets=[[robot],[robot,cat]]", *ARMS]
+    )
+    out = tmp_path / "proxy_arms"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"robot", "robot+cat"} == set(summary["results"])
+    arms = ["base", "supervisor_untuned", "a_supervisor", "b_direct", "b_augmented"]
+    for name, result in results.items():
+        kept = result["proxy_rows"]
+        # Arm (c) and its noise control exist exactly when the subject judge kept some proxy images.
+        expected = arms + (["c_proxy", "c_random_images"] if kept else [])
+        assert list(result["results"]) == expected
+        assert len(result["prompts"]) == 9 * len(name.split("+"))
+        for scores in result["results"].values():
+            assert 0.0 <= scores["fidelity_at_place"] <= scores["fidelity"] <= 1.0
+            assert scores["other_object"] is not None  # half the prompts ask for another object
+        grid = Image.open(out / f"{name}.png")
+        assert grid.height == len(expected) * 128 and grid.width == 9 * 128
+    report = (out / "report.html").read_text()
+    for name, result in results.items():
+        assert f"{name}.png" in report
+        for arm in result["results"]:
+            assert ARM_TITLES[arm] in report
+    # A rerun finds the stage complete and trains nothing.
+    again = proxy_arms.main(["--config", "jobs/configs/proxy_arms/mini.yaml", *run, *ARMS])
+    assert again["results"] == summary["results"]
+
+
+def test_the_stage_refuses_a_world_without_subjects(tmp_path):
+    manifest = {
+        "status": "complete",
+        "summary": {"world": str(tmp_path / "world"), "model": {"preset": "mini"}},
+    }
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "world.json").write_text(json.dumps({"vqgan": {}}))
+    with pytest.raises(ValueError, match="no subjects"):
+        proxy_arms.main(
+            ["--config", "jobs/configs/proxy_arms/mini.yaml", f"run_dir={tmp_path}", "ray_address=local"]
+        )
