@@ -228,7 +228,28 @@ def train_supervisor(
     seed: int,
     progress: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
-    """Denoising steps over (latent, prompt) rows; returns the first and last 50-step mean losses."""
+    """Denoising steps over (latent, prompt) rows; returns the first and last 50-step mean losses.
+
+    Seeded throughout: batches, noise and the text encoder's dropout (drawn from torch's global stream,
+    which is forked and seeded here, so a run repeats and the caller's stream is left alone)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train_supervisor(
+            supervisor, latents, prompts, steps, batch_size, lr, prompt_dropout, seed, progress
+        )
+
+
+def _train_supervisor(
+    supervisor: WorldSupervisor,
+    latents: torch.Tensor,
+    prompts: Sequence[str],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    prompt_dropout: float,
+    seed: int,
+    progress: Callable[[int, float], None] | None,
+) -> dict[str, float]:
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(f"miniature/supervisor/batches/{seed}")
     params = [p for p in supervisor.parameters() if p.requires_grad]
