@@ -14,8 +14,9 @@ CONFIG_ROOT = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 SHIPPED = sorted(CONFIG_ROOT.glob("*/*.yaml"))
 
 
-# Stages of the miniature world only (its pretraining and its judges): they ship the mini preset.
-MINIATURE_STAGES = {"pretrain", "evaluate_world"}
+# Stages of the miniature world only (its pretraining, its judges, the Proxy-Tuning arms): they ship the
+# mini preset.
+MINIATURE_STAGES = {"pretrain", "evaluate_world", "proxy_arms"}
 
 
 def test_every_stage_ships_tiny_and_lumina7b():
