@@ -33,14 +33,21 @@ from PIL import Image
 from stylear_core.config import option
 from stylear_core.curation.tokenize import token_vocab
 from stylear_core.data.batch_columns import table_to_numpy_batch
-from stylear_core.data.images import encode_png, to_pil, to_tensor
+from stylear_core.data.images import to_pil, to_tensor
 from stylear_core.data.layout import ImageTokenLayout
 from stylear_core.data.schemas import TOKEN_SHARDS_SCHEMA, rows_to_table
-from stylear_core.data.synthetic import COLOURS, OBJECT_KINDS, POSITIONS, SIZES, ContentSpec, ObjectSpec
-from stylear_core.data.tokenizer import text_prompt_ids
+from stylear_core.data.synthetic import (
+    COLOURS,
+    OBJECT_KINDS,
+    POSITIONS,
+    SIZES,
+    ContentSpec,
+    ObjectSpec,
+    StyleSpec,
+)
 from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.inference.generator import StyleARGenerator
-from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES, WORLD_IMAGE_SIZE
+from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES, WORLD_IMAGE_SIZE, token_rows
 from stylear_core.miniature.judges import Judges
 from stylear_core.miniature.subjects import (
     INSTANCE_PLACES,
@@ -53,7 +60,6 @@ from stylear_core.miniature.subjects import (
 from stylear_core.miniature.supervisor import DreamBoothConfig, WorldSupervisor, dreambooth
 from stylear_core.models.config import ModelConfig
 from stylear_core.models.presets import build_prompt_tokenizer, build_vqgan
-from stylear_core.models.vqgan import encode_images
 from stylear_core.proxy.subject_training import SubjectSFTObjective
 from stylear_core.training.export import export_adapter
 
@@ -85,21 +91,37 @@ class ProxyArmsConfig:
     seed: int = option(0, "seed of prompts, proxy samples and tuning")
 
 
-def held_out_prompts(subjects: Sequence[str], per_subject: int, seed: int) -> list[SubjectScene]:
-    """Per subject, ``per_subject`` scenes in held-out styles: the nine places in turn, the second half
-    each beside a large world object in another cell (whose kind and place the prompt also asks for)."""
-    rng = random.Random(f"miniature/proxy-arms/prompts/{seed}")
+def _scenes_at_every_place(
+    rng: random.Random,
+    subjects: Sequence[str],
+    per_subject: int,
+    styles: Sequence[StyleSpec],
+    with_other: Callable[[int], bool],
+    other_size: str | None,
+) -> list[SubjectScene]:
+    """Per subject, ``per_subject`` scenes at the nine places in turn; scene ``i`` has a world object in
+    another cell when ``with_other(i)``, of size ``other_size`` (None: a random size)."""
     places = sorted(POSITIONS)
     out = []
     for name in subjects:
         for i in range(per_subject):
             position = places[i % len(places)]
             other = None
-            if i >= per_subject // 2:
+            if with_other(i):
                 place = rng.choice([p for p in places if p != position])
-                other = ObjectSpec(rng.choice(OBJECT_KINDS), rng.choice(sorted(COLOURS)), place, "large")
-            out.append(SubjectScene(name, position, rng.choice(HELD_OUT_STYLES), distractor=other))
+                kind, colour = rng.choice(OBJECT_KINDS), rng.choice(sorted(COLOURS))
+                other = ObjectSpec(kind, colour, place, other_size or rng.choice(sorted(SIZES)))
+            out.append(SubjectScene(name, position, rng.choice(list(styles)), distractor=other))
     return out
+
+
+def held_out_prompts(subjects: Sequence[str], per_subject: int, seed: int) -> list[SubjectScene]:
+    """Per subject, ``per_subject`` scenes in held-out styles: the nine places in turn, the second half
+    each beside a large world object in another cell (whose kind and place the prompt also asks for)."""
+    rng = random.Random(f"miniature/proxy-arms/prompts/{seed}")
+    return _scenes_at_every_place(
+        rng, subjects, per_subject, HELD_OUT_STYLES, lambda i: i >= per_subject // 2, "large"
+    )
 
 
 @torch.no_grad()
@@ -136,19 +158,7 @@ def proxy_scenes(subjects: Sequence[str], per_subject: int, seed: int) -> list[S
     """The prompts the supervisor draws proxy data for: every place in turn, every second one beside a
     world object, in the training styles (never the held-out prompts' styles)."""
     rng = random.Random(f"miniature/proxy-arms/proxy/{seed}")
-    places = sorted(POSITIONS)
-    out = []
-    for name in subjects:
-        for i in range(per_subject):
-            position = places[i % len(places)]
-            other = None
-            if i % 2:
-                place = rng.choice([p for p in places if p != position])
-                other = ObjectSpec(
-                    rng.choice(OBJECT_KINDS), rng.choice(sorted(COLOURS)), place, rng.choice(sorted(SIZES))
-                )
-            out.append(SubjectScene(name, position, rng.choice(TRAIN_STYLES), distractor=other))
-    return out
+    return _scenes_at_every_place(rng, subjects, per_subject, TRAIN_STYLES, lambda i: i % 2 == 1, None)
 
 
 @torch.no_grad()
@@ -203,23 +213,8 @@ def tune_ar(
     vocab = token_vocab(model)
     tokenizer = build_prompt_tokenizer(model, vocab)
     layout = ImageTokenLayout.for_resolution(WORLD_IMAGE_SIZE, WORLD_IMAGE_SIZE, vocab)
-    tokens = layout.encode(
-        encode_images(build_vqgan(model, vocab), [image for _, image in pairs], WORLD_IMAGE_SIZE)
-    )
-    size = WORLD_IMAGE_SIZE
-    rows = [
-        {
-            "id": f"arm-{i:05d}",
-            "prompt": prompt,
-            "prompt_ids": text_prompt_ids(tokenizer, prompt, size, size),
-            "image_tokens": tokens[i].tolist(),
-            "height": size,
-            "width": size,
-            "source": "raw",
-            "image": encode_png(image),
-        }
-        for i, (prompt, image) in enumerate(pairs)
-    ]
+    # Plain text prompts (no style tokens), as the train_subject stage's shards have them.
+    rows = token_rows(pairs, build_vqgan(model, vocab), layout, tokenizer, 0, "arm", draw=lambda pair: pair)
     table = rows_to_table(rows, TOKEN_SHARDS_SCHEMA)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

@@ -232,24 +232,6 @@ def train_supervisor(
 
     Seeded throughout: batches, noise and the text encoder's dropout (drawn from torch's global stream,
     which is forked and seeded here, so a run repeats and the caller's stream is left alone)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _train_supervisor(
-            supervisor, latents, prompts, steps, batch_size, lr, prompt_dropout, seed, progress
-        )
-
-
-def _train_supervisor(
-    supervisor: WorldSupervisor,
-    latents: torch.Tensor,
-    prompts: Sequence[str],
-    steps: int,
-    batch_size: int,
-    lr: float,
-    prompt_dropout: float,
-    seed: int,
-    progress: Callable[[int, float], None] | None,
-) -> dict[str, float]:
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(f"miniature/supervisor/batches/{seed}")
     params = [p for p in supervisor.parameters() if p.requires_grad]
@@ -259,18 +241,20 @@ def _train_supervisor(
     )
     supervisor.train()
     losses: list[float] = []
-    for step in range(steps):
-        index = [rng.randrange(len(prompts)) for _ in range(batch_size)]
-        batch_prompts = ["" if rng.random() < prompt_dropout else prompts[i] for i in index]
-        loss = supervisor.loss(latents[index], batch_prompts, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if progress is not None and (step + 1) % 100 == 0:
-            progress(step + 1, sum(losses[-100:]) / len(losses[-100:]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for step in range(steps):
+            index = [rng.randrange(len(prompts)) for _ in range(batch_size)]
+            batch_prompts = ["" if rng.random() < prompt_dropout else prompts[i] for i in index]
+            loss = supervisor.loss(latents[index], batch_prompts, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            if progress is not None and (step + 1) % 100 == 0:
+                progress(step + 1, sum(losses[-100:]) / len(losses[-100:]))
     supervisor.eval()
     window = min(50, len(losses))
     return {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window}
