@@ -12,6 +12,30 @@ from pathlib import Path
 import pytest
 import torch
 
+# The smallest world the pretrain stage makes (seconds per part): for tests of plumbing, not quality.
+SMALL_WORLD = [
+    "world.vq_images=64",
+    "world.vqgan.steps=20",
+    "world.vqgan.crop=16",
+    "world.vqgan.batch_size=16",
+    "world.vqgan.full_image_steps=5",
+    "world.vqgan.full_image_batch_size=4",
+    "world.vqgan.warmup_steps=2",
+    "world.style_clip.steps=5",
+    "world.style_clip.batch_size=16",
+    "world.judges.num_images=128",
+    "world.judges.steps=20",
+    "world.judges.batch_size=16",
+    "world.held_images=16",
+]
+
+
+@pytest.fixture
+def small_world() -> list[str]:
+    """``key=value`` arguments of the pretrain stage for :data:`SMALL_WORLD`."""
+    return list(SMALL_WORLD)
+
+
 CUT_DOWN_WORLD = [
     "world.vq_images=512",
     "world.vqgan.steps=1000",

@@ -18,19 +18,6 @@ from stylear_core.training.metrics import read_metrics_log
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 SMALL = [
-    "world.vq_images=64",
-    "world.vqgan.steps=20",
-    "world.vqgan.crop=16",
-    "world.vqgan.batch_size=16",
-    "world.vqgan.full_image_steps=5",
-    "world.vqgan.full_image_batch_size=4",
-    "world.vqgan.warmup_steps=2",
-    "world.style_clip.steps=5",
-    "world.style_clip.batch_size=16",
-    "world.judges.num_images=128",
-    "world.judges.steps=20",
-    "world.judges.batch_size=16",
-    "world.held_images=16",
     "data.rows=64",
     "data.sft_rows=16",
     "train.max_steps=24",
@@ -43,18 +30,18 @@ SMALL = [
 ]
 
 
-def run(run_dir, *extra: str) -> dict:
+def run(run_dir, world: list[str], *extra: str) -> dict:
     argv = [
         "--config",
         "jobs/configs/pretrain/mini.yaml",
         f"run_dir={run_dir}",
         f"output_dir={run_dir}/pretrain",
     ]
-    return pretrain.main([*argv, *SMALL, *extra])
+    return pretrain.main([*argv, *world, *SMALL, *extra])
 
 
-def test_pretrain_trains_publishes_and_reuses_the_base(tmp_path):
-    summary = run(tmp_path)
+def test_pretrain_trains_publishes_and_reuses_the_base(tmp_path, small_world):
+    summary = run(tmp_path, small_world)
     assert summary["trained"]["steps"] == 24
     rows = read_metrics_log(summary["trained"]["metrics_log"])
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, (rows[0]["loss"], rows[-1]["loss"])
@@ -79,7 +66,7 @@ def test_pretrain_trains_publishes_and_reuses_the_base(tmp_path):
     tokenizer = build_prompt_tokenizer(model, vocab)
     assert tokenizer.decode(table.column("prompt_ids")[0].as_py()).startswith("Generate an image")
     # A forced rerun (a fresh stage dir, same cache) trains nothing: the world and the base are reused.
-    again = run(tmp_path, "force=true")
+    again = run(tmp_path, small_world, "force=true")
     assert again["trained"] == "reused" and again["base"] == summary["base"]
     assert again["base_content_accuracy"] == summary["base_content_accuracy"]
 

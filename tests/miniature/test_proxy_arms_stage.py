@@ -14,20 +14,8 @@ from stylear_core.miniature.proxy_arms_stage import ARM_TITLES
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-WORLD = [
-    "world.vq_images=64",
-    "world.vqgan.steps=20",
-    "world.vqgan.crop=16",
-    "world.vqgan.batch_size=16",
-    "world.vqgan.full_image_steps=5",
-    "world.vqgan.full_image_batch_size=4",
-    "world.vqgan.warmup_steps=2",
-    "world.style_clip.steps=5",
-    "world.style_clip.batch_size=16",
-    "world.judges.num_images=128",
-    "world.judges.steps=20",
-    "world.judges.batch_size=16",
-    "world.held_images=16",
+# Added to the small world (conftest): subjects, and a base trained for a few steps.
+SUBJECTS = [
     "world.subject_share=0.5",
     "world.subject_judge.num_images=256",
     "world.subject_judge.steps=20",
@@ -61,10 +49,11 @@ ARMS = [
 ]
 
 
-def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_path):
+def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_path, small_world):
     run = [f"run_dir={tmp_path}"]
+    world = [*small_world, *SUBJECTS]
     pretrain.main(
-        ["--config", "jobs/configs/pretrain/proxy.yaml", *run, f"output_dir={tmp_path}/pretrain", *WORLD]
+        ["--config", "jobs/configs/pretrain/proxy.yaml", *run, f"output_dir={tmp_path}/pretrain", *world]
     )
     summary = proxy_arms.main(
         ["--config", "jobs/configs/proxy_arms/mini.yaml", *run, "subject_sets=[[robot],[robot,cat]]", *ARMS]
