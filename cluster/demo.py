@@ -67,17 +67,26 @@ def _ray_bin() -> str:
 
 
 def submit_job(
-    cluster: LocalRayCluster, entrypoint: list[str], submission_id: str, timeout_s: float = AGENT_WAIT_S
+    cluster: LocalRayCluster,
+    entrypoint: list[str],
+    submission_id: str,
+    timeout_s: float = AGENT_WAIT_S,
+    entrypoint_cpus: int = 0,
 ) -> None:
     """``ray job submit --no-wait`` the entrypoint with the repo as working dir and the project's runtime env.
 
-    Retries while the head's job agent is still starting ("No available agent"); raises
-    ``RuntimeError`` with the CLI's output on any other failure or once ``timeout_s`` has passed.
+    ``entrypoint_cpus`` (``--entrypoint-num-cpus``) reserves CPUs for the entrypoint's own process, and
+    Ray then starts it with ``OMP_NUM_THREADS`` set to that number; without it the entrypoint reserves
+    nothing and runs torch on one thread, which is slow for stages that compute in their own process
+    (the miniature world's training, evaluation). Retries while the head's job agent is still starting
+    ("No available agent"); raises ``RuntimeError`` with the CLI's output on any other failure or once
+    ``timeout_s`` has passed.
     """
+    reserve = [f"--entrypoint-num-cpus={entrypoint_cpus}"] if entrypoint_cpus else []
     cmd = [
         _ray_bin(), "job", "submit",
         f"--address={cluster.dashboard_url}", f"--submission-id={submission_id}", "--no-wait",
-        "--working-dir=.", "--runtime-env=cluster/runtime_env.yaml",
+        "--working-dir=.", "--runtime-env=cluster/runtime_env.yaml", *reserve,
         "--", *entrypoint,
     ]  # fmt: skip
     deadline = time.time() + timeout_s
@@ -321,7 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "demo"))
     parser.add_argument(
-        "--num-cpus", type=int, default=4, help="CPUs the local cluster offers (may exceed cores)"
+        "--num-cpus",
+        type=int,
+        default=6,
+        help="CPUs the local cluster offers (may exceed cores: the pipeline's process, a Train worker and "
+        "Ray Data's reads hold 2 each while only the worker computes)",
+    )
+    parser.add_argument(
+        "--driver-cpus",
+        type=int,
+        default=2,
+        help="CPUs reserved for the pipeline job's own process (--entrypoint-num-cpus): its torch threads",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds the pipeline job may take")
     parser.add_argument(
@@ -346,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_pipeline:
             entrypoint = ["python", "-m", "jobs.pipeline", "--config", args.config, f"run_dir={run_dir}"]
             submission_id = f"stylear-demo-{int(time.time())}"
-            submit_job(cluster, [*entrypoint, *args.overrides], submission_id)
+            submit_job(
+                cluster, [*entrypoint, *args.overrides], submission_id, entrypoint_cpus=args.driver_cpus
+            )
             status = wait_for_job(cluster, submission_id, args.timeout, follow=True)
             print(f"[demo] pipeline job {submission_id}: {status} after {time.time() - t0:.0f}s", flush=True)
             if status != "SUCCEEDED":

@@ -18,10 +18,13 @@ absolute, because Ray workers need not share the driver's working directory.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
+
+import torch
 
 from stylear_core.config import option, parse_job_args, to_dict
 from stylear_core.ray_connection import connect_ray
@@ -89,6 +92,20 @@ def skipped_summary(directory: str | Path) -> dict[str, Any]:
     return {**(read_manifest(directory) or {}).get("summary", {}), "status": "skipped"}
 
 
+def threads_note() -> str:
+    """How many threads torch computes on in this process, with a hint when that is one of several cores.
+
+    Ray starts a job's entrypoint with ``OMP_NUM_THREADS=1`` unless it reserves CPUs
+    (``ray job submit --entrypoint-num-cpus N``); a stage that trains or samples in its own process
+    (the miniature world, evaluation) then runs on one core.
+    """
+    threads, cores = torch.get_num_threads(), len(os.sched_getaffinity(0))
+    note = f"torch threads in this process: {threads} of {cores} cores"
+    if threads == 1 and cores > 1:
+        note += " (a Ray job's entrypoint gets one unless submitted with --entrypoint-num-cpus N)"
+    return note
+
+
 def run_stage(
     config_cls: type[C],
     run: Callable[[C], Mapping[str, Any]],
@@ -116,6 +133,7 @@ def run_stage(
         print(f"[{name}] {out}: complete, skipped", flush=True)
         return on_skip(summary) if on_skip else summary
     connect_ray(cfg.ray_address, log_prefix=f"[{name}]")
+    print(f"[{name}] {threads_note()}", flush=True)
     summary = dict(run(cfg))
     if not writes_manifest:
         write_manifest(out, fmt, status="complete", config=to_dict(cfg), summary=summary)
@@ -131,4 +149,5 @@ __all__ = [
     "resolve_run_path",
     "run_stage",
     "skipped_summary",
+    "threads_note",
 ]

@@ -48,7 +48,8 @@ def pipeline_overrides(run_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def submitted(tmp_path_factory):
-    """The pipeline submitted to a private cluster and its export served: ``(run_dir, status, logs, demo)``."""
+    """The pipeline submitted to a private cluster and its export served: ``(run_dir, status, logs,
+    demo, threads)``, where ``threads`` maps reserved entrypoint CPUs to what a job of them logs."""
     run_dir = tmp_path_factory.mktemp("submitted") / "run"
     env = {**os.environ, **project_env()}
     env.pop("RAY_ADDRESS", None)
@@ -68,13 +69,25 @@ def submitted(tmp_path_factory):
                 "--run-dir", str(run_dir), "--requests", "1",
             ]  # fmt: skip
             demo = subprocess.run(serve, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        threads = {cpus: entrypoint_threads(cluster, cpus) for cpus in (0, 2)}
     finally:
         cluster.stop()
-    yield run_dir, status, logs, demo
+    yield run_dir, status, logs, demo, threads
+
+
+def entrypoint_threads(cluster, cpus: int) -> str:
+    """What a stage logs of its torch threads when submitted with ``cpus`` reserved (0: none)."""
+    from ray.job_submission import JobSubmissionClient
+
+    submission_id = f"stylear-threads-{cpus}-{os.getpid()}"
+    note = "from stylear_core.stages import threads_note; print(threads_note())"
+    submit_job(cluster, ["python", "-c", note], submission_id, entrypoint_cpus=cpus)
+    assert wait_for_job(cluster, submission_id, 300) == "SUCCEEDED"
+    return JobSubmissionClient(cluster.dashboard_url).get_job_logs(submission_id)
 
 
 def test_the_submitted_pipeline_succeeds_and_completes_every_stage(submitted):
-    run_dir, status, logs, _ = submitted
+    run_dir, status, logs, _, _ = submitted
     assert status == "SUCCEEDED", logs[-6000:]
     pipeline = read_manifest(run_dir)
     assert pipeline["status"] == "complete" and set(pipeline["stages"]) == set(STAGES)
@@ -84,7 +97,7 @@ def test_the_submitted_pipeline_succeeds_and_completes_every_stage(submitted):
 
 
 def test_the_stages_leave_their_documented_outputs(submitted):
-    run_dir, status, _, _ = submitted
+    run_dir, status, _, _, _ = submitted
     assert status == "SUCCEEDED"
     for table, version in (("curated", "stylear.curated/2"), ("tokens", "stylear.token_shards/2")):
         files = sorted((run_dir / "curate" / table).glob("*.parquet"))
@@ -109,7 +122,7 @@ def test_the_stages_leave_their_documented_outputs(submitted):
 
 
 def test_the_exported_adapter_is_served_over_http_and_reported(submitted):
-    run_dir, status, _, demo = submitted
+    run_dir, status, _, demo, _ = submitted
     assert status == "SUCCEEDED" and demo is not None
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     served = json.loads((run_dir / "served" / "responses.json").read_text())
@@ -122,3 +135,11 @@ def test_the_exported_adapter_is_served_over_http_and_reported(submitted):
     assert served["stats"]["adapter_loads"] == {"stylear-tiny": 1}
     report = (run_dir / "report.html").read_text()
     assert "Served over HTTP" in report and "Style evaluation" in report and "curves_train_dpo.png" in report
+
+
+def test_reserved_entrypoint_cpus_become_the_stages_torch_threads(submitted):
+    # Ray starts an entrypoint that reserves no CPUs with OMP_NUM_THREADS=1: a stage that trains in its
+    # own process (the miniature world) then uses one core, and its log says how to reserve more.
+    threads = submitted[4]
+    assert "torch threads in this process: 1 of" in threads[0] and "--entrypoint-num-cpus" in threads[0]
+    assert "torch threads in this process: 2 of" in threads[2], threads[2]

@@ -73,8 +73,9 @@ def _train_controller_for_tiny_runs(monkeypatch):
 
 @contextmanager
 def job_driver_threads():
-    """Torch threads as a job's driver has them (every core), not the suite's one: the world's VQGAN, CLIP
-    and judges train in the stage's own process, and their convolutions use both cores."""
+    """Torch threads as the demo's pipeline job has them (every core, reserved with
+    ``--entrypoint-num-cpus``), not the suite's one: the world's VQGAN, CLIP and judges train in the
+    stage's own process, and their convolutions use both cores."""
     before = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
