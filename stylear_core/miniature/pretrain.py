@@ -153,9 +153,12 @@ def save_base(adapter_dir: Path, model: ModelConfig, target: Path) -> None:
 
 def publish(paths: WorldPaths, base_dir: Path, target: Path) -> ModelConfig:
     """Copy the world's parts and the base into ``target`` (the stage's ``model/``), where the later stages'
-    model blocks point (``{run_dir}/pretrain/model/...``); returns that ``mini`` model block."""
+    model blocks point (``{run_dir}/pretrain/model/...``); returns that ``mini`` model block. A world
+    with subjects also publishes its subject judge and diffusion supervisor, which ``proxy_arms`` reads."""
     target.mkdir(parents=True, exist_ok=True)
-    for source in (paths.vqgan_ckpt, paths.vqgan_yaml, paths.clip, paths.judges, paths.report):
+    parts = [paths.vqgan_ckpt, paths.vqgan_yaml, paths.clip, paths.judges, paths.report]
+    parts += [part for part in (paths.subject_judge, paths.supervisor) if part.exists()]
+    for source in parts:
         shutil.copy2(source, target / source.name)
     shutil.rmtree(target / "base", ignore_errors=True)
     shutil.copytree(base_dir, target / "base")

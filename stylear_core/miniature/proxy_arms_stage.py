@@ -1,7 +1,8 @@
 """The ``proxy_arms`` stage: Proxy-Tuning's three arms measured in the miniature world, with a report.
 
-Takes the pretrain stage's manifest (the world with subjects and the base model; ``jobs/configs/pretrain/
-proxy.yaml``) and one or more subject sets (one subject, and several tuned into one model). Each set runs
+Takes the pretrain stage's manifest (the base model) and the world it published under ``<pretrain>/model/``
+(a world with subjects: ``jobs/configs/pretrain/proxy.yaml``; its cache is not read), and one or more
+subject sets (one subject, and several tuned into one model). Each set runs
 :func:`~stylear_core.miniature.proxy_arms.run_arms` in its own Ray task. Gives
 ``<output_dir>/results.json`` (per set, per arm: fidelity, fidelity at the prompt's place, at places no
 instance view showed, the other object), ``<output_dir>/<set>.png`` (a row per arm, the first prompts),
@@ -127,7 +128,7 @@ def run_proxy_arms(cfg: ProxyArmsStageConfig) -> dict[str, Any]:
     if pretrain is None:
         raise ValueError(f"no pretrain manifest in {cfg.path(cfg.pretrain)}: run jobs.pretrain first")
     summary = pretrain.get("summary", pretrain)
-    world_dir = summary["world"]
+    world_dir = str(Path(cfg.path(cfg.pretrain)) / "model")  # the parts the stage published
     model = from_dict(ModelConfig, summary["model"])
     world = json.loads(WorldPaths(Path(world_dir)).report.read_text())
     if "subjects" not in world:

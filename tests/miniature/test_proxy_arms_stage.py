@@ -5,6 +5,7 @@ full world; see the README's Proxy-Tuning section.)"""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -55,6 +56,8 @@ def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_p
     pretrain.main(
         ["--config", "jobs/configs/pretrain/proxy.yaml", *run, f"output_dir={tmp_path}/pretrain", *world]
     )
+    # The stage reads the world the pretrain stage published, not its cache (which may live elsewhere).
+    shutil.rmtree(tmp_path / ".cache")
     summary = proxy_arms.main(
         ["--config", "jobs/configs/proxy_arms/mini.yaml", *run, "subject_sets=[[robot],[robot,cat]]", *ARMS]
     )
@@ -84,14 +87,10 @@ def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_p
 
 
 def test_the_stage_refuses_a_world_without_subjects(tmp_path):
-    manifest = {
-        "status": "complete",
-        "summary": {"world": str(tmp_path / "world"), "model": {"preset": "mini"}},
-    }
-    (tmp_path / "pretrain").mkdir()
+    manifest = {"status": "complete", "summary": {"model": {"preset": "mini"}}}
+    (tmp_path / "pretrain" / "model").mkdir(parents=True)
     (tmp_path / "pretrain" / "manifest.json").write_text(json.dumps(manifest))
-    (tmp_path / "world").mkdir()
-    (tmp_path / "world" / "world.json").write_text(json.dumps({"vqgan": {}}))
+    (tmp_path / "pretrain" / "model" / "world.json").write_text(json.dumps({"vqgan": {}}))
     with pytest.raises(ValueError, match="no subjects"):
         proxy_arms.main(
             ["--config", "jobs/configs/proxy_arms/mini.yaml", f"run_dir={tmp_path}", "ray_address=local"]
