@@ -369,6 +369,21 @@ class TrainingOutcome:
     metrics_log: Path
 
 
+def data_cpu_shortfall(cluster: RayTrainConfig) -> str | None:
+    """Why training would wait for CPUs now, or ``None``: the Train workers reserve their CPUs, and Ray
+    Data's reads of the shards need at least one more; on a cluster without them (a 2-CPU local head with
+    2-CPU workers) training waits until the cluster grows, which on a fixed cluster is forever."""
+    wanted = cluster.num_workers * cluster.worker.cpus + 1
+    free = ray.available_resources().get("CPU", 0.0)
+    if free >= wanted:
+        return None
+    return (
+        f"the Train workers reserve {cluster.num_workers} x {cluster.worker.cpus} CPU and Ray Data's reads "
+        f"need 1 more, but {free:g} CPU are free now: training waits until the cluster has {wanted:g} free "
+        "(lower ray.worker.cpus, or give the cluster more CPUs)"
+    )
+
+
 def run_training(
     objective: Any,
     train: TrainLoopConfig,
@@ -388,6 +403,8 @@ def run_training(
     storage = cluster.storage_path or str(output_dir / "checkpoints")
     metrics_log = output_dir / METRICS_LOG_NAME
     resources = cluster.resources_per_worker()
+    if shortfall := data_cpu_shortfall(cluster):
+        print(f"[{cluster.name}] warning: {shortfall}", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"objective": objective, "train": train, "use_gpu": cluster.use_gpu},
