@@ -124,11 +124,12 @@ def run_proxy_arms(cfg: ProxyArmsStageConfig) -> dict[str, Any]:
     """Every subject set's arms on Ray tasks; write results, grids and the report."""
     import ray
 
-    pretrain = read_manifest(Path(cfg.path(cfg.pretrain)))
+    pretrain_dir = Path(cfg.path(cfg.pretrain))
+    pretrain = read_manifest(pretrain_dir)
     if pretrain is None:
-        raise ValueError(f"no pretrain manifest in {cfg.path(cfg.pretrain)}: run jobs.pretrain first")
+        raise ValueError(f"no pretrain manifest in {pretrain_dir}: run jobs.pretrain first")
     summary = pretrain.get("summary", pretrain)
-    world_dir = str(Path(cfg.path(cfg.pretrain)) / "model")  # the parts the stage published
+    world_dir = str(pretrain_dir / "model")  # the parts the stage published
     model = from_dict(ModelConfig, summary["model"])
     world = json.loads(WorldPaths(Path(world_dir)).report.read_text())
     if "subjects" not in world:
