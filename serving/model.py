@@ -8,7 +8,9 @@ each is prepared (prompt, style tokens from its adapter's own resampler, conditi
 on a worker thread and submitted to the loop, which admits it into free rows at the next decode step,
 so a request arriving mid-decode joins the running batch instead of waiting for it to finish. The worker
 thread (:class:`~serving.batching.BatchingWorker`) takes what has queued up as one batch: style references
-through CLIP and the resampler together, finished images of one size through the VQGAN together.
+go through CLIP and the resampler together; finished images are VQ-decoded one by one, so a subject
+request's PNG is the same bytes for a seed whatever its batch neighbours (a style request's style tokens
+match its solo ones up to float rounding).
 
 Adapters: ``serve.multiplexed`` reads them (an LRU of ``max_adapters_per_replica``; Serve also uses the
 multiplexed id to route a request to a replica that holds its adapter), and their LoRA factors live in
@@ -468,22 +470,23 @@ class StyleARModelDeployment:
         return [p if isinstance(p, JobOutcome) else self._outcome_of(self._request_of, p) for p in parts]
 
     def _decode_batch(self, results: list[GenerationResult]) -> list[JobOutcome]:
-        """Finished requests -> PNG outcomes; the token grids of one layout are VQ-decoded as one batch."""
-        outcomes: list[JobOutcome | None] = [None] * len(results)
-        groups: dict[ImageTokenLayout, list[int]] = {}
-        for i, result in enumerate(results):
-            groups.setdefault(result.layout, []).append(i)
-        for layout, index in groups.items():
+        """Finished requests -> PNG outcomes, each token grid VQ-decoded on its own.
+
+        A batched convolution sums in another order than a single one, which moves a pixel by one grey
+        level now and then: decoding alone keeps a seed's PNG the same bytes whatever finished with it.
+        The VQ decode is a small fraction of a request's time (the backbone decodes token by token).
+        """
+        outcomes: list[JobOutcome] = []
+        for result in results:
             try:
-                tokens = torch.stack([results[i].tokens for i in index])
-                images = self.generator.decode(tokens, layout)
+                image = self.generator.decode(result.tokens[None], result.layout)[0]
             except Exception:
-                log.exception("VQ decoding %d images failed", len(index))
-                for i in index:
-                    outcomes[i] = self._fail(500, "internal error while decoding the image", None)
+                log.exception(
+                    "VQ decoding a %dx%d-code image failed", result.layout.h_latent, result.layout.w_latent
+                )
+                outcomes.append(self._fail(500, "internal error while decoding the image", None))
                 continue
-            for i, image in zip(index, images):
-                outcomes[i] = JobOutcome(png=encode_png(image), seed=results[i].seed)
+            outcomes.append(JobOutcome(png=encode_png(image), seed=result.seed))
         return outcomes
 
     def _preview(self, handle: GenerationHandle, send: Callable[[int, str, int, int], None]) -> bool:

@@ -1,6 +1,7 @@
-"""A replica batches what queues up on its preparation thread: style references through CLIP and the
-resampler together, finished images of one size through the VQGAN together. A request gets the same
-style tokens and decoded pixels as alone, up to float rounding (a batched matmul sums in another order).
+"""A replica batches what queues up on its preparation thread: style references go through CLIP and the
+resampler together (a request gets its solo style tokens up to float rounding: a batched matmul sums in
+another order), finished images are handed over together and VQ-decoded one by one, so a request's PNG
+is the same bytes as alone.
 
 The model class is built outside Serve (no HTTP); its served path ``generate`` runs on an event loop while
 the decode loop runs on its own thread, as in a replica. To make the queue form deterministically, the
@@ -105,7 +106,8 @@ def test_a_batch_gives_each_request_its_solo_style_tokens_and_pixels(model):
 
     gen = torch.Generator().manual_seed(0)
     results = []
-    for side, seed in [(32, 1), (64, 2), (32, 3), (32, 4)]:
+    # 16 images: batched convolutions would move some pixel of about 4 in 10 of them by a grey level.
+    for seed, side in enumerate([32, 64] + [32] * 14, start=1):
         layout = ImageTokenLayout.for_resolution(side, side, model.generator.vocab)
         codes = torch.randint(
             0, layout.vocab.codebook_size, (layout.h_latent, layout.w_latent), generator=gen
@@ -113,10 +115,8 @@ def test_a_batch_gives_each_request_its_solo_style_tokens_and_pixels(model):
         results.append(GenerationResult(tokens=layout.encode(codes), layout=layout, seed=seed))
     solo = [model._decode_batch([r])[0] for r in results]
     batched = model._decode_batch(results)
-    assert [o.seed for o in batched] == [1, 2, 3, 4]
-    for a, b in zip(solo, batched):
-        pa, pb = (np.asarray(Image.open(io.BytesIO(o.png)), dtype=int) for o in (a, b))
-        assert pa.shape == pb.shape and np.abs(pa - pb).max() <= 1
+    assert [o.seed for o in batched] == list(range(1, 17))
+    assert [o.png for o in batched] == [o.png for o in solo]
     assert np.asarray(Image.open(io.BytesIO(batched[0].png))).std() > 0
 
 
