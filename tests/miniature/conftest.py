@@ -1,12 +1,14 @@
-"""Shared pieces of the miniature-world tests: Ray Train settings for small runs, the quality gates'
-cut-down world + SFT: the pipeline's own ``jobs.pretrain`` and ``jobs.train_style`` with fewer images
-and steps."""
+"""Shared pieces of the miniature-world tests: Ray Train settings for small runs, and the cut-down world
++ SFT (the pipeline's own ``jobs.pretrain`` and ``jobs.train_style`` with fewer images and steps), made
+once per session: the quality gates judge it, and the VQGAN and pretrain-stage tests read what it
+trained and published."""
 
 from __future__ import annotations
 
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -56,19 +58,24 @@ CUT_DOWN_WORLD = [
     "train.max_steps=300",
     "train.micro_batch_size=16",
     "train.checkpoint_every=300",
+    "train.log_every=20",
     "ray.worker.cpus=2",
     "eval.prompts=4",
 ]
 SFT = ["train.max_steps=300", "train.micro_batch_size=16", "train.checkpoint_every=300", "ray.worker.cpus=2"]
 
 
-@pytest.fixture(autouse=True)
-def _train_controller_for_tiny_runs(monkeypatch):
-    # Read by TorchTrainer.fit in this process and passed to its controller: reports every 0.5 s (tiny
-    # steps are far shorter than the 2 s default), no preemption watcher, and room for a slow start.
+def tiny_run_train_controller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read by TorchTrainer.fit in this process and passed to its controller: reports every
+    0.5 s (tiny steps are far shorter than the 2 s default), no preemption watcher, room for a slow start."""
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+
+
+@pytest.fixture(autouse=True)
+def _train_controller_for_tiny_runs(monkeypatch):
+    tiny_run_train_controller(monkeypatch)
 
 
 @contextmanager
@@ -84,17 +91,32 @@ def job_driver_threads():
         torch.set_num_threads(before)
 
 
-@pytest.fixture
-def cut_down_world(tmp_path: Path) -> dict[str, float]:
-    """The cut-down world and its SFT trained under ``tmp_path`` (``<tmp_path>/pretrain``,
-    ``<tmp_path>/train_style``); returns the seconds each took."""
+@dataclass
+class CutDownWorld:
+    """The cut-down world's run dir (``<run_dir>/pretrain``, ``<run_dir>/train_style``), the pretrain
+    stage's arguments and summary, and the seconds each stage took."""
+
+    run_dir: Path
+    pretrain_argv: list[str]
+    pretrain: dict
+    seconds: dict[str, float]
+
+
+@pytest.fixture(scope="session")
+def cut_down_world(tmp_path_factory, ray_session) -> CutDownWorld:
+    """The cut-down world and its SFT, trained once per session; tests only read it (a test that runs
+    a further stage writes that stage under ``run_dir`` too)."""
     from jobs import pretrain, train_style
 
-    run = [f"run_dir={tmp_path}"]
-    clock = time.perf_counter()
-    with job_driver_threads():
-        pretrain.main(["--config", "jobs/configs/pretrain/mini.yaml", *run, *CUT_DOWN_WORLD])
-    seconds = {"pretrain": time.perf_counter() - clock}
-    train_style.main(["--config", "jobs/configs/train_style/mini.yaml", *run, *SFT])
-    seconds["sft"] = time.perf_counter() - clock - seconds["pretrain"]
-    return seconds
+    run_dir = tmp_path_factory.mktemp("cut-down-world")
+    run = [f"run_dir={run_dir}"]
+    argv = ["--config", "jobs/configs/pretrain/mini.yaml", *run, *CUT_DOWN_WORLD]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        tiny_run_train_controller(monkeypatch)
+        clock = time.perf_counter()
+        with job_driver_threads():
+            summary = pretrain.main(argv)
+        seconds = {"pretrain": time.perf_counter() - clock}
+        train_style.main(["--config", "jobs/configs/train_style/mini.yaml", *run, *SFT])
+        seconds["sft"] = time.perf_counter() - clock - seconds["pretrain"]
+    return CutDownWorld(run_dir, argv, summary, seconds)

@@ -1,5 +1,6 @@
 """The pretrain stage on real Ray Train + DeepSpeed: the miniature world's base model trains, is published
-where the later stages' model blocks point, and a rerun reuses the cached world and base."""
+where the later stages' model blocks point, and a rerun reuses the cached world and base. The run read is
+the session's cut-down world (this folder's conftest), which the quality gates judge."""
 
 from __future__ import annotations
 
@@ -17,36 +18,14 @@ from stylear_core.training.metrics import read_metrics_log
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-SMALL = [
-    "data.rows=64",
-    "data.sft_rows=16",
-    "train.max_steps=24",
-    "train.micro_batch_size=8",
-    "train.checkpoint_every=12",
-    "train.log_every=4",
-    "train.optimizer.warmup_steps=2",
-    "ray.worker.cpus=1",
-    "eval.prompts=4",
-]
 
-
-def run(run_dir, world: list[str], *extra: str) -> dict:
-    argv = [
-        "--config",
-        "jobs/configs/pretrain/mini.yaml",
-        f"run_dir={run_dir}",
-        f"output_dir={run_dir}/pretrain",
-    ]
-    return pretrain.main([*argv, *world, *SMALL, *extra])
-
-
-def test_pretrain_trains_publishes_and_reuses_the_base(tmp_path, small_world):
-    summary = run(tmp_path, small_world)
-    assert summary["trained"]["steps"] == 24
+def test_pretrain_trains_publishes_and_reuses_the_base(cut_down_world):
+    run_dir, summary = cut_down_world.run_dir, cut_down_world.pretrain
+    assert summary["trained"]["steps"] == 300
     rows = read_metrics_log(summary["trained"]["metrics_log"])
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, (rows[0]["loss"], rows[-1]["loss"])
     model = from_dict(ModelConfig, summary["model"])
-    assert model.preset == "mini" and model.backbone_path.startswith(str(tmp_path / "pretrain" / "model"))
+    assert model.preset == "mini" and model.backbone_path.startswith(str(run_dir / "pretrain" / "model"))
     trained, vocab = build_backbone(model)
     random_init, _ = build_backbone(ModelConfig(preset="mini"))
     moved = [
@@ -56,17 +35,17 @@ def test_pretrain_trains_publishes_and_reuses_the_base(tmp_path, small_world):
     ]
     assert len(moved) > 0.9 * len(trained.state_dict())  # the whole backbone trained, not an adapter
     assert 0.0 <= summary["base_content_accuracy"] <= 1.0
-    world = json.loads((tmp_path / "pretrain" / "model" / "world.json").read_text())
+    world = json.loads((run_dir / "pretrain" / "model" / "world.json").read_text())
     assert world["vqgan"]["latent_side"] == 8
     # SFT rows for the next stage: style prompts with the model's 16 placeholders, the target image.
     table = pq.read_table(summary["sft_tokens"])
-    assert table.num_rows == 16 and set(table.column_names) >= {"prompt_ids", "image_tokens", "image"}
+    assert table.num_rows == 1000 and set(table.column_names) >= {"prompt_ids", "image_tokens", "image"}
     placeholder = vocab.style_placeholder
     assert all(ids.count(placeholder) == 16 for ids in table.column("prompt_ids").to_pylist())
     tokenizer = build_prompt_tokenizer(model, vocab)
     assert tokenizer.decode(table.column("prompt_ids")[0].as_py()).startswith("Generate an image")
-    # A forced rerun (a fresh stage dir, same cache) trains nothing: the world and the base are reused.
-    again = run(tmp_path, small_world, "force=true")
+    # The stage again into a fresh stage dir, same cache: it trains nothing, the world and base are reused.
+    again = pretrain.main([*cut_down_world.pretrain_argv, f"output_dir={run_dir}/pretrain-again"])
     assert again["trained"] == "reused" and again["base"] == summary["base"]
     assert again["base_content_accuracy"] == summary["base_content_accuracy"]
 

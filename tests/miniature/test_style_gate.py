@@ -13,7 +13,6 @@ held-out drawn and VQ-decoded images first, so a failure here is the method's an
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
@@ -28,9 +27,10 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 PALETTES = 6
 
 
-def test_sft_draws_the_palette_of_held_out_references(tmp_path, cut_down_world):
+def test_sft_draws_the_palette_of_held_out_references(cut_down_world):
     clock = time.perf_counter()
-    vq = load_vqgan(WorldPaths(Path(tmp_path) / "pretrain" / "model"))
+    run_dir = cut_down_world.run_dir
+    vq = load_vqgan(WorldPaths(run_dir / "pretrain" / "model"))
     judge = ColourPaletteJudge.fit(vq)
     drawn, _, styles = procedural_images(4242, 96)
     pixels = to_tensor(drawn)
@@ -43,14 +43,14 @@ def test_sft_draws_the_palette_of_held_out_references(tmp_path, cut_down_world):
     # Every held-out style three times (36 pairs); each reference shows another object elsewhere.
     cfg = WorldEvalConfig(prompts_per_style=3)
     pairs = held_out_pairs(cfg)
-    adapter = Path(tmp_path) / "train_style" / "adapter"
+    adapter = run_dir / "train_style" / "adapter"
     model = adapter_model_config(adapter, None)
     accuracy = {}
     for name, adapter_dir in (("base", None), ("sft", adapter)):
         images = generate_variant(model, adapter_dir, pairs, cfg.sampling, cfg.seed)
         right = judge.correct(to_tensor(images), [p.style for p in pairs])
         accuracy[name] = right.float().mean().item()
-    t_pretrain, t_sft = cut_down_world["pretrain"], cut_down_world["sft"]
+    t_pretrain, t_sft = cut_down_world.seconds["pretrain"], cut_down_world.seconds["sft"]
     t_all = t_pretrain + t_sft + time.perf_counter() - clock
     print(
         f"palette judge: raw {on_raw:.2f}, decoded {on_decoded:.2f}; palette accuracy on {len(pairs)} "

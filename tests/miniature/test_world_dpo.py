@@ -2,8 +2,8 @@
 styles only), then DPO of the SFT on them, draws the palette of held-out references at least as often
 as the SFT does, judged as the style gate judges (:class:`ColourPaletteJudge` on the same held-out pairs).
 
-The world and the SFT are trained fresh here as in ``test_style_gate`` (``cut_down_world``, this folder's
-conftest); the preference and DPO stages
+The world and the SFT are the style gate's (``cut_down_world``, this folder's conftest); the preference
+and DPO stages
 are the demo's (``jobs/configs/make_preferences/mini.yaml``, ``jobs/configs/train_dpo/mini.yaml``).
 """
 
@@ -24,8 +24,9 @@ from stylear_core.miniature.world import WorldPaths, load_vqgan
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
 
-def test_dpo_on_palette_ranked_pairs_keeps_or_beats_the_sfts_palette_accuracy(tmp_path, cut_down_world):
-    run = [f"run_dir={tmp_path}"]
+def test_dpo_on_palette_ranked_pairs_keeps_or_beats_the_sfts_palette_accuracy(cut_down_world):
+    run_dir = cut_down_world.run_dir
+    run = [f"run_dir={run_dir}"]
     clock = time.perf_counter()
     prefs = make_preferences.main(["--config", "jobs/configs/make_preferences/mini.yaml", *run])
     dpo = train_dpo.main(["--config", "jobs/configs/train_dpo/mini.yaml", *run])
@@ -35,8 +36,8 @@ def test_dpo_on_palette_ranked_pairs_keeps_or_beats_the_sfts_palette_accuracy(tm
     assert prefs["mean_chosen_score"] > prefs["mean_rejected_score"] + 0.1, prefs
     assert dpo["reference_logps"] == "cached" and dpo["reward_margin"] > 0, dpo
 
-    judge = ColourPaletteJudge.fit(load_vqgan(WorldPaths(Path(tmp_path) / "pretrain" / "model")))
-    sft = Path(tmp_path) / "train_style" / "adapter"
+    judge = ColourPaletteJudge.fit(load_vqgan(WorldPaths(run_dir / "pretrain" / "model")))
+    sft = run_dir / "train_style" / "adapter"
     model = adapter_model_config(sft, None)
     accuracy: dict[str, list[float]] = {"sft": [], "dpo": []}
     # The style gate's 36 pairs (seed 11) and 36 others (seed 12): every held-out style 3 times each.
