@@ -3,6 +3,11 @@
 Each scenario runs in its own process (``tests/cluster/fault_scenarios.py``) with its own cluster on
 127.0.0.1 -- a head and two worker nodes with small object stores -- so it never meets the test
 session's ``ray.init``; the tests assert on what the scenario observed and left on disk.
+
+Node loss takes about three minutes on a 2-core machine (three simulated nodes, a worker group
+restarted on the replacement node), so it runs with ``make test-all``; the default run keeps training's
+own fault paths (``tests/training/test_train_style.py``: an injected worker failure that Ray Train
+restarts from the checkpoint, and a killed ZeRO-3 run resumed by starting it again).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from cluster.local import project_env
 
@@ -36,6 +42,7 @@ def run_scenario(name: str, work: Path, timeout_s: float = 900) -> dict:
     return result
 
 
+@pytest.mark.slow
 def test_training_survives_losing_a_node_and_resumes_from_its_checkpoint(tmp_path):
     r = run_scenario("training_node_loss", tmp_path)
     worker_nodes = set(r["worker_node_ids"])
