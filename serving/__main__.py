@@ -4,10 +4,11 @@
     python -m serving --port 8100 adapters_root=runs/adapters
     python -m serving --config serving/configs/lumina7b.yaml
     python -m serving --no-autoscaling                 # one replica of each deployment, fixed
+    python -m serving --serve-config my_serve.yaml     # another policy file of the same shape
 
-The deployments run with the Ray Serve options of ``serving/serve_config.yaml`` (the autoscaling
-policy, ``max_ongoing_requests``, health checks, graceful shutdown), read from that file so a local
-run scales as production does. Only resources are fitted to this machine: a model replica asks for
+The deployments run with the Ray Serve options of ``serving/serve_config.yaml`` (or ``--serve-config``:
+the autoscaling policy, ``max_ongoing_requests``, health checks, graceful shutdown), read from that
+file so a local run scales as production does. Only resources are fitted to this machine: a model replica asks for
 ``torch_threads`` CPUs (at least one) and a GPU only when the model runs on CUDA, and the model's
 ``max_replicas`` is capped at what ``--num-cpus`` (and the GPUs) can hold.
 
@@ -117,10 +118,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--num-cpus", type=int, default=4, help="CPUs the local Ray instance offers")
     parser.add_argument(
+        "--serve-config",
+        type=Path,
+        default=SERVE_CONFIG,
+        help=f"Ray Serve config whose deployment options (replicas, autoscaling, queues) apply (default {SERVE_CONFIG.name})",
+    )
+    parser.add_argument(
         "--no-autoscaling",
         dest="autoscaling",
         action="store_false",
-        help=f"one fixed replica per deployment instead of {SERVE_CONFIG.name}'s autoscaling policy",
+        help="one fixed replica per deployment instead of the serve config's autoscaling policy",
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. adapters_root=runs/adapters")
     args = parser.parse_args(argv)
@@ -128,10 +135,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     app_args = {"config_file": str(args.config), "overrides": list(args.overrides)}
     num_gpus = torch.cuda.device_count()
     options = deployment_options(
-        serving_config(app_args), autoscaling=args.autoscaling, num_cpus=args.num_cpus, num_gpus=num_gpus
+        serving_config(app_args),
+        autoscaling=args.autoscaling,
+        num_cpus=args.num_cpus,
+        num_gpus=num_gpus,
+        serve_config=args.serve_config,
     )
     application = build_app(app_args, ingress_options=options[INGRESS], model_options=options[MODEL])
-    http_timeout = yaml.safe_load(SERVE_CONFIG.read_text()).get("http_options", {}).get("request_timeout_s")
+    http_timeout = (
+        yaml.safe_load(args.serve_config.read_text()).get("http_options", {}).get("request_timeout_s")
+    )
     temp_dir = short_temp_dir("sar-serve-")
     _stop_on_sigterm()
     try:

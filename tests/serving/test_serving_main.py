@@ -19,10 +19,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from PIL import Image
 
 from cluster.local import free_port
-from serving.__main__ import INGRESS, MODEL, deployment_options, serve_config_deployments
+from serving.__main__ import INGRESS, MODEL, SERVE_CONFIG, deployment_options, serve_config_deployments
 from serving.app import serving_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -201,11 +202,18 @@ async def _load_until_second_replica(
 
 
 def test_python_m_serving_autoscales_and_stops_cleanly_on_sigterm(tmp_path):
-    service = LocalService(tmp_path / "serving.log", "torch_threads=1")
+    # The production policy file with the model's upscale delay cut from 30 s to 5 s (a test of the
+    # policy's mechanism, not of its patience), passed as an operator would pass their own.
+    spec = yaml.safe_load(SERVE_CONFIG.read_text())
+    (model,) = [d for d in spec["applications"][0]["deployments"] if d["name"] == MODEL]
+    assert model["autoscaling_config"]["upscale_delay_s"] == 30
+    model["autoscaling_config"]["upscale_delay_s"] = 5
+    policy = tmp_path / "serve_config.yaml"
+    policy.write_text(yaml.safe_dump(spec))
+    service = LocalService(tmp_path / "serving.log", "--serve-config", str(policy), "torch_threads=1")
     try:
         service.wait_healthy()
         # 24 requests in flight against a target of 16 per model replica: the policy asks for a second.
-        # (upscale_delay_s is 30 s, so this takes about a minute.)
         seconds, codes = asyncio.run(_load_until_second_replica(service.url, clients=24, timeout_s=180))
         assert set(codes) == {200}, codes
         print(f"second model replica answered {seconds:.1f} s into the load")
