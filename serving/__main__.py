@@ -8,9 +8,9 @@
 
 The deployments run with the Ray Serve options of ``serving/serve_config.yaml`` (or ``--serve-config``:
 the autoscaling policy, ``max_ongoing_requests``, health checks, graceful shutdown), read from that
-file so a local run scales as production does. Only resources are fitted to this machine: a model replica asks for
-``torch_threads`` CPUs (at least one) and a GPU only when the model runs on CUDA, and the model's
-``max_replicas`` is capped at what ``--num-cpus`` (and the GPUs) can hold.
+file so a local run scales as production does. Only resources are fitted to this machine: a model
+replica asks for ``torch_threads`` CPUs (at least one) and a GPU only when the model runs on CUDA, and
+the model's ``max_replicas`` is capped at what ``--num-cpus`` (and the GPUs) can hold.
 
 Ctrl-C and SIGTERM (what docker, systemd and Kubernetes send) stop it the same way: Ray Serve, then
 every process of the Ray instance it started, exit status 0. The Ray instance lives in its own

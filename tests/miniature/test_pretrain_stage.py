@@ -45,9 +45,12 @@ def test_pretrain_trains_publishes_and_reuses_the_base(cut_down_world):
     tokenizer = build_prompt_tokenizer(model, vocab)
     assert tokenizer.decode(table.column("prompt_ids")[0].as_py()).startswith("Generate an image")
     # The stage again into a fresh stage dir, same cache: it trains nothing, the world and base are reused.
-    again = pretrain.main([*cut_down_world.pretrain_argv, f"output_dir={run_dir}/pretrain-again"])
-    assert again["trained"] == "reused" and again["base"] == summary["base"]
-    assert again["base_content_accuracy"] == summary["base_content_accuracy"]
+    # Then forced over that dir's complete manifest: it runs again (not skipped), still reusing them.
+    again_argv = [*cut_down_world.pretrain_argv, f"output_dir={run_dir}/pretrain-again"]
+    for again in (pretrain.main(again_argv), pretrain.main([*again_argv, "force=true"])):
+        assert "status" not in again, again  # run, not skipped
+        assert again["trained"] == "reused" and again["base"] == summary["base"]
+        assert again["base_content_accuracy"] == summary["base_content_accuracy"]
 
 
 def test_classmate_rows_join_the_pretraining_pairs_and_only_then_change_the_base_key(tmp_path):

@@ -53,7 +53,7 @@ def test_vqgan_training_turns_noise_into_reconstructions(cut_down_world):
 
     _, weights = _random_images(0, 64, "test-train")
     assert 1.0 < float(weights.mean()) < 4.0  # objects weigh more than the background
-    # The cut-down world's VQGAN (1000 + 300 steps on 512 images) against its random initialisation.
+    # The cut-down world's VQGAN (this folder's conftest) against its random initialisation.
     published = cut_down_world.run_dir / "pretrain" / "model"
     trained, untrained = load_vqgan(WorldPaths(published)), random_vqgan(mini_vqgan_config(), seed=0)
     held = to_tensor(procedural_images(4242, 32)[0])
