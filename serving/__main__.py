@@ -23,7 +23,7 @@ import argparse
 import copy
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,9 +40,13 @@ SERVE_CONFIG = Path(__file__).resolve().parent / "serve_config.yaml"
 MODEL, INGRESS = "StyleARModel", "StyleARIngress"
 
 
-def serve_config_deployments(path: Path = SERVE_CONFIG) -> dict[str, dict[str, Any]]:
-    """The ``deployments:`` options of the (single) application in a serve config, by deployment name."""
-    spec = yaml.safe_load(Path(path).read_text())
+def read_serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
+    """A Ray Serve config file (``serve_config.yaml``'s shape), parsed."""
+    return yaml.safe_load(Path(path).read_text())
+
+
+def serve_config_deployments(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``deployments:`` options of the (single) application in a parsed serve config, by deployment name."""
     (app,) = spec["applications"]
     return {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
 
@@ -53,14 +57,17 @@ def deployment_options(
     autoscaling: bool = True,
     num_cpus: int = 4,
     num_gpus: int = 0,
-    serve_config: Path = SERVE_CONFIG,
+    serve_config: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``.options(...)`` for each deployment of a local run: the serve config's, fitted to this machine.
 
     ``num_cpus``/``num_gpus`` are what the local Ray instance offers. With ``autoscaling=False`` each
-    deployment runs one fixed replica; everything else from the serve config is kept.
+    deployment runs one fixed replica; everything else from the serve config (parsed; default
+    ``serve_config.yaml``) is kept.
     """
-    options = copy.deepcopy(serve_config_deployments(serve_config))
+    options = copy.deepcopy(
+        serve_config_deployments(read_serve_config() if serve_config is None else serve_config)
+    )
     ingress, model = options.setdefault(INGRESS, {}), options.setdefault(MODEL, {})
     on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and num_gpus > 0)
     actor = model.setdefault("ray_actor_options", {})
@@ -134,17 +141,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     app_args = {"config_file": str(args.config), "overrides": list(args.overrides)}
     num_gpus = torch.cuda.device_count()
+    serve_config = read_serve_config(args.serve_config)
     options = deployment_options(
         serving_config(app_args),
         autoscaling=args.autoscaling,
         num_cpus=args.num_cpus,
         num_gpus=num_gpus,
-        serve_config=args.serve_config,
+        serve_config=serve_config,
     )
     application = build_app(app_args, ingress_options=options[INGRESS], model_options=options[MODEL])
-    http_timeout = (
-        yaml.safe_load(args.serve_config.read_text()).get("http_options", {}).get("request_timeout_s")
-    )
+    http_timeout = serve_config.get("http_options", {}).get("request_timeout_s")
     temp_dir = short_temp_dir("sar-serve-")
     _stop_on_sigterm()
     try:

@@ -23,7 +23,13 @@ import yaml
 from PIL import Image
 
 from cluster.local import free_port
-from serving.__main__ import INGRESS, MODEL, SERVE_CONFIG, deployment_options, serve_config_deployments
+from serving.__main__ import (
+    INGRESS,
+    MODEL,
+    deployment_options,
+    read_serve_config,
+    serve_config_deployments,
+)
 from serving.app import serving_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,7 +153,7 @@ class LocalService:
 
 def test_deployment_options_follow_the_serve_config():
     cfg = serving_config({"config_file": "serving/configs/tiny.yaml"})
-    production = serve_config_deployments()
+    production = serve_config_deployments(read_serve_config())
     options = deployment_options(cfg, num_cpus=4)
     for name in (INGRESS, MODEL):
         policy, local = production[name]["autoscaling_config"], options[name]["autoscaling_config"]
@@ -204,7 +210,7 @@ async def _load_until_second_replica(
 def test_python_m_serving_autoscales_and_stops_cleanly_on_sigterm(tmp_path):
     # The production policy file with the model's upscale delay cut from 30 s to 5 s (a test of the
     # policy's mechanism, not of its patience), passed as an operator would pass their own.
-    spec = yaml.safe_load(SERVE_CONFIG.read_text())
+    spec = read_serve_config()
     (model,) = [d for d in spec["applications"][0]["deployments"] if d["name"] == MODEL]
     assert model["autoscaling_config"]["upscale_delay_s"] == 30
     model["autoscaling_config"]["upscale_delay_s"] = 5
