@@ -73,13 +73,17 @@ class ProxyArmsConfig:
     subjects: list[str] = option(["robot"], "subjects tuned together into one supervisor and one AR adapter")
     views: int = option(4, "DreamBooth instance views per subject (3-6)")
     prompts_per_subject: int = option(
-        18, "held-out prompts per subject: every place twice, once beside an object"
+        54, "held-out prompts per subject: every place in turn, the second half beside an object"
     )
     dreambooth: DreamBoothConfig = option(
         DreamBoothConfig, "the supervisor's DreamBooth on the instance views"
     )
     guidance: float = option(3.0, "the supervisor's classifier-free guidance")
-    proxy_per_subject: int = option(96, "supervisor samples per subject before the subject judge's filter")
+    proxy_per_subject: int = option(
+        48,
+        "proxy images kept per subject: the supervisor draws for a subject until the filter kept this many",
+    )
+    proxy_draws_per_subject: int = option(768, "the most supervisor samples drawn per subject")
     augment_per_view: int = option(8, "augmented copies per instance view for arm (b) augmented")
     ar_steps: int = option(150, "AR tuning steps per arm")
     ar_batch_size: int = option(16, "AR tuning rows per step")
@@ -140,22 +144,29 @@ def score_subject_images(
 ) -> dict[str, float | None]:
     """``fidelity``: the share of images where the subject judge finds the prompt's subject (any cell);
     ``fidelity_at_place``: found at the prompt's place, and ``at_unseen_place``: the same over prompts at
-    places outside ``seen_places`` (the instance views'); ``other_object``: of the prompts that ask for a
-    world object too, the share where the content judge (``judges``) finds its kind at its place (None if
-    none ask, or without ``judges``)."""
+    places outside ``seen_places`` (the instance views'); ``fidelity_alone`` and ``fidelity_with_other``:
+    ``fidelity`` over the prompts with the subject alone and over those that ask for a world object too;
+    ``other_object``: of the latter, the share where the content judge (``judges``) finds the object's kind
+    at its place. A score over no prompts (or ``other_object`` without ``judges``) is None."""
     names = [s.subject for s in scenes]
     present = subject_judge.subject_present(pixels, names).float()
     at = subject_judge.subject_at(pixels, names, [s.position for s in scenes]).float()
     unseen = torch.tensor([s.position not in seen_places for s in scenes])
-    asked = [i for i, s in enumerate(scenes) if s.distractor is not None]
+    asked = torch.tensor([s.distractor is not None for s in scenes])
     other = None
-    if asked and judges is not None:
-        contents = [ContentSpec((scenes[i].distractor,)) for i in asked]
+    if asked.any() and judges is not None:
+        contents = [ContentSpec((s.distractor,)) for s in scenes if s.distractor is not None]
         other = float(judges.content_correct(pixels[asked], contents).float().mean())
+
+    def share(hits: torch.Tensor, where: torch.Tensor) -> float | None:
+        return float(hits[where].mean()) if where.any() else None
+
     return {
         "fidelity": float(present.mean()),
         "fidelity_at_place": float(at.mean()),
-        "at_unseen_place": float(at[unseen].mean()) if unseen.any() else None,
+        "at_unseen_place": share(at, unseen),
+        "fidelity_alone": share(present, ~asked),
+        "fidelity_with_other": share(present, asked),
         "other_object": other,
     }
 
@@ -175,17 +186,35 @@ def proxy_data(
     seed: int,
     guidance: float = 3.0,
     batch_size: int = 96,
-) -> tuple[list[tuple[str, Image.Image]], float]:
+    keep_per_subject: int | None = None,
+) -> tuple[list[tuple[SubjectScene, Image.Image]], float]:
     """The supervisor's samples for ``scenes``' prompts, kept where the subject judge finds the subject at
-    the prompt's place (Proxy-Tuning's filter); returns the kept ``(prompt, image)`` pairs and the kept share."""
-    kept: list[tuple[str, Image.Image]] = []
+    the prompt's place (Proxy-Tuning's filter); returns the kept ``(scene, image)`` pairs and the kept share
+    of the samples drawn.
+
+    With ``keep_per_subject``, each subject's scenes are drawn in order, a batch at a time, only until the
+    filter has kept that many of the subject (then cut to exactly that many, or fewer when its scenes run
+    out), so every subject gets its share of proxy data however well the supervisor draws it."""
+    kept: list[tuple[SubjectScene, Image.Image]] = []
+    per_subject: dict[str | None, int] = {}
+    drawn = 0
     for start in range(0, len(scenes), batch_size):
-        chunk = scenes[start : start + batch_size]
-        seeds = [seed * 100_000 + start + i for i in range(len(chunk))]
+        # Scene i is drawn with seed i however many scenes before it were skipped.
+        index = range(start, min(start + batch_size, len(scenes)))
+        if keep_per_subject is not None:
+            index = [i for i in index if per_subject.get(scenes[i].subject, 0) < keep_per_subject]
+            if not index:
+                continue
+        chunk = [scenes[i] for i in index]
+        seeds = [seed * 100_000 + i for i in index]
         pixels = supervisor.sample([s.prompt for s in chunk], seeds, guidance=guidance)
+        drawn += len(chunk)
         keep = subject_judge.subject_at(pixels, [s.subject for s in chunk], [s.position for s in chunk])
-        kept += [(s.prompt, image) for s, image, k in zip(chunk, to_pil(pixels), keep) if k]
-    return kept, len(kept) / max(1, len(scenes))
+        for scene, image, k in zip(chunk, to_pil(pixels), keep):
+            if k and (keep_per_subject is None or per_subject.get(scene.subject, 0) < keep_per_subject):
+                kept.append((scene, image))
+                per_subject[scene.subject] = per_subject.get(scene.subject, 0) + 1
+    return kept, len(kept) / max(1, drawn)
 
 
 def augmented_views(
@@ -286,14 +315,22 @@ def run_arms(
     tuned, db_stats = dreambooth(supervisor, views, config.dreambooth)
     images["a_supervisor"] = tuned.sample(prompts, seeds, guidance=config.guidance)
     log(f"proxy arms: supervisor tuned in {db_stats['seconds']:.0f} s")
-    proxy, kept_share = proxy_data(
+    kept, kept_share = proxy_data(
         tuned,
-        proxy_scenes(config.subjects, config.proxy_per_subject, config.seed),
+        proxy_scenes(config.subjects, config.proxy_draws_per_subject, config.seed),
         subject_judge,
         config.seed,
         config.guidance,
+        keep_per_subject=config.proxy_per_subject,
     )
-    log(f"proxy arms: {len(proxy)} proxy images kept ({kept_share:.2f})")
+    proxy = [(scene.prompt, image) for scene, image in kept]
+    per_subject = {name: sum(scene.subject == name for scene, _ in kept) for name in config.subjects}
+    # The supervisor rarely draws the subject beside another object, so few such proxies pass the filter.
+    with_other = sum(scene.distractor is not None for scene, _ in kept)
+    log(
+        f"proxy arms: {len(proxy)} proxy images kept ({kept_share:.2f} of those drawn) {per_subject},"
+        f" {with_other} beside another object"
+    )
     training = {
         "b_direct": views,
         "b_augmented": augmented_views(views, config.subjects, config.augment_per_view, config.seed),
@@ -322,6 +359,8 @@ def run_arms(
         "prompts": [s.prompt for s in scenes],
         "proxy_kept_share": kept_share,
         "proxy_rows": len(proxy),
+        "proxy_rows_with_other": with_other,
+        "proxy_rows_per_subject": per_subject,
         "dreambooth": db_stats,
         "ar_losses": losses,
         "seconds": time.perf_counter() - start,

@@ -5,7 +5,8 @@ Takes the pretrain stage's manifest (the base model) and the world it published 
 subject sets (one subject, and several tuned into one model). Each set runs
 :func:`~stylear_core.miniature.proxy_arms.run_arms` in its own Ray task. Gives
 ``<output_dir>/results.json`` (per set, per arm: fidelity, fidelity at the prompt's place, at places no
-instance view showed, the other object), ``<output_dir>/<set>.png`` (a row per arm, the first prompts),
+instance view showed, over prompts with the subject alone and with another object, the other object;
+the proxy images kept, per subject), ``<output_dir>/<set>.png`` (a row per arm, the first prompts),
 ``<output_dir>/report.html`` (the table, the judges' held-out accuracies and the images) and the manifest.
 """
 
@@ -76,8 +77,9 @@ def _report(sets: dict[str, dict], world: dict[str, Any], out: Path) -> str:
     parts = [
         "<h1>Proxy-Tuning in the miniature world</h1>",
         "<p>Subject fidelity: the subject judge finds the prompt's subject (anywhere / at the prompt's place /"
-        " at places no instance view showed). Other object: the content judge finds the prompt's other"
-        " object at its place. Held-out styles; every place; half the prompts with another object.</p>",
+        " at places no instance view showed / anywhere, over the prompts with the subject alone and over"
+        " those with another object). Other object: the content judge finds the prompt's other object at its"
+        " place. Held-out styles; every place; half the prompts with another object.</p>",
         "<h2>Judges on held-out images</h2>",
         table(
             ["judge", "figure"],
@@ -102,14 +104,30 @@ def _report(sets: dict[str, dict], world: dict[str, Any], out: Path) -> str:
                 r["fidelity"],
                 r["fidelity_at_place"],
                 r["at_unseen_place"],
+                r["fidelity_alone"],
+                r["fidelity_with_other"],
                 r["other_object"],
             ]
             for arm, r in result["results"].items()
         ]
         parts += [
             f"<h2>{esc(name)}: {len(result['prompts'])} prompts, {result['proxy_rows']} proxy images kept"
-            f" ({result['proxy_kept_share']:.2f})</h2>",
-            table(["arm", "fidelity", "at place", "at unseen places", "other object"], rows, 2),
+            f" ({result['proxy_kept_share']:.2f} of those drawn; per subject"
+            f" {', '.join(f'{k} {v}' for k, v in result['proxy_rows_per_subject'].items())}),"
+            f" {result['proxy_rows_with_other']} of them beside another object</h2>",
+            table(
+                [
+                    "arm",
+                    "fidelity",
+                    "at place",
+                    "at unseen places",
+                    "subject alone",
+                    "beside another object",
+                    "other object",
+                ],
+                rows,
+                2,
+            ),
             img(
                 f"{name}.png", "rows: " + " | ".join(ARM_TITLES.get(a, a) for a in result["results"]), 9 * 128
             ),

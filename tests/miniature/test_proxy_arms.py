@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import replace
+
+import pytest
 import torch
 
 from stylear_core.data.images import to_tensor
@@ -10,16 +14,26 @@ from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES
 from stylear_core.miniature.proxy_arms import (
     augmented_views,
     held_out_prompts,
+    proxy_data,
     proxy_scenes,
     score_subject_images,
 )
 from stylear_core.miniature.subjects import (
     INSTANCE_PLACES,
+    SubjectJudge,
     SubjectJudgeConfig,
+    SubjectScene,
     instance_scenes,
     render_subject_scene,
     train_subject_judge,
 )
+
+
+@pytest.fixture(scope="module")
+def subject_judge() -> SubjectJudge:
+    """The subject test's cut-down judge (about 10 s)."""
+    judge, _ = train_subject_judge(SubjectJudgeConfig(num_images=2000, steps=500, batch_size=32, width=16))
+    return judge
 
 
 def test_held_out_prompts_cover_every_place_in_held_out_styles_half_with_another_object():
@@ -42,12 +56,9 @@ def test_augmented_views_move_the_subject_but_keep_the_caption():
     assert len({image.tobytes() for _, image in augmented}) == 12
 
 
-def test_scores_read_the_subject_and_its_place_and_not_another_prompts():
-    # The subject test's cut-down judge (about 10 s). The content judge's "other object" score is the
-    # world judges' content_correct, tested with them; a cut-down content judge is too weak to read it.
-    subject_judge, _ = train_subject_judge(
-        SubjectJudgeConfig(num_images=2000, steps=500, batch_size=32, width=16)
-    )
+def test_scores_read_the_subject_and_its_place_and_not_another_prompts(subject_judge):
+    # The content judge's "other object" score is the world judges' content_correct, tested with them; a
+    # cut-down content judge is too weak to read it.
     judges = None
     scenes = held_out_prompts(["robot", "mushroom"], 18, seed=1)
     drawn = to_tensor([render_subject_scene(s) for s in scenes])
@@ -64,3 +75,52 @@ def test_scores_read_the_subject_and_its_place_and_not_another_prompts():
     # Noise has no subject.
     noise = torch.rand(drawn.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert score_subject_images(noise, scenes, subject_judge, judges)["fidelity"] < 0.2
+    # Noise in place of the images whose prompts ask for another object: the alone / with-other split
+    # reads each half on its own.
+    asked = torch.tensor([s.distractor is not None for s in scenes])
+    half = score_subject_images(
+        torch.where(asked[:, None, None, None], noise, drawn), scenes, subject_judge, judges
+    )
+    assert half["fidelity_alone"] > 0.8 and half["fidelity_with_other"] < 0.2, half
+    assert exact["fidelity_with_other"] > 0.8, exact
+    alone = [s for s in scenes if s.distractor is None]
+    assert score_subject_images(drawn[~asked], alone, subject_judge, judges)["fidelity_with_other"] is None
+
+
+class _ExactDrawer:
+    """Draws each prompt's scene exactly, as the supervisor's sample() is called, except that for odd seeds
+    the subject is moved to the opposite cell: samples the filter must reject. Counts what it drew."""
+
+    OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "center": "top left"}
+
+    def __init__(self, scenes: list[SubjectScene]):
+        self.scenes = {s.prompt: s for s in scenes}
+        self.drawn: list[str] = []
+
+    def sample(self, prompts, seeds, guidance):
+        out = []
+        for prompt, seed in zip(prompts, seeds):
+            scene = self.scenes[prompt]
+            if seed % 2:
+                words = scene.position.split()
+                scene = replace(scene, position=" ".join(self.OPPOSITE.get(w, w) for w in words))
+            out.append(render_subject_scene(scene))
+            self.drawn.append(scene.subject)
+        return to_tensor(out)
+
+
+def test_proxy_data_keeps_subjects_at_their_place_and_each_subjects_quota(subject_judge):
+    scenes = [s for s in proxy_scenes(["robot", "cat"], 48, seed=0) if s.position != "center"]
+    drawer = _ExactDrawer(scenes)
+    # Without a quota: every scene is drawn, and the moved half is filtered out.
+    kept, share = proxy_data(drawer, scenes, subject_judge, seed=0, batch_size=8)
+    assert len(drawer.drawn) == len(scenes)
+    assert 0.35 < share < 0.6, share
+    images = to_tensor([image for _, image in kept])
+    assert subject_judge.subject_at(images, [s.subject for s, _ in kept], [s.position for s, _ in kept]).all()
+    # With a quota of 6 per subject: each subject's scenes are drawn only until 6 are kept.
+    drawer = _ExactDrawer(scenes)
+    kept, share = proxy_data(drawer, scenes, subject_judge, seed=0, batch_size=8, keep_per_subject=6)
+    assert Counter(s.subject for s, _ in kept) == {"robot": 6, "cat": 6}
+    assert Counter(drawer.drawn)["robot"] < len(scenes) / 2 and Counter(drawer.drawn)["cat"] < len(scenes) / 2
+    assert share == pytest.approx(12 / len(drawer.drawn))

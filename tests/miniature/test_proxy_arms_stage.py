@@ -42,7 +42,8 @@ ARMS = [
     "arms.prompts_per_subject=9",
     "arms.dreambooth.steps=10",
     "arms.dreambooth.prior_rows=32",
-    "arms.proxy_per_subject=18",
+    "arms.proxy_per_subject=6",
+    "arms.proxy_draws_per_subject=18",
     "arms.ar_steps=4",
     "arms.ar_batch_size=4",
     "arms.lora_rank=4",
@@ -73,7 +74,16 @@ def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_p
         assert len(result["prompts"]) == 9 * len(name.split("+"))
         for scores in result["results"].values():
             assert 0.0 <= scores["fidelity_at_place"] <= scores["fidelity"] <= 1.0
-            assert scores["other_object"] is not None  # half the prompts ask for another object
+            # Half the prompts ask for another object, half show the subject alone.
+            assert None not in (
+                scores["other_object"],
+                scores["fidelity_alone"],
+                scores["fidelity_with_other"],
+            )
+        assert 0 <= result["proxy_rows_with_other"] <= kept
+        assert set(result["proxy_rows_per_subject"]) == set(name.split("+"))
+        assert sum(result["proxy_rows_per_subject"].values()) == kept
+        assert all(0 <= n <= 6 for n in result["proxy_rows_per_subject"].values())
         grid = Image.open(out / f"{name}.png")
         assert grid.height == len(expected) * 128 and grid.width == 9 * 128
     report = (out / "report.html").read_text()
