@@ -85,7 +85,7 @@ class ProxyArmsConfig:
     )
     proxy_draws_per_subject: int = option(768, "the most supervisor samples drawn per subject")
     augment_per_view: int = option(8, "augmented copies per instance view for arm (b) augmented")
-    ar_steps: int = option(150, "AR tuning steps per arm")
+    ar_steps: int = option(50, "AR tuning steps per arm (longer memorised the proxies: README)")
     ar_batch_size: int = option(16, "AR tuning rows per step")
     ar_lr: float = option(2e-3, "AR tuning learning rate (AdamW, constant)")
     lora_rank: int = option(32, "the AR arms' LoRA rank (alpha = rank)")
