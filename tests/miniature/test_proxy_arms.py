@@ -89,9 +89,10 @@ def test_scores_read_the_subject_and_its_place_and_not_another_prompts(subject_j
 
 class _ExactDrawer:
     """Draws each prompt's scene exactly, as the supervisor's sample() is called, except that for odd seeds
-    the subject is moved to the opposite cell: samples the filter must reject. Counts what it drew."""
+    the subject is moved to the opposite cell (scenes in the center have none): samples the filter must
+    reject. Counts what it drew."""
 
-    OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "center": "top left"}
+    OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 
     def __init__(self, scenes: list[SubjectScene]):
         self.scenes = {s.prompt: s for s in scenes}
