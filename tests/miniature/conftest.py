@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from stylear_core.miniature.subjects import SubjectJudge, SubjectJudgeConfig, train_subject_judge
+
 # The smallest world the pretrain stage makes (seconds per part): for tests of plumbing, not quality.
 SMALL_WORLD = [
     "world.vq_images=64",
@@ -63,6 +65,20 @@ CUT_DOWN_WORLD = [
     "eval.prompts=4",
 ]
 SFT = ["train.max_steps=300", "train.micro_batch_size=16", "train.checkpoint_every=300", "ray.worker.cpus=2"]
+
+
+@pytest.fixture(scope="session")
+def cut_down_subject_judge_config() -> SubjectJudgeConfig:
+    """The subject judge at about 10 s of training on one core (the full config is SubjectJudgeConfig())."""
+    return SubjectJudgeConfig(num_images=2000, steps=500, batch_size=32, width=16)
+
+
+@pytest.fixture(scope="session")
+def cut_down_subject_judge(cut_down_subject_judge_config) -> SubjectJudge:
+    """A subject judge of :func:`cut_down_subject_judge_config`, trained once per session (seeded by its
+    config); tests only read it."""
+    judge, _ = train_subject_judge(cut_down_subject_judge_config)
+    return judge
 
 
 def tiny_run_train_controller(monkeypatch: pytest.MonkeyPatch) -> None:

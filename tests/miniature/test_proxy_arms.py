@@ -20,20 +20,10 @@ from stylear_core.miniature.proxy_arms import (
 )
 from stylear_core.miniature.subjects import (
     INSTANCE_PLACES,
-    SubjectJudge,
-    SubjectJudgeConfig,
     SubjectScene,
     instance_scenes,
     render_subject_scene,
-    train_subject_judge,
 )
-
-
-@pytest.fixture(scope="module")
-def subject_judge() -> SubjectJudge:
-    """The subject test's cut-down judge (about 10 s)."""
-    judge, _ = train_subject_judge(SubjectJudgeConfig(num_images=2000, steps=500, batch_size=32, width=16))
-    return judge
 
 
 def test_held_out_prompts_cover_every_place_in_held_out_styles_half_with_another_object():
@@ -56,7 +46,8 @@ def test_augmented_views_move_the_subject_but_keep_the_caption():
     assert len({image.tobytes() for _, image in augmented}) == 12
 
 
-def test_scores_read_the_subject_and_its_place_and_not_another_prompts(subject_judge):
+def test_scores_read_the_subject_and_its_place_and_not_another_prompts(cut_down_subject_judge):
+    subject_judge = cut_down_subject_judge
     # The content judge's "other object" score is the world judges' content_correct, tested with them; a
     # cut-down content judge is too weak to read it.
     judges = None
@@ -110,7 +101,8 @@ class _ExactDrawer:
         return to_tensor(out)
 
 
-def test_proxy_data_keeps_subjects_at_their_place_and_each_subjects_quota(subject_judge):
+def test_proxy_data_keeps_subjects_at_their_place_and_each_subjects_quota(cut_down_subject_judge):
+    subject_judge = cut_down_subject_judge
     scenes = [s for s in proxy_scenes(["robot", "cat"], 48, seed=0) if s.position != "center"]
     drawer = _ExactDrawer(scenes)
     # Without a quota: every scene is drawn, and the moved half is filtered out.

@@ -16,7 +16,6 @@ from stylear_core.miniature.subjects import (
     INSTANCE_PLACES,
     NO_SUBJECT,
     SCALE_RANGE,
-    SubjectJudgeConfig,
     SubjectScene,
     cell_center,
     classmate_colours,
@@ -123,12 +122,10 @@ def test_instance_views_put_the_subject_where_their_prompts_say():
         assert int(xs.mean() // (64 / 3)) == col and int(ys.mean() // (64 / 3)) == row, place
 
 
-# About 10 s of training per judge on one core; the full config is SubjectJudgeConfig().
-CUT_DOWN = dict(num_images=2000, steps=500, batch_size=32, width=16)
-
-
-def test_cut_down_judge_reads_subjects_on_held_out_scenes_and_a_shuffled_one_does_not():
-    judge, stats = train_subject_judge(SubjectJudgeConfig(**CUT_DOWN))
+def test_cut_down_judge_reads_subjects_on_held_out_scenes_and_a_shuffled_one_does_not(
+    cut_down_subject_judge, cut_down_subject_judge_config
+):
+    judge = cut_down_subject_judge
     accuracy = subject_judge_accuracy(judge, seed=1, count=256)
     chance_identity, chance_cell = 1 / len(SUBJECT_NAMES), 1 / 9
     # Chance is 1/6 for the identity and 1/9 for the cell; this config measured 0.97 at the cell (0.88
@@ -150,7 +147,7 @@ def test_cut_down_judge_reads_subjects_on_held_out_scenes_and_a_shuffled_one_doe
     off = [order[(order.index(s.position) + 1) % 9] for s in scenes]
     assert judge.subject_at(pixels, names, off).float().mean() < 0.2 < here
 
-    control, _ = train_subject_judge(SubjectJudgeConfig(**CUT_DOWN), shuffled_labels=True)
+    control, _ = train_subject_judge(cut_down_subject_judge_config, shuffled_labels=True)
     shuffled = subject_judge_accuracy(control, seed=1, count=256)
     assert shuffled["identity"] < 2 * chance_identity, shuffled
     assert shuffled["at_cell"] < 2 * chance_cell, shuffled
