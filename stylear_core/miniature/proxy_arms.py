@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -196,13 +197,13 @@ def proxy_data(
     filter has kept that many of the subject (then cut to exactly that many, or fewer when its scenes run
     out), so every subject gets its share of proxy data however well the supervisor draws it."""
     kept: list[tuple[SubjectScene, Image.Image]] = []
-    per_subject: dict[str | None, int] = {}
+    per_subject: Counter[str | None] = Counter()
     drawn = 0
     for start in range(0, len(scenes), batch_size):
         # Scene i is drawn with seed i however many scenes before it were skipped.
         index = range(start, min(start + batch_size, len(scenes)))
         if keep_per_subject is not None:
-            index = [i for i in index if per_subject.get(scenes[i].subject, 0) < keep_per_subject]
+            index = [i for i in index if per_subject[scenes[i].subject] < keep_per_subject]
             if not index:
                 continue
         chunk = [scenes[i] for i in index]
@@ -211,9 +212,9 @@ def proxy_data(
         drawn += len(chunk)
         keep = subject_judge.subject_at(pixels, [s.subject for s in chunk], [s.position for s in chunk])
         for scene, image, k in zip(chunk, to_pil(pixels), keep):
-            if k and (keep_per_subject is None or per_subject.get(scene.subject, 0) < keep_per_subject):
+            if k and (keep_per_subject is None or per_subject[scene.subject] < keep_per_subject):
                 kept.append((scene, image))
-                per_subject[scene.subject] = per_subject.get(scene.subject, 0) + 1
+                per_subject[scene.subject] += 1
     return kept, len(kept) / max(1, drawn)
 
 
