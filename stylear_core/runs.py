@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+PUBLISHED_MODEL = "model"  # under the pretrain stage's output dir: the world's parts and the base it trained
+
+
+def published_model_dir(pretrain_dir: str | Path) -> Path:
+    """Where the pretrain stage whose output dir is ``pretrain_dir`` published the world's parts (VQGAN,
+    style CLIP, judges, ``world.json``) and the base model: what later stages and reports read."""
+    return Path(pretrain_dir) / PUBLISHED_MODEL
 
 
 def write_manifest(directory: str | Path, fmt: str, **fields: Any) -> Path:

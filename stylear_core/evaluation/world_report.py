@@ -33,6 +33,7 @@ from stylear_core.data.synthetic import PALETTES, STROKES, TEXTURES
 from stylear_core.evaluation.report_html import esc as _esc
 from stylear_core.evaluation.report_html import img as _img
 from stylear_core.evaluation.report_html import table as _table
+from stylear_core.runs import published_model_dir, read_manifest
 
 WORLD_STAGE_FORMAT = "stylear.evaluate_world/1"  # EVALUATE_WORLD_FORMAT, without importing the stage
 WORLD_ASSETS = "report/world"
@@ -112,15 +113,13 @@ def vqgan_reconstructions(
 
 def _world_judges(run_dir: Path) -> dict[str, Any]:
     """The judges' held-out figures of the run's world (``world.json``), if it has them."""
-    world_json = run_dir / "pretrain" / "model" / "world.json"
+    world_json = published_model_dir(run_dir / "pretrain") / "world.json"
     return (json.loads(world_json.read_text()).get("judges") or {}) if world_json.is_file() else {}
 
 
 def _world_figures_section(run_dir: Path) -> str:
-    from stylear_core.runs import read_manifest
-
     summary = (read_manifest(run_dir / "pretrain") or {}).get("summary") or {}
-    world_json = run_dir / "pretrain" / "model" / "world.json"
+    world_json = published_model_dir(run_dir / "pretrain") / "world.json"
     world = json.loads(world_json.read_text()) if world_json.is_file() else {}
     if not summary and not world:
         return ""
@@ -298,7 +297,7 @@ def _rows_section(
 
 
 def _reconstructions_section(run_dir: Path) -> str:
-    world_dir = run_dir / "pretrain" / "model"
+    world_dir = published_model_dir(run_dir / "pretrain")
     if not (world_dir / "vqgan.safetensors").is_file():
         return ""
     shown = vqgan_reconstructions(world_dir, run_dir / WORLD_ASSETS / "vqgan")

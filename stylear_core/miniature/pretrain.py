@@ -39,6 +39,7 @@ from stylear_core.miniature.subjects import SubjectScene, classmate_scenes, rend
 from stylear_core.miniature.world import WorldConfig, WorldPaths, ensure_world, load_judges
 from stylear_core.models.config import ModelConfig
 from stylear_core.models.presets import build_prompt_tokenizer, build_stylear_model, build_vqgan
+from stylear_core.runs import published_model_dir
 from stylear_core.stages import StageConfig
 from stylear_core.training.batches import TOKEN_SHARD_COLUMNS, read_parquet_dataset
 from stylear_core.training.export import export_training_outcome
@@ -205,7 +206,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
             "final_loss": outcome.metrics.get("loss"),
             "metrics_log": str(outcome.metrics_log),
         }
-    base_model = publish(paths, base_dir, out / "model")
+    base_model = publish(paths, base_dir, published_model_dir(out))
     sft_shards = out / "sft_tokens"
     if not (sft_shards / "part-00000.parquet").is_file():
         items = scenes(cfg.data.seed + 1, cfg.data.sft_rows, TRAIN_STYLES, "sft")
