@@ -77,7 +77,7 @@ class ProxyArmsConfig:
         54, "held-out prompts per subject: every place in turn, the second half beside an object"
     )
     dreambooth: DreamBoothConfig = option(
-        DreamBoothConfig, "the supervisor's DreamBooth on the instance views"
+        DreamBoothConfig, "the supervisor's DreamBooth on the instance views (steps per subject of the set)"
     )
     guidance: float = option(3.0, "the supervisor's classifier-free guidance")
     proxy_per_subject: int = option(
@@ -86,7 +86,9 @@ class ProxyArmsConfig:
     )
     proxy_draws_per_subject: int = option(768, "the most supervisor samples drawn per subject")
     augment_per_view: int = option(8, "augmented copies per instance view for arm (b) augmented")
-    ar_steps: int = option(50, "AR tuning steps per arm (longer memorised the proxies: README)")
+    ar_steps: int = option(
+        50, "AR tuning steps per arm and per subject of the set (longer memorised the proxies: README)"
+    )
     ar_batch_size: int = option(16, "AR tuning rows per step")
     ar_lr: float = option(2e-3, "AR tuning learning rate (AdamW, constant)")
     lora_rank: int = option(32, "the AR arms' LoRA rank (alpha = rank)")
@@ -172,6 +174,19 @@ def score_subject_images(
     }
 
 
+@torch.no_grad()
+def fidelity_per_subject(
+    pixels: torch.Tensor, scenes: Sequence[SubjectScene], subject_judge: SubjectJudge
+) -> dict[str, float]:
+    """Per subject of ``scenes``: the share of its prompts' images where the subject judge finds it (any
+    cell) -- ``fidelity`` of :func:`score_subject_images`, split by subject."""
+    names = [s.subject for s in scenes]
+    present = subject_judge.subject_present(pixels, names).float()
+    return {
+        name: float(present[torch.tensor([n == name for n in names])].mean()) for name in dict.fromkeys(names)
+    }
+
+
 def proxy_scenes(subjects: Sequence[str], per_subject: int, seed: int) -> list[SubjectScene]:
     """The prompts the supervisor draws proxy data for: every place in turn, every second one beside a
     world object, in the training styles (never the held-out prompts' styles)."""
@@ -243,8 +258,9 @@ def arm_model(model: ModelConfig, config: ProxyArmsConfig) -> ModelConfig:
 def tune_ar(
     model: ModelConfig, pairs: Sequence[tuple[str, Image.Image]], config: ProxyArmsConfig, directory: Path
 ) -> tuple[Path, dict[str, float]]:
-    """Tune the base's LoRA on ``(prompt, image)`` pairs with the subject objective; export the adapter to
-    ``directory``; returns it and the first / last 10-step mean losses."""
+    """Tune the base's LoRA on ``(prompt, image)`` pairs with the subject objective for ``config.ar_steps``
+    per subject of ``config.subjects``; export the adapter to ``directory``; returns it and the first / last
+    10-step mean losses."""
     model = arm_model(model, config)
     vocab = token_vocab(model)
     tokenizer = build_prompt_tokenizer(model, vocab)
@@ -261,7 +277,7 @@ def tune_ar(
     optimizer = torch.optim.AdamW(params, lr=config.ar_lr, weight_decay=0.0)
     rng = random.Random(f"miniature/proxy-arms/batches/{config.seed}")
     losses = []
-    for _ in range(config.ar_steps):
+    for _ in range(config.ar_steps * len(config.subjects)):
         index = [rng.randrange(len(rows)) for _ in range(config.ar_batch_size)]
         loss = objective.compute(module, collate(table_to_numpy_batch(table.take(index)))).loss
         optimizer.zero_grad(set_to_none=True)
@@ -297,8 +313,8 @@ def run_arms(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every arm on ``config.subjects`` (one model for all of them); returns ``results`` (per arm: the
-    scores of :func:`score_subject_images`), ``images`` (per arm, ``(N, 3, 64, 64)``), the prompts, the
-    proxy data's kept share and the tuning losses. With ``random_proxy_control``, arm (c) is also tuned on
+    scores of :func:`score_subject_images`), ``fidelity_per_subject`` (per arm, per subject), ``images``
+    (per arm, ``(N, 3, 64, 64)``), the prompts, the proxy data's kept share and the tuning losses. With ``random_proxy_control``, arm (c) is also tuned on
     uniform-noise images under the same prompts (``c_random_images``): a control the gate must fail."""
     start = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
@@ -313,7 +329,10 @@ def run_arms(
         "supervisor_untuned": supervisor.sample(prompts, seeds, guidance=config.guidance),
     }
     log("proxy arms: base and untuned supervisor drawn")
-    tuned, db_stats = dreambooth(supervisor, views, config.dreambooth)
+    # Every subject of a set gets the tuning a lone subject gets. With the steps of one, three subjects
+    # tuned together bound the robot in about 1 of 85 supervisor samples (README).
+    per_set = replace(config.dreambooth, steps=config.dreambooth.steps * len(config.subjects))
+    tuned, db_stats = dreambooth(supervisor, views, per_set)
     images["a_supervisor"] = tuned.sample(prompts, seeds, guidance=config.guidance)
     log(f"proxy arms: supervisor tuned in {db_stats['seconds']:.0f} s")
     kept, kept_share = proxy_data(
@@ -356,6 +375,9 @@ def run_arms(
     }
     return {
         "results": results,
+        "fidelity_per_subject": {
+            arm: fidelity_per_subject(pixels, scenes, subject_judge) for arm, pixels in images.items()
+        },
         "images": images,
         "prompts": [s.prompt for s in scenes],
         "proxy_kept_share": kept_share,
@@ -373,6 +395,7 @@ __all__ = [
     "ProxyArmsConfig",
     "arm_model",
     "augmented_views",
+    "fidelity_per_subject",
     "held_out_prompts",
     "proxy_data",
     "proxy_scenes",

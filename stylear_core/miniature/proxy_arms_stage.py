@@ -24,7 +24,7 @@ from stylear_core.miniature.evaluate_stage import write_grid
 from stylear_core.miniature.proxy_arms import ProxyArmsConfig, run_arms
 from stylear_core.miniature.world import WorldPaths, load_judges, load_subject_judge, load_supervisor
 from stylear_core.models.config import ModelConfig
-from stylear_core.runs import read_manifest
+from stylear_core.runs import published_model_dir, read_manifest
 from stylear_core.stages import StageConfig
 
 PROXY_ARMS_FORMAT = "stylear.proxy_arms/1"
@@ -128,10 +128,23 @@ def _report(sets: dict[str, dict], world: dict[str, Any], out: Path) -> str:
                 rows,
                 2,
             ),
+        ]
+        per_subject = result.get("fidelity_per_subject") or {}
+        subjects = list(result["proxy_rows_per_subject"])
+        if len(subjects) > 1 and per_subject:
+            parts += [
+                "<p>Fidelity per subject (the subject judge finds it, over that subject's prompts):</p>",
+                table(
+                    ["arm", *subjects],
+                    [[ARM_TITLES.get(arm, arm), *(f[s] for s in subjects)] for arm, f in per_subject.items()],
+                    2,
+                ),
+            ]
+        parts.append(
             img(
                 f"{name}.png", "rows: " + " | ".join(ARM_TITLES.get(a, a) for a in result["results"]), 9 * 128
-            ),
-        ]
+            )
+        )
     body = "\n".join(parts)
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>Proxy-Tuning arms</title></head><body>{body}</body></html>"
     (out / "report.html").write_text(page)
@@ -147,7 +160,7 @@ def run_proxy_arms(cfg: ProxyArmsStageConfig) -> dict[str, Any]:
     if pretrain is None:
         raise ValueError(f"no pretrain manifest in {pretrain_dir}: run jobs.pretrain first")
     summary = pretrain.get("summary", pretrain)
-    world_dir = str(pretrain_dir / "model")  # the parts the stage published
+    world_dir = str(published_model_dir(pretrain_dir))
     model = from_dict(ModelConfig, summary["model"])
     world = json.loads(WorldPaths(Path(world_dir)).report.read_text())
     if "subjects" not in world:

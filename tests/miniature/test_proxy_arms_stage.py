@@ -80,6 +80,12 @@ def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_p
                 scores["fidelity_alone"],
                 scores["fidelity_with_other"],
             )
+        # Fidelity split by subject: every subject has as many prompts, so the split averages to the whole.
+        per_subject = result["fidelity_per_subject"]
+        assert list(per_subject) == expected
+        for arm, shares in per_subject.items():
+            assert list(shares) == name.split("+")
+            assert sum(shares.values()) / len(shares) == pytest.approx(result["results"][arm]["fidelity"])
         assert 0 <= result["proxy_rows_with_other"] <= kept
         assert set(result["proxy_rows_per_subject"]) == set(name.split("+"))
         assert sum(result["proxy_rows_per_subject"].values()) == kept
@@ -87,6 +93,7 @@ def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_p
         grid = Image.open(out / f"{name}.png")
         assert grid.height == len(expected) * 128 and grid.width == 9 * 128
     report = (out / "report.html").read_text()
+    assert report.count("Fidelity per subject") == 1  # the two-subject set only
     for name, result in results.items():
         assert f"{name}.png" in report
         for arm in result["results"]:
