@@ -260,7 +260,7 @@ def tune_ar(
 ) -> tuple[Path, dict[str, float]]:
     """Tune the base's LoRA on ``(prompt, image)`` pairs with the subject objective for ``config.ar_steps``
     per subject of ``config.subjects``; export the adapter to ``directory``; returns it and the first / last
-    10-step mean losses."""
+    10-step mean losses and the steps taken."""
     model = arm_model(model, config)
     vocab = token_vocab(model)
     tokenizer = build_prompt_tokenizer(model, vocab)
@@ -290,6 +290,7 @@ def tune_ar(
     return directory, {
         "first_loss": sum(losses[:window]) / window,
         "final_loss": sum(losses[-window:]) / window,
+        "steps": len(losses),
     }
 
 
@@ -314,8 +315,9 @@ def run_arms(
 ) -> dict[str, Any]:
     """Every arm on ``config.subjects`` (one model for all of them); returns ``results`` (per arm: the
     scores of :func:`score_subject_images`), ``fidelity_per_subject`` (per arm, per subject), ``images``
-    (per arm, ``(N, 3, 64, 64)``), the prompts, the proxy data's kept share and the tuning losses. With ``random_proxy_control``, arm (c) is also tuned on
-    uniform-noise images under the same prompts (``c_random_images``): a control the gate must fail."""
+    (per arm, ``(N, 3, 64, 64)``), the prompts, the proxy data's kept share, and the DreamBooth and tuning
+    losses and steps. With ``random_proxy_control``, arm (c) is also tuned on uniform-noise images under the
+    same prompts (``c_random_images``): a control the gate must fail."""
     start = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
     scenes = held_out_prompts(config.subjects, config.prompts_per_subject, config.seed)
@@ -333,6 +335,7 @@ def run_arms(
     # tuned together bound the robot in about 1 of 85 supervisor samples (README).
     per_set = replace(config.dreambooth, steps=config.dreambooth.steps * len(config.subjects))
     tuned, db_stats = dreambooth(supervisor, views, per_set)
+    db_stats["steps"] = per_set.steps
     images["a_supervisor"] = tuned.sample(prompts, seeds, guidance=config.guidance)
     log(f"proxy arms: supervisor tuned in {db_stats['seconds']:.0f} s")
     kept, kept_share = proxy_data(

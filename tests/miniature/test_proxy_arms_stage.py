@@ -80,6 +80,12 @@ def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_p
                 scores["fidelity_alone"],
                 scores["fidelity_with_other"],
             )
+        # DreamBooth and AR tuning steps are per subject: the two-subject set tunes twice as long.
+        subjects = len(name.split("+"))
+        assert result["dreambooth"]["steps"] == 10 * subjects
+        assert {arm: losses["steps"] for arm, losses in result["ar_losses"].items()} == dict.fromkeys(
+            expected[3:], 4 * subjects
+        )
         # Fidelity split by subject: every subject has as many prompts, so the split averages to the whole.
         per_subject = result["fidelity_per_subject"]
         assert list(per_subject) == expected
