@@ -10,6 +10,7 @@ never by a broad ``ray stop``, so it cannot disturb other clusters on the same m
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -47,10 +48,24 @@ def apply_project_env() -> None:
             os.environ[k] = v
 
 
+# Servers get ports below Linux's ephemeral range (32768-60999 by default), from which the kernel picks the
+# local port of every outgoing connection: a port found free there can be taken by some client socket
+# before the server binds it (a Serve proxy once failed so, "Failed to bind to address").
+SERVER_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port of :data:`SERVER_PORTS` that nothing holds on 127.0.0.1 (picked at random, tried by binding)."""
+    pick = random.SystemRandom()
+    for _ in range(200):
+        port = pick.choice(SERVER_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {SERVER_PORTS.start}-{SERVER_PORTS.stop - 1} after 200 tries")
 
 
 @dataclass
@@ -78,8 +93,8 @@ class LocalRayCluster:
 
         self.temp_dir = Path(self.temp_dir or short_temp_dir("sar-ray-"))
         self.gcs_port, self.dashboard_port = free_port(), free_port()
-        # Worker ports below Linux's ephemeral range (32768+), where free_port() picks the others: the
-        # ranges of two clusters may overlap (Ray skips ports in use), but never this cluster's own ports.
+        # Worker ports below SERVER_PORTS, where free_port() picks the others: the ranges of two clusters
+        # may overlap (Ray skips ports in use), but never this cluster's own ports.
         workers = 10000 + self.gcs_port % 9000
         ray_bin = Path(sys.executable).with_name("ray")
         cmd = [

@@ -16,9 +16,12 @@ def serve_on_loopback(ray_session):
     from ray import serve
 
     started: list[str] = []
+    serving = False
 
     def run(app, name: str) -> str:
+        nonlocal serving
         port = free_port()
+        serving = True
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app, name=name, route_prefix="/")
         started.append(name)
@@ -27,5 +30,7 @@ def serve_on_loopback(ray_session):
     yield run
     for name in started:
         serve.delete(name)
-    if started:
+    # Shut Serve down even when no application came up: a Serve left running keeps its HTTP options, and
+    # the next module's serve.start would inherit them (a port that failed to bind once failed every test).
+    if serving:
         serve.shutdown()
