@@ -129,9 +129,9 @@ def _report(sets: dict[str, dict], world: dict[str, Any], out: Path) -> str:
                 2,
             ),
         ]
-        per_subject = result.get("fidelity_per_subject") or {}
+        per_subject = result["fidelity_per_subject"]
         subjects = list(result["proxy_rows_per_subject"])
-        if len(subjects) > 1 and per_subject:
+        if len(subjects) > 1:
             parts += [
                 "<p>Fidelity per subject (the subject judge finds it, over that subject's prompts):</p>",
                 table(
