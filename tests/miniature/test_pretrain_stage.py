@@ -76,3 +76,20 @@ def test_classmate_rows_join_the_pretraining_pairs_and_only_then_change_the_base
     assert all(p.startswith(f"a {scene.subject} ") for p, scene in zip(prompts[3:], kin))
     tokens = table.column("image_tokens").to_pylist()
     assert len({tuple(t) for t in tokens}) == 6 and len({len(t) for t in tokens}) == 1
+
+
+def test_classmates_are_interleaved_with_the_world_scenes_in_training_order():
+    from stylear_core.miniature.data import TRAIN_STYLES, scenes
+    from stylear_core.miniature.pretrain import PretrainDataConfig, pretraining_items
+    from stylear_core.miniature.subjects import SubjectScene
+
+    # The training loop reads rows in the order written: every quarter of an epoch must hold class-mates
+    # (appended as a block, the last quarter was all class-mates and the base forgot the world scenes).
+    items = pretraining_items(PretrainDataConfig(rows=400, classmate_share=0.25))
+    assert items == pretraining_items(PretrainDataConfig(rows=400, classmate_share=0.25))
+    is_kin = [isinstance(item, SubjectScene) for item in items]
+    assert sum(is_kin) == 100
+    assert all(10 <= sum(is_kin[q : q + 100]) <= 40 for q in range(0, 400, 100)), is_kin
+    # Without class-mates the rows are the scenes in their own order, as cached bases were trained.
+    assert pretraining_items(PretrainDataConfig(rows=50)) == scenes(0, 50, TRAIN_STYLES, "pretrain")
+    assert PretrainDataConfig(classmate_share=0.25).key()["order"] == "interleaved"
