@@ -45,16 +45,19 @@ from stylear_core.data.synthetic import (
     ContentSpec,
     ObjectSpec,
     StyleSpec,
+    render,
 )
 from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.inference.generator import StyleARGenerator
 from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES, WORLD_IMAGE_SIZE, token_rows
+from stylear_core.miniature.data import scenes as world_scenes
 from stylear_core.miniature.judges import Judges
 from stylear_core.miniature.subjects import (
     INSTANCE_PLACES,
     SCALE_RANGE,
     SubjectJudge,
     SubjectScene,
+    classmate_scenes,
     instance_scenes,
     render_subject_scene,
 )
@@ -91,6 +94,12 @@ class ProxyArmsConfig:
     )
     ar_batch_size: int = option(16, "AR tuning rows per step")
     ar_lr: float = option(2e-3, "AR tuning learning rate (AdamW, constant)")
+    ar_prior_rows: int = option(
+        0,
+        "prior-preservation rows for the AR arms, as the supervisor's DreamBooth has them: world scenes, and"
+        " class-mates of the subjects for half of them (0: none)",
+    )
+    ar_prior_share: float = option(0.5, "the share of every AR tuning batch drawn from the prior rows")
     lora_rank: int = option(32, "the AR arms' LoRA rank (alpha = rank)")
     # Unguided: the arms' LoRA trains on prompted rows only, so the unconditional branch (the image header
     # alone) drifts with the tuning and guidance 3 undoes what was learnt. A student tuned on 93 proxy images
@@ -255,18 +264,47 @@ def arm_model(model: ModelConfig, config: ProxyArmsConfig) -> ModelConfig:
     return replace(model, trainable="lora", lora_rank=config.lora_rank, lora_alpha=float(config.lora_rank))
 
 
+def prior_pairs(subjects: Sequence[str], count: int, seed: int) -> list[tuple[str, Image.Image]]:
+    """``count`` prior-preservation ``(prompt, image)`` pairs in the training styles: class-mates of
+    ``subjects`` (``"a robot at the left"`` in colours not the subject's, half beside a world object) for
+    half of them, world scenes of one or two objects for the rest -- the rows the supervisor's DreamBooth
+    keeps in every batch."""
+    kin = classmate_scenes(seed, count // 2, "ar-prior", subjects)
+    world = world_scenes(seed, count - len(kin), TRAIN_STYLES, "ar-prior", max_objects=2)
+    return [(content.prompt, render(content, style, WORLD_IMAGE_SIZE)) for content, style in world] + [
+        (scene.prompt, render_subject_scene(scene)) for scene in kin
+    ]
+
+
+def batch_rows(rng: random.Random, pairs: int, prior: int, size: int, prior_share: float) -> list[int]:
+    """One tuning batch's row numbers over ``pairs`` rows followed by ``prior`` prior rows: ``size`` rows,
+    ``round(size * prior_share)`` of them prior rows when there are any, each part drawn uniformly."""
+    from_prior = round(size * prior_share) if prior else 0
+    return [rng.randrange(pairs) for _ in range(size - from_prior)] + [
+        pairs + rng.randrange(prior) for _ in range(from_prior)
+    ]
+
+
 def tune_ar(
-    model: ModelConfig, pairs: Sequence[tuple[str, Image.Image]], config: ProxyArmsConfig, directory: Path
+    model: ModelConfig,
+    pairs: Sequence[tuple[str, Image.Image]],
+    config: ProxyArmsConfig,
+    directory: Path,
+    prior: Sequence[tuple[str, Image.Image]] = (),
 ) -> tuple[Path, dict[str, float]]:
     """Tune the base's LoRA on ``(prompt, image)`` pairs with the subject objective for ``config.ar_steps``
     per subject of ``config.subjects``; export the adapter to ``directory``; returns it and the first / last
-    10-step mean losses and the steps taken."""
+    10-step mean losses and the steps taken.
+
+    With ``prior`` pairs (:func:`prior_pairs`), ``config.ar_prior_share`` of every batch is drawn from them
+    (prior preservation); the losses are of the whole batch."""
     model = arm_model(model, config)
     vocab = token_vocab(model)
     tokenizer = build_prompt_tokenizer(model, vocab)
     layout = ImageTokenLayout.for_resolution(WORLD_IMAGE_SIZE, WORLD_IMAGE_SIZE, vocab)
+    vq = build_vqgan(model, vocab)
     # Plain text prompts (no style tokens), as the train_subject stage's shards have them.
-    rows = token_rows(pairs, build_vqgan(model, vocab), layout, tokenizer, 0, "arm", draw=lambda pair: pair)
+    rows = token_rows([*pairs, *prior], vq, layout, tokenizer, 0, "arm", draw=lambda pair: pair)
     table = rows_to_table(rows, TOKEN_SHARDS_SCHEMA)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -278,7 +316,7 @@ def tune_ar(
     rng = random.Random(f"miniature/proxy-arms/batches/{config.seed}")
     losses = []
     for _ in range(config.ar_steps * len(config.subjects)):
-        index = [rng.randrange(len(rows)) for _ in range(config.ar_batch_size)]
+        index = batch_rows(rng, len(pairs), len(prior), config.ar_batch_size, config.ar_prior_share)
         loss = objective.compute(module, collate(table_to_numpy_batch(table.take(index)))).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -362,12 +400,13 @@ def run_arms(
     if random_proxy_control:
         noise = torch.rand(len(proxy), 3, 64, 64, generator=torch.Generator().manual_seed(config.seed))
         training["c_random_images"] = list(zip([p for p, _ in proxy], to_pil(noise * 2 - 1)))
+    prior = prior_pairs(config.subjects, config.ar_prior_rows, config.seed) if config.ar_prior_rows else []
     losses = {}
     for arm, pairs in training.items():
         if not pairs:
             log(f"proxy arms: {arm} has no training pairs; skipped")
             continue
-        adapter, losses[arm] = tune_ar(model, pairs, config, directory / f"adapter-{arm}")
+        adapter, losses[arm] = tune_ar(model, pairs, config, directory / f"adapter-{arm}", prior)
         images[arm] = ar_images(model, adapter, scenes, config.sampling)
         log(
             f"proxy arms: {arm} tuned (loss {losses[arm]['first_loss']:.3f} -> {losses[arm]['final_loss']:.3f})"
@@ -387,6 +426,7 @@ def run_arms(
         "proxy_rows": len(proxy),
         "proxy_rows_with_other": with_other,
         "proxy_rows_per_subject": per_subject,
+        "ar_prior_rows": len(prior),
         "dreambooth": db_stats,
         "ar_losses": losses,
         "seconds": time.perf_counter() - start,
@@ -398,9 +438,11 @@ __all__ = [
     "ProxyArmsConfig",
     "arm_model",
     "augmented_views",
+    "batch_rows",
     "fidelity_per_subject",
     "held_out_prompts",
     "proxy_data",
+    "prior_pairs",
     "proxy_scenes",
     "run_arms",
     "score_subject_images",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import replace
 
@@ -13,7 +14,9 @@ from stylear_core.data.synthetic import POSITIONS
 from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES
 from stylear_core.miniature.proxy_arms import (
     augmented_views,
+    batch_rows,
     held_out_prompts,
+    prior_pairs,
     proxy_data,
     proxy_scenes,
     score_subject_images,
@@ -23,6 +26,7 @@ from stylear_core.miniature.subjects import (
     SubjectScene,
     instance_scenes,
     render_subject_scene,
+    subject_token,
 )
 
 
@@ -44,6 +48,29 @@ def test_augmented_views_move_the_subject_but_keep_the_caption():
     augmented = augmented_views(views, ["robot"], 4, seed=0)
     assert [p for p, _ in augmented] == [p for p, _ in views for _ in range(4)]
     assert len({image.tobytes() for _, image in augmented}) == 12
+
+
+def test_prior_pairs_are_class_mates_and_world_scenes_never_the_subject():
+    pairs = prior_pairs(["robot", "cat"], 40, seed=0)
+    assert [p for p, _ in pairs] == [p for p, _ in prior_pairs(["robot", "cat"], 40, seed=0)]
+    prompts = [p for p, _ in pairs]
+    assert len(pairs) == 40 and all(image.size == (64, 64) for _, image in pairs)
+    # Half are class-mates ("a robot at the left"), named by their class noun, never by the identifier.
+    kin = prompts[20:]
+    assert all(any(f"a {name} " in p for name in ("robot", "cat")) for p in kin)
+    assert not any(subject_token(name) in p.split() for p in prompts for name in ("robot", "cat"))
+    assert len({image.tobytes() for _, image in pairs}) == 40
+
+
+def test_a_batch_draws_its_share_from_the_prior_rows_and_none_without_them():
+    rng = random.Random(0)
+    rows = [batch_rows(rng, 4, 100, 16, 0.25) for _ in range(200)]
+    assert all(len(r) == 16 and sum(i >= 4 for i in r) == 4 for r in rows)
+    assert {i for r in rows for i in r if i < 4} == set(range(4))
+    assert len({i for r in rows for i in r if i >= 4}) > 90  # the prior rows are drawn uniformly
+    # Without prior rows every row is a tuning pair, drawn as before prior rows existed.
+    old = random.Random(1)
+    assert batch_rows(random.Random(1), 4, 0, 16, 0.5) == [old.randrange(4) for _ in range(16)]
 
 
 def test_scores_read_the_subject_and_its_place_and_not_another_prompts(cut_down_subject_judge):

@@ -47,6 +47,8 @@ ARMS = [
     "arms.ar_steps=4",
     "arms.ar_batch_size=4",
     "arms.lora_rank=4",
+    "arms.ar_prior_rows=8",
+    "arms.ar_prior_share=0.25",
     "resources.cpus=1",
 ]
 
@@ -93,6 +95,7 @@ def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_p
             assert list(shares) == name.split("+")
             assert sum(shares.values()) / len(shares) == pytest.approx(result["results"][arm]["fidelity"])
         assert 0 <= result["proxy_rows_with_other"] <= kept
+        assert result["ar_prior_rows"] == 8  # prior preservation in the AR arms' batches
         assert set(result["proxy_rows_per_subject"]) == set(name.split("+"))
         assert sum(result["proxy_rows_per_subject"].values()) == kept
         assert all(0 <= n <= 6 for n in result["proxy_rows_per_subject"].values())
