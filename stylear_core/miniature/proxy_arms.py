@@ -77,7 +77,7 @@ class ProxyArmsConfig:
     subjects: list[str] = option(["robot"], "subjects tuned together into one supervisor and one AR adapter")
     views: int = option(4, "DreamBooth instance views per subject (3-6)")
     prompts_per_subject: int = option(
-        54, "held-out prompts per subject: every place in turn, the second half beside an object"
+        180, "held-out prompts per subject: every place in turn, the second half beside an object"
     )
     dreambooth: DreamBoothConfig = option(
         DreamBoothConfig, "the supervisor's DreamBooth on the instance views (steps per subject of the set)"
