@@ -279,6 +279,8 @@ def prior_pairs(subjects: Sequence[str], count: int, seed: int) -> list[tuple[st
 def batch_rows(rng: random.Random, pairs: int, prior: int, size: int, prior_share: float) -> list[int]:
     """One tuning batch's row numbers over ``pairs`` rows followed by ``prior`` prior rows: ``size`` rows,
     ``round(size * prior_share)`` of them prior rows when there are any, each part drawn uniformly."""
+    if not 0.0 <= prior_share < 1.0:
+        raise ValueError(f"prior_share must be in [0, 1): a batch needs tuning rows, got {prior_share}")
     from_prior = round(size * prior_share) if prior else 0
     return [rng.randrange(pairs) for _ in range(size - from_prior)] + [
         pairs + rng.randrange(prior) for _ in range(from_prior)

@@ -71,6 +71,9 @@ def test_a_batch_draws_its_share_from_the_prior_rows_and_none_without_them():
     # Without prior rows every row is a tuning pair, drawn as before prior rows existed.
     old = random.Random(1)
     assert batch_rows(random.Random(1), 4, 0, 16, 0.5) == [old.randrange(4) for _ in range(16)]
+    for share in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="prior_share"):
+            batch_rows(random.Random(0), 4, 100, 16, share)
 
 
 def test_scores_read_the_subject_and_its_place_and_not_another_prompts(cut_down_subject_judge):
