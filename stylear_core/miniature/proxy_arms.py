@@ -45,23 +45,20 @@ from stylear_core.data.synthetic import (
     ContentSpec,
     ObjectSpec,
     StyleSpec,
-    render,
 )
 from stylear_core.inference.defaults import SamplingConfig
 from stylear_core.inference.generator import StyleARGenerator
 from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES, WORLD_IMAGE_SIZE, token_rows
-from stylear_core.miniature.data import scenes as world_scenes
 from stylear_core.miniature.judges import Judges
 from stylear_core.miniature.subjects import (
     INSTANCE_PLACES,
     SCALE_RANGE,
     SubjectJudge,
     SubjectScene,
-    classmate_scenes,
     instance_scenes,
     render_subject_scene,
 )
-from stylear_core.miniature.supervisor import DreamBoothConfig, WorldSupervisor, dreambooth
+from stylear_core.miniature.supervisor import DreamBoothConfig, WorldSupervisor, dreambooth, prior_pairs
 from stylear_core.models.config import ModelConfig
 from stylear_core.models.presets import build_prompt_tokenizer, build_vqgan
 from stylear_core.proxy.subject_training import SubjectSFTObjective
@@ -264,18 +261,6 @@ def arm_model(model: ModelConfig, config: ProxyArmsConfig) -> ModelConfig:
     return replace(model, trainable="lora", lora_rank=config.lora_rank, lora_alpha=float(config.lora_rank))
 
 
-def prior_pairs(subjects: Sequence[str], count: int, seed: int) -> list[tuple[str, Image.Image]]:
-    """``count`` prior-preservation ``(prompt, image)`` pairs in the training styles: class-mates of
-    ``subjects`` (``"a robot at the left"`` in colours not the subject's, half beside a world object) for
-    half of them, world scenes of one or two objects for the rest -- the rows the supervisor's DreamBooth
-    keeps in every batch."""
-    kin = classmate_scenes(seed, count // 2, "ar-prior", subjects)
-    world = world_scenes(seed, count - len(kin), TRAIN_STYLES, "ar-prior", max_objects=2)
-    return [(content.prompt, render(content, style, WORLD_IMAGE_SIZE)) for content, style in world] + [
-        (scene.prompt, render_subject_scene(scene)) for scene in kin
-    ]
-
-
 def batch_rows(rng: random.Random, pairs: int, prior: int, size: int, prior_share: float) -> list[int]:
     """One tuning batch's row numbers over ``pairs`` rows followed by ``prior`` prior rows: ``size`` rows,
     ``round(size * prior_share)`` of them prior rows when there are any, each part drawn uniformly."""
@@ -298,8 +283,8 @@ def tune_ar(
     per subject of ``config.subjects``; export the adapter to ``directory``; returns it and the first / last
     10-step mean losses and the steps taken.
 
-    With ``prior`` pairs (:func:`prior_pairs`), ``config.ar_prior_share`` of every batch is drawn from them
-    (prior preservation); the losses are of the whole batch."""
+    With ``prior`` pairs (:func:`~stylear_core.miniature.supervisor.prior_pairs`), ``config.ar_prior_share``
+    of every batch is drawn from them (prior preservation); the losses are of the whole batch."""
     model = arm_model(model, config)
     vocab = token_vocab(model)
     tokenizer = build_prompt_tokenizer(model, vocab)
@@ -402,7 +387,7 @@ def run_arms(
     if random_proxy_control:
         noise = torch.rand(len(proxy), 3, 64, 64, generator=torch.Generator().manual_seed(config.seed))
         training["c_random_images"] = list(zip([p for p, _ in proxy], to_pil(noise * 2 - 1)))
-    prior = prior_pairs(config.subjects, config.ar_prior_rows, config.seed) if config.ar_prior_rows else []
+    prior = prior_pairs(config.subjects, config.ar_prior_rows, config.seed, ("ar-prior", "ar-prior"))
     losses = {}
     for arm, pairs in training.items():
         if not pairs:
@@ -444,7 +429,6 @@ __all__ = [
     "fidelity_per_subject",
     "held_out_prompts",
     "proxy_data",
-    "prior_pairs",
     "proxy_scenes",
     "run_arms",
     "score_subject_images",

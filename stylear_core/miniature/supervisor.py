@@ -275,6 +275,23 @@ class DreamBoothConfig:
     seed: int = option(0, "seed of batches and noise")
 
 
+def prior_pairs(
+    subjects: Sequence[str],
+    count: int,
+    seed: int,
+    streams: tuple[str, str] = ("dreambooth-prior", "supervisor-prior"),
+) -> list[tuple[str, Image.Image]]:
+    """``count`` prior-preservation ``(prompt, image)`` pairs in the training styles: world scenes of one or
+    two objects, then class-mates of ``subjects`` (``"a robot at the left"`` in colours not the subject's,
+    half beside a world object) for half of them when there are subjects. ``streams`` name the class-mates'
+    and the world scenes' random streams (DreamBooth's by default)."""
+    kin = classmate_scenes(seed, count // 2, streams[0], subjects) if subjects else []
+    world = scenes(seed, count - len(kin), TRAIN_STYLES, streams[1], max_objects=2)
+    return [(content.prompt, render(content, style, WORLD_IMAGE_SIZE)) for content, style in world] + [
+        (scene.prompt, render_subject_scene(scene)) for scene in kin
+    ]
+
+
 def dreambooth(
     supervisor: WorldSupervisor, instances: Sequence[tuple[str, Image.Image]], config: DreamBoothConfig
 ) -> tuple[WorldSupervisor, dict[str, float]]:
@@ -289,13 +306,10 @@ def dreambooth(
     kinds = sorted(
         {name for name in SUBJECT_NAMES for prompt, _ in instances if subject_token(name) in prompt.split()}
     )
-    kin = classmate_scenes(config.seed, config.prior_rows // 2, "dreambooth-prior", kinds) if kinds else []
-    world = scenes(config.seed, config.prior_rows - len(kin), TRAIN_STYLES, "supervisor-prior", max_objects=2)
+    prior = prior_pairs(kinds, config.prior_rows, config.seed)
     instance_latents = tuned.encode_images([image for _, image in instances])
-    prior_latents = tuned.encode_images(
-        [render(c, s, WORLD_IMAGE_SIZE) for c, s in world] + [render_subject_scene(scene) for scene in kin]
-    )
-    prior_prompts = [c.prompt for c, _ in world] + [scene.prompt for scene in kin]
+    prior_latents = tuned.encode_images([image for _, image in prior])
+    prior_prompts = [prompt for prompt, _ in prior]
     # Batches are drawn uniformly over the rows: repeating the instance rows as often as there are
     # prior rows makes about half of every batch instance views.
     repeat = max(1, len(prior_prompts) // len(instances))
@@ -369,6 +383,7 @@ __all__ = [
     "WordTextEncoder",
     "WorldSupervisor",
     "pretrain_supervisor",
+    "prior_pairs",
     "supervisor_content_accuracy",
     "supervisor_words",
     "tiny_unet",

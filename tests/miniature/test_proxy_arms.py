@@ -16,7 +16,6 @@ from stylear_core.miniature.proxy_arms import (
     augmented_views,
     batch_rows,
     held_out_prompts,
-    prior_pairs,
     proxy_data,
     proxy_scenes,
     score_subject_images,
@@ -28,6 +27,7 @@ from stylear_core.miniature.subjects import (
     render_subject_scene,
     subject_token,
 )
+from stylear_core.miniature.supervisor import prior_pairs
 
 
 def test_held_out_prompts_cover_every_place_in_held_out_styles_half_with_another_object():
@@ -51,8 +51,10 @@ def test_augmented_views_move_the_subject_but_keep_the_caption():
 
 
 def test_prior_pairs_are_class_mates_and_world_scenes_never_the_subject():
-    pairs = prior_pairs(["robot", "cat"], 40, seed=0)
-    assert [p for p, _ in pairs] == [p for p, _ in prior_pairs(["robot", "cat"], 40, seed=0)]
+    pairs = prior_pairs(["robot", "cat"], 40, seed=0, streams=("ar-prior", "ar-prior"))
+    assert [p for p, _ in pairs] == [
+        p for p, _ in prior_pairs(["robot", "cat"], 40, 0, ("ar-prior", "ar-prior"))
+    ]
     prompts = [p for p, _ in pairs]
     assert len(pairs) == 40 and all(image.size == (64, 64) for _, image in pairs)
     # Half are class-mates ("a robot at the left"), named by their class noun, never by the identifier.
