@@ -110,6 +110,57 @@ class ProxyArmsConfig:
     seed: int = option(0, "seed of prompts, proxy samples and tuning")
 
 
+@dataclass
+class ProxyGate:
+    """Proxy-Tuning's quality gate on one subject set's scores (:func:`score_subject_images` per arm): the
+    student's subject fidelity clearly above the AR base's and above arm (b)'s on the bare instance views,
+    and its prompt adherence (the other object) not below the DreamBooth supervisor's by more than a small
+    margin. The margins are about twice the noise measured in the full world (180 prompts: one share's
+    standard error about 0.04; tuning seeds moved fidelity by 0.06 and the other object by 0.10), not the
+    gaps the student happened to reach."""
+
+    over_base: float = option(0.15, "the student's fidelity exceeds the AR base's by at least this")
+    over_direct: float = option(0.08, "... and arm (b)'s on the bare instance views by at least this")
+    adherence_margin: float = option(
+        0.10, "the student's other-object share may fall below the supervisor's by at most this"
+    )
+
+    def failures(self, results: dict[str, dict[str, Any]], student: str = "c_proxy") -> list[str]:
+        """The gate's conditions ``student`` misses (empty when it passes), each as a sentence with the
+        figures."""
+        if student not in results:
+            return [f"{student} was not tuned (no training pairs)"]
+        mine = results[student]
+        missed = []
+        for arm, margin in (("base", self.over_base), ("b_direct", self.over_direct)):
+            if mine["fidelity"] < results[arm]["fidelity"] + margin:
+                missed.append(
+                    f"{student} fidelity {mine['fidelity']:.3f} is not {margin} above {arm}'s"
+                    f" {results[arm]['fidelity']:.3f}"
+                )
+        other, supervisor = mine["other_object"], results["a_supervisor"]["other_object"]
+        if other is None or supervisor is None:
+            missed.append("no prompt asked for another object: adherence is unmeasured")
+        elif other < supervisor - self.adherence_margin:
+            missed.append(
+                f"{student} other object {other:.3f} is more than {self.adherence_margin} below the"
+                f" supervisor's {supervisor:.3f}"
+            )
+        return missed
+
+
+def weak_to_strong(results: dict[str, dict[str, Any]]) -> bool | None:
+    """Whether the proxy student matches or beats its supervisor on both subject fidelity and prompt
+    adherence (the paper's weak-to-strong claim, c >= a); None when either is unmeasured."""
+    student, supervisor = results.get("c_proxy"), results["a_supervisor"]
+    if student is None or None in (student["other_object"], supervisor["other_object"]):
+        return None
+    return (
+        student["fidelity"] >= supervisor["fidelity"]
+        and student["other_object"] >= supervisor["other_object"]
+    )
+
+
 def _scenes_at_every_place(
     rng: random.Random,
     subjects: Sequence[str],
@@ -423,6 +474,7 @@ def run_arms(
 __all__ = [
     "ARMS",
     "ProxyArmsConfig",
+    "ProxyGate",
     "arm_model",
     "augmented_views",
     "batch_rows",
@@ -433,4 +485,5 @@ __all__ = [
     "run_arms",
     "score_subject_images",
     "tune_ar",
+    "weak_to_strong",
 ]

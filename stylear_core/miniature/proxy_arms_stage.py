@@ -6,7 +6,8 @@ subject sets (one subject, and several tuned into one model). Each set runs
 :func:`~stylear_core.miniature.proxy_arms.run_arms` in its own Ray task. Gives
 ``<output_dir>/results.json`` (per set, per arm: fidelity, fidelity at the prompt's place, at places no
 instance view showed, over prompts with the subject alone and with another object, the other object;
-the proxy images kept, per subject), ``<output_dir>/<set>.png`` (a row per arm, the first prompts),
+the proxy images kept, per subject; the gate's verdict on the student and on the noise control, and
+whether weak-to-strong holds), ``<output_dir>/<set>.png`` (a row per arm, the first prompts),
 ``<output_dir>/report.html`` (the table, the judges' held-out accuracies and the images) and the manifest.
 """
 
@@ -21,7 +22,7 @@ from stylear_core.config import Resources, from_dict, option
 from stylear_core.data.images import to_pil
 from stylear_core.evaluation.report_html import esc, img, table
 from stylear_core.miniature.evaluate_stage import write_grid
-from stylear_core.miniature.proxy_arms import ProxyArmsConfig, run_arms
+from stylear_core.miniature.proxy_arms import ProxyArmsConfig, ProxyGate, run_arms, weak_to_strong
 from stylear_core.miniature.world import WorldPaths, load_judges, load_subject_judge, load_supervisor
 from stylear_core.models.config import ModelConfig
 from stylear_core.runs import published_model_dir, read_manifest
@@ -51,6 +52,9 @@ class ProxyArmsStageConfig(StageConfig):
     )
     arms: ProxyArmsConfig = option(ProxyArmsConfig, "prompts, DreamBooth, proxy data, AR tuning")
     random_proxy_control: bool = option(True, "also tune arm (c) on noise images under the proxy prompts")
+    gate: ProxyGate = option(
+        ProxyGate, "the quality gate each set's student (and the noise control) is held to"
+    )
     resources: Resources = option(Resources(cpus=2.0), "per subject-set task")
 
 
@@ -69,6 +73,22 @@ def _set_task(
     )
     out["images"] = {arm: to_pil(pixels[:GRID_PROMPTS]) for arm, pixels in out["images"].items()}
     return out
+
+
+STUDENTS = ("c_proxy", "c_random_images")
+
+
+def _gate_lines(result: dict) -> list[str]:
+    lines = []
+    for student, missed in result["gate"].items():
+        verdict = "passes" if not missed else "misses: " + "; ".join(missed)
+        lines.append(f"<p>Gate, {esc(ARM_TITLES[student])}: {esc(verdict)}.</p>")
+    claim = {True: "holds", False: "does not hold", None: "is unmeasured"}[result["weak_to_strong"]]
+    lines.append(
+        f"<p>Weak-to-strong (the student matches or beats its supervisor on fidelity and on the other"
+        f" object): {claim}.</p>"
+    )
+    return lines
 
 
 def _report(sets: dict[str, dict], world: dict[str, Any], out: Path) -> str:
@@ -128,6 +148,7 @@ def _report(sets: dict[str, dict], world: dict[str, Any], out: Path) -> str:
                 rows,
                 2,
             ),
+            *_gate_lines(result),
         ]
         per_subject = result["fidelity_per_subject"]
         subjects = list(result["proxy_rows_per_subject"])
@@ -184,10 +205,19 @@ def run_proxy_arms(cfg: ProxyArmsStageConfig) -> dict[str, Any]:
     sets = {name: ray.get(ref) for name, ref in refs.items()}
     for name, result in sets.items():
         images = result.pop("images")
+        scores = result["results"]
+        result["gate"] = {s: cfg.gate.failures(scores, s) for s in STUDENTS if s in scores}
+        result["weak_to_strong"] = weak_to_strong(scores)
         write_grid([images[arm] for arm in result["results"]], out / f"{name}.png")
     (out / "results.json").write_text(json.dumps(sets, indent=2))
     report = _report(sets, world, out)
-    return {"results": {name: r["results"] for name, r in sets.items()}, "report": report, "world": world_dir}
+    return {
+        "results": {name: r["results"] for name, r in sets.items()},
+        "gate": {name: r["gate"] for name, r in sets.items()},
+        "weak_to_strong": {name: r["weak_to_strong"] for name, r in sets.items()},
+        "report": report,
+        "world": world_dir,
+    }
 
 
 __all__ = ["PROXY_ARMS_FORMAT", "ProxyArmsStageConfig", "run_proxy_arms"]

@@ -13,12 +13,14 @@ from stylear_core.data.images import to_tensor
 from stylear_core.data.synthetic import POSITIONS
 from stylear_core.miniature.data import HELD_OUT_STYLES, TRAIN_STYLES
 from stylear_core.miniature.proxy_arms import (
+    ProxyGate,
     augmented_views,
     batch_rows,
     held_out_prompts,
     proxy_data,
     proxy_scenes,
     score_subject_images,
+    weak_to_strong,
 )
 from stylear_core.miniature.subjects import (
     INSTANCE_PLACES,
@@ -149,3 +151,36 @@ def test_proxy_data_keeps_subjects_at_their_place_and_each_subjects_quota(cut_do
     assert Counter(s.subject for s, _ in kept) == {"robot": 6, "cat": 6}
     assert Counter(drawer.drawn)["robot"] < len(scenes) / 2 and Counter(drawer.drawn)["cat"] < len(scenes) / 2
     assert share == pytest.approx(12 / len(drawer.drawn))
+
+
+def _scores(fidelity: float, other: float | None) -> dict:
+    return {"fidelity": fidelity, "other_object": other}
+
+
+def _arms(student: dict, **others: dict) -> dict:
+    arms = {"base": _scores(0.03, 0.4), "b_direct": _scores(0.4, 0.2), "a_supervisor": _scores(0.25, 0.3)}
+    return {**arms, **others, "c_proxy": student}
+
+
+def test_the_gate_holds_a_student_to_base_direct_tuning_and_the_supervisor_by_its_margins():
+    gate = ProxyGate(over_base=0.15, over_direct=0.08, adherence_margin=0.1)
+    assert gate.failures(_arms(_scores(0.5, 0.25))) == []
+    # Each condition alone fails it, and says which figures.
+    near_direct = gate.failures(_arms(_scores(0.47, 0.3)))
+    assert len(near_direct) == 1 and "b_direct" in near_direct[0] and "0.470" in near_direct[0]
+    low_base = gate.failures({**_arms(_scores(0.5, 0.3)), "base": _scores(0.4, 0.3)})
+    assert len(low_base) == 1 and "base's 0.400" in low_base[0]
+    lost_prompt = gate.failures(_arms(_scores(0.6, 0.19)))
+    assert len(lost_prompt) == 1 and "supervisor's 0.300" in lost_prompt[0]
+    assert gate.failures(_arms(_scores(0.6, None)))  # adherence unmeasured is no pass
+    # A student that was never tuned fails; a named other student is judged instead.
+    assert gate.failures({k: v for k, v in _arms(_scores(0.5, 0.3)).items() if k != "c_proxy"})
+    noise = {**_arms(_scores(0.5, 0.3)), "c_random_images": _scores(0.0, 0.1)}
+    assert len(gate.failures(noise, "c_random_images")) == 3
+
+
+def test_weak_to_strong_needs_the_student_at_or_above_its_supervisor_on_both_figures():
+    assert weak_to_strong(_arms(_scores(0.25, 0.3))) is True
+    assert weak_to_strong(_arms(_scores(0.6, 0.29))) is False
+    assert weak_to_strong(_arms(_scores(0.24, 0.5))) is False
+    assert weak_to_strong(_arms(_scores(0.6, None))) is None

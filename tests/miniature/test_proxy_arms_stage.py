@@ -99,6 +99,11 @@ def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_p
         assert set(result["proxy_rows_per_subject"]) == set(name.split("+"))
         assert sum(result["proxy_rows_per_subject"].values()) == kept
         assert all(0 <= n <= 6 for n in result["proxy_rows_per_subject"].values())
+        # The gate's verdict on the student and on the noise control, with the weak-to-strong claim.
+        assert list(result["gate"]) == [s for s in ("c_proxy", "c_random_images") if s in expected]
+        assert all(isinstance(m, list) for m in result["gate"].values())
+        assert result["weak_to_strong"] in (True, False, None)
+        assert summary["gate"][name] == result["gate"]
         grid = Image.open(out / f"{name}.png")
         assert grid.height == len(expected) * 128 and grid.width == 9 * 128
     report = (out / "report.html").read_text()
@@ -107,6 +112,7 @@ def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_p
         assert f"{name}.png" in report
         for arm in result["results"]:
             assert ARM_TITLES[arm] in report
+    assert report.count("Weak-to-strong") == 2
     # A rerun finds the stage complete and trains nothing.
     again = proxy_arms.main(["--config", "jobs/configs/proxy_arms/mini.yaml", *run, *ARMS])
     assert again["results"] == summary["results"]
