@@ -69,6 +69,11 @@ class SubjectDataConfig:
     proxy_dir: str = option("{run_dir}/proxy_generate", "stage-2 output whose manifest lists the subjects")
     limit: int = option(0, "use only the first N rows (0 = all)")
     cache: bool = option(False, "hold the rows in the object store after the first read (small data)")
+    shuffle_files: bool = option(
+        True,
+        "read the shard files in an order shuffled by train.seed, the same in every epoch and attempt "
+        "(proxy data has one subject's files after another's); false: path order",
+    )
 
 
 def shard_files(token_shards: str | Path) -> list[str]:
@@ -154,7 +159,10 @@ def run_subject_training(cfg: SubjectTrainConfig) -> dict[str, Any]:
     subjects = proxy_subject_entries(cfg.path(cfg.data.proxy_dir))
     files = shard_files(cfg.path(cfg.data.token_shards))
     counts = rows_per_subject(files, subjects)
-    dataset = read_parquet_dataset(files, TOKEN_SHARD_COLUMNS, cfg.data.limit or None, cfg.data.cache)
+    shuffle_seed = cfg.train.seed if cfg.data.shuffle_files else None
+    dataset = read_parquet_dataset(
+        files, TOKEN_SHARD_COLUMNS, cfg.data.limit or None, cfg.data.cache, shuffle_seed
+    )
     objective = SubjectSFTObjective(cfg.model)
     outcome = run_training(objective, cfg.train, cfg.ray, {"train": dataset}, out)
     adapter = export_training_outcome(

@@ -297,16 +297,24 @@ def _columns_in_every_file(
 
 
 def read_parquet_dataset(
-    path: str | list[str], columns: Sequence[str] | None = None, limit: int | None = None, cache: bool = False
+    path: str | list[str],
+    columns: Sequence[str] | None = None,
+    limit: int | None = None,
+    cache: bool = False,
+    shuffle_seed: int | None = None,
 ) -> Any:
     """A parquet file or directory (or a list of files) as a Ray Dataset (optionally only ``columns``, the first ``limit`` rows;
     ``cache`` materialises it in the object store, so later epochs do not read and list files again).
     With ``columns``, :data:`OPTIONAL_TOKEN_SHARD_COLUMNS` that every file has are read too.
 
-    Files are read in path order, and the training loops read with ``preserve_order``, so a resumed
+    Files are read in path order, or with ``shuffle_seed`` in an order shuffled by it: the same order on
+    every epoch and every attempt. Writers group rows by file (curation writes the raw pairs' files, then
+    the stylized pairs'; proxy data one subject's files after another's), so path order would train on one
+    group, then the other, in every epoch. The training loops read with ``preserve_order``, so a resumed
     run sees the same rows in the same order as the run it continues.
     """
     import ray.data
+    from ray.data import FileShuffleConfig
 
     if columns:  # a missing column (an older shard version) fails here with its file, not deep in Ray
         hints = {
@@ -316,7 +324,13 @@ def read_parquet_dataset(
         }
         require_parquet_columns(path, columns, hints)
         columns = [*columns, *_columns_in_every_file(path, OPTIONAL_TOKEN_SHARD_COLUMNS, exclude=columns)]
-    ds = ray.data.read_parquet(path, columns=list(columns) if columns else None, file_extensions=["parquet"])
+    # One seeded order for every execution: a reseeded order per epoch would differ in a resumed attempt.
+    shuffle = (
+        None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False)
+    )
+    ds = ray.data.read_parquet(
+        path, columns=list(columns) if columns else None, file_extensions=["parquet"], shuffle=shuffle
+    )
     if limit:
         ds = ds.limit(limit)
     return ds.materialize() if cache else ds

@@ -57,6 +57,11 @@ class SFTDataConfig:
         "or VQGAN runs in training",
     )
     limit: int = option(0, "use only the first N rows (0 = all)")
+    shuffle_files: bool = option(
+        True,
+        "read the shard files in an order shuffled by train.seed, the same in every epoch and attempt "
+        "(curation writes the raw pairs' files, then the stylized pairs'); false: path order",
+    )
     synthetic_rows: int = option(0, "write N synthetic rows to an empty token_shards dir first (demo)")
     cache: bool = option(False, "hold the rows in the object store after the first read (small data)")
 
@@ -82,7 +87,8 @@ def run_style_training(cfg: StyleTrainConfig) -> dict[str, Any]:
         *TOKEN_SHARD_COLUMNS,
         *{"image": ["image"], "features": [FEATURES_COLUMN, KEY_COLUMN]}.get(source, []),
     ]
-    dataset = read_parquet_dataset(str(shards), columns, cfg.data.limit or None, cfg.data.cache)
+    shuffle_seed = cfg.train.seed if cfg.data.shuffle_files else None
+    dataset = read_parquet_dataset(str(shards), columns, cfg.data.limit or None, cfg.data.cache, shuffle_seed)
     digest = None
     if source == "features":  # before any worker starts: rows without features, or another encoder's
         digest = style_encoder_digest(cfg.model)
