@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint format clean
+.PHONY: install demo demo-proxy test test-all lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m cluster.demo
+
+# Proxy-Tuning's arms in the miniature world with subjects (about 75 minutes from scratch, 15 cached).
+demo-proxy: $(STAMP)
+	$(BIN)/python -m cluster.demo --config jobs/configs/pipeline/proxy_world.yaml --run-dir runs/proxy --no-serve --timeout 7200
 
 # Every run gets a fresh, empty TMPDIR, as on a machine where Ray has never run: state left in /tmp
 # (Ray's address file, session dirs) cannot make a run pass that would fail on a fresh machine.

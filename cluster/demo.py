@@ -18,6 +18,7 @@
 
     python -m cluster.demo [--config FILE] [--run-dir runs/demo] [key=value pipeline overrides ...]
     python -m cluster.demo --attach 127.0.0.1:6379 --skip-pipeline --run-dir R   # steps 3-4 only
+    python -m cluster.demo --config jobs/configs/pipeline/proxy_world.yaml --run-dir runs/proxy --no-serve
 """
 
 from __future__ import annotations
@@ -351,10 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--attach", default=None, help="GCS address of a running cluster: start none")
     parser.add_argument("--skip-pipeline", action="store_true", help="serve an existing run dir's export")
+    parser.add_argument(
+        "--no-serve",
+        action="store_true",
+        help="run the pipeline and write the report only (a pipeline without an export stage, such as "
+        "jobs/configs/pipeline/proxy_world.yaml)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for jobs.pipeline")
     args = parser.parse_args(argv)
     if args.attach and not args.skip_pipeline:
         parser.error("--attach only serves an existing run: add --skip-pipeline")
+    if args.no_serve and args.skip_pipeline:
+        parser.error("--no-serve with --skip-pipeline leaves nothing to do")
     apply_project_env()
     run_dir = Path(args.run_dir).resolve()
     t0 = time.time()
@@ -372,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[demo] pipeline job {submission_id}: {status} after {time.time() - t0:.0f}s", flush=True)
             if status != "SUCCEEDED":
                 return 1
-        served = serve_and_query(args.attach or cluster.address, run_dir, args.requests)
+        served = (
+            None if args.no_serve else serve_and_query(args.attach or cluster.address, run_dir, args.requests)
+        )
     finally:
         if cluster is not None:
             cluster.stop()
@@ -380,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = write_report(run_dir)
     print_verdict(run_dir)
-    failed = [r for r in served["requests"] if r["status"] != 200]
+    failed = [r for r in served["requests"] if r["status"] != 200] if served else []
     print(f"[demo] done in {time.time() - t0:.0f}s; report: {report}", flush=True)
     return 1 if failed else 0
 

@@ -13,7 +13,8 @@ as is):
 * images served over HTTP by the demo (``<run_dir>/served/responses.json``, :data:`SERVED_FORMAT`);
 * for a miniature-world run (an ``evaluate_world`` stage), the world's figures, accuracy and ablation
   tables, reference | base | SFT | served rows and VQGAN reconstructions
-  (:mod:`stylear_core.evaluation.world_report`).
+  (:mod:`stylear_core.evaluation.world_report`);
+* Proxy-Tuning's arms (a ``proxy_arms`` stage): their tables, gate verdicts and image grids.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from stylear_core.evaluation.report_html import table as _table
 from stylear_core.evaluation.style_eval import EVALUATE_FORMAT
 from stylear_core.evaluation.world_report import is_world_stage, world_sections
 from stylear_core.runs import read_manifest
+
+PROXY_ARMS_FORMAT = "stylear.proxy_arms/1"  # the proxy_arms stage's manifest (its section imports torch)
 
 SERVED_FORMAT = "stylear.served/1"
 REPORT_NAME = "report.html"
@@ -272,6 +275,10 @@ def write_report(run_dir: str | Path, title: str = "StyleAR pipeline run") -> Pa
             sections.append(_evaluation_section(run_dir, name, run_dir / name))
         elif is_world_stage(manifest):
             sections.append(world_sections(run_dir, name, manifest))
+        elif manifest.get("format") == PROXY_ARMS_FORMAT:
+            from stylear_core.miniature.proxy_arms_stage import proxy_arms_section
+
+            sections.append(proxy_arms_section(run_dir, name))
     sections.append(_curves_section(run_dir, stages))
     sections.append(_served_section(run_dir))
     page = (

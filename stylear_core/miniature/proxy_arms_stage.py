@@ -21,6 +21,7 @@ from typing import Any
 from stylear_core.config import Resources, from_dict, option
 from stylear_core.data.images import to_pil
 from stylear_core.evaluation.report_html import esc, img, table
+from stylear_core.evaluation.run_report import PROXY_ARMS_FORMAT
 from stylear_core.miniature.evaluate_stage import write_grid
 from stylear_core.miniature.proxy_arms import ProxyArmsConfig, ProxyGate, run_arms, weak_to_strong
 from stylear_core.miniature.world import WorldPaths, load_judges, load_subject_judge, load_supervisor
@@ -28,7 +29,6 @@ from stylear_core.models.config import ModelConfig
 from stylear_core.runs import published_model_dir, read_manifest
 from stylear_core.stages import StageConfig
 
-PROXY_ARMS_FORMAT = "stylear.proxy_arms/1"
 ARM_TITLES = {
     "base": "AR base",
     "supervisor_untuned": "supervisor before DreamBooth",
@@ -91,16 +91,19 @@ def _gate_lines(result: dict) -> list[str]:
     return lines
 
 
-def _report(sets: dict[str, dict], world: dict[str, Any], out: Path) -> str:
+def proxy_arms_html(sets: dict[str, dict], world: dict[str, Any], prefix: str = "", level: int = 1) -> str:
+    """The arms' tables, gate verdicts and grids as HTML (headings from ``<h{level}>``); image paths are
+    ``prefix`` + ``<set>.png`` (the stage's page has them beside it, a run's report one directory up)."""
+    h1, h2 = f"h{level}", f"h{level + 1}"
     subjects = world.get("subjects", {})
     judge = subjects.get("subject_judge", {})
     parts = [
-        "<h1>Proxy-Tuning in the miniature world</h1>",
+        f"<{h1}>Proxy-Tuning in the miniature world</{h1}>",
         "<p>Subject fidelity: the subject judge finds the prompt's subject (anywhere / at the prompt's place /"
         " at places no instance view showed / anywhere, over the prompts with the subject alone and over"
         " those with another object). Other object: the content judge finds the prompt's other object at its"
         " place. Held-out styles; every place; half the prompts with another object.</p>",
-        "<h2>Judges on held-out images</h2>",
+        f"<{h2}>Judges on held-out images</{h2}>",
         table(
             ["judge", "figure"],
             [
@@ -131,10 +134,10 @@ def _report(sets: dict[str, dict], world: dict[str, Any], out: Path) -> str:
             for arm, r in result["results"].items()
         ]
         parts += [
-            f"<h2>{esc(name)}: {len(result['prompts'])} prompts, {result['proxy_rows']} proxy images kept"
+            f"<{h2}>{esc(name)}: {len(result['prompts'])} prompts, {result['proxy_rows']} proxy images kept"
             f" ({result['proxy_kept_share']:.2f} of those drawn; per subject"
             f" {', '.join(f'{k} {v}' for k, v in result['proxy_rows_per_subject'].items())}),"
-            f" {result['proxy_rows_with_other']} of them beside another object</h2>",
+            f" {result['proxy_rows_with_other']} of them beside another object</{h2}>",
             table(
                 [
                     "arm",
@@ -163,10 +166,16 @@ def _report(sets: dict[str, dict], world: dict[str, Any], out: Path) -> str:
             ]
         parts.append(
             img(
-                f"{name}.png", "rows: " + " | ".join(ARM_TITLES.get(a, a) for a in result["results"]), 9 * 128
+                f"{prefix}{name}.png",
+                "rows: " + " | ".join(ARM_TITLES.get(a, a) for a in result["results"]),
+                9 * 128,
             )
         )
-    body = "\n".join(parts)
+    return "\n".join(parts)
+
+
+def _report(sets: dict[str, dict], world: dict[str, Any], out: Path) -> str:
+    body = proxy_arms_html(sets, world)
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>Proxy-Tuning arms</title></head><body>{body}</body></html>"
     (out / "report.html").write_text(page)
     return str(out / "report.html")
@@ -220,4 +229,21 @@ def run_proxy_arms(cfg: ProxyArmsStageConfig) -> dict[str, Any]:
     }
 
 
-__all__ = ["PROXY_ARMS_FORMAT", "ProxyArmsStageConfig", "run_proxy_arms"]
+def proxy_arms_section(run_dir: Path, name: str) -> str:
+    """A run report's section for the proxy_arms stage ``name`` of ``run_dir``: its tables, gate verdicts
+    and grids (empty when the stage wrote no results)."""
+    stage = run_dir / name
+    results = stage / "results.json"
+    if not results.is_file():
+        return ""
+    world = json.loads(WorldPaths(Path(read_manifest(stage)["summary"]["world"])).report.read_text())
+    return proxy_arms_html(json.loads(results.read_text()), world, prefix=f"{name}/", level=2)
+
+
+__all__ = [
+    "PROXY_ARMS_FORMAT",
+    "ProxyArmsStageConfig",
+    "proxy_arms_html",
+    "proxy_arms_section",
+    "run_proxy_arms",
+]

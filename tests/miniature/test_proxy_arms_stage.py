@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from jobs import pretrain, proxy_arms
+from stylear_core.evaluation.run_report import write_report
 from stylear_core.miniature.proxy_arms_stage import ARM_TITLES
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -113,6 +114,11 @@ def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_p
         for arm in result["results"]:
             assert ARM_TITLES[arm] in report
     assert report.count("Weak-to-strong") == 2
+    # The run's report (make demo-proxy writes it) carries the arms' section, its grids one directory down.
+    run_report = write_report(tmp_path).read_text()
+    assert "Proxy-Tuning in the miniature world" in run_report and "Weak-to-strong" in run_report
+    for name in results:
+        assert f"proxy_arms/{name}.png" in run_report
     # A rerun finds the stage complete and trains nothing.
     again = proxy_arms.main(["--config", "jobs/configs/proxy_arms/mini.yaml", *run, *ARMS])
     assert again["results"] == summary["results"]
