@@ -79,6 +79,8 @@ STUDENTS = ("c_proxy", "c_random_images")
 
 
 def _gate_lines(result: dict) -> list[str]:
+    if "gate" not in result:  # written before the stage had a gate
+        return []
     lines = []
     for student, missed in result["gate"].items():
         verdict = "passes" if not missed else "misses: " + "; ".join(missed)
@@ -237,7 +239,13 @@ def proxy_arms_section(run_dir: Path, name: str) -> str:
     if not results.is_file():
         return ""
     world = json.loads(WorldPaths(Path(read_manifest(stage)["summary"]["world"])).report.read_text())
-    return proxy_arms_html(json.loads(results.read_text()), world, prefix=f"{name}/", level=2)
+    try:
+        return proxy_arms_html(json.loads(results.read_text()), world, prefix=f"{name}/", level=2)
+    except KeyError as missing:
+        return (
+            f"<h2>{esc(name)}</h2><p>{esc(str(results))} was written by an older version of the stage (no"
+            f" {esc(str(missing))}): rerun it with force=true to see it here.</p>"
+        )
 
 
 __all__ = [

@@ -133,3 +133,16 @@ def test_the_stage_refuses_a_world_without_subjects(tmp_path):
         proxy_arms.main(
             ["--config", "jobs/configs/proxy_arms/mini.yaml", f"run_dir={tmp_path}", "ray_address=local"]
         )
+
+
+def test_the_run_report_names_results_an_older_stage_wrote_instead_of_failing(tmp_path):
+    world = tmp_path / "pretrain" / "model"
+    world.mkdir(parents=True)
+    (world / "world.json").write_text(json.dumps({"subjects": {}}))
+    stage = tmp_path / "proxy_arms"
+    stage.mkdir()
+    manifest = {"status": "complete", "format": "stylear.proxy_arms/1", "summary": {"world": str(world)}}
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    (stage / "results.json").write_text(json.dumps({"robot": {"results": {}, "prompts": []}}))
+    report = write_report(tmp_path).read_text()
+    assert "written by an older version of the stage" in report and "force=true" in report
