@@ -78,9 +78,30 @@ def _set_task(
 STUDENTS = ("c_proxy", "c_random_images")
 
 
+# What the arms' page reads of each set's results and of each arm's scores: results.json written by an
+# older version of the stage, without some of them, is named in a run's report instead of rendered.
+SET_KEYS = (
+    "results",
+    "prompts",
+    "proxy_rows",
+    "proxy_kept_share",
+    "proxy_rows_per_subject",
+    "proxy_rows_with_other",
+    "fidelity_per_subject",
+    "gate",
+    "weak_to_strong",
+)
+ARM_KEYS = (
+    "fidelity",
+    "fidelity_at_place",
+    "at_unseen_place",
+    "fidelity_alone",
+    "fidelity_with_other",
+    "other_object",
+)
+
+
 def _gate_lines(result: dict) -> list[str]:
-    if "gate" not in result:  # written before the stage had a gate
-        return []
     lines = []
     for student, missed in result["gate"].items():
         verdict = "passes" if not missed else "misses: " + "; ".join(missed)
@@ -217,7 +238,9 @@ def run_proxy_arms(cfg: ProxyArmsStageConfig) -> dict[str, Any]:
     for name, result in sets.items():
         images = result.pop("images")
         scores = result["results"]
-        result["gate"] = {s: cfg.gate.failures(scores, s) for s in STUDENTS if s in scores}
+        # The student is always judged: a set whose supervisor kept no proxy image has no student and fails.
+        judged = [s for s in STUDENTS if s == "c_proxy" or (s in scores and cfg.random_proxy_control)]
+        result["gate"] = {s: cfg.gate.failures(scores, s) for s in judged}
         result["weak_to_strong"] = weak_to_strong(scores)
         write_grid([images[arm] for arm in result["results"]], out / f"{name}.png")
     (out / "results.json").write_text(json.dumps(sets, indent=2))
@@ -239,13 +262,23 @@ def proxy_arms_section(run_dir: Path, name: str) -> str:
     if not results.is_file():
         return ""
     world = json.loads(WorldPaths(Path(read_manifest(stage)["summary"]["world"])).report.read_text())
-    try:
-        return proxy_arms_html(json.loads(results.read_text()), world, prefix=f"{name}/", level=2)
-    except KeyError as missing:
+    sets = json.loads(results.read_text())
+    missing = sorted({key for result in sets.values() for key in SET_KEYS if key not in result})
+    missing += sorted(
+        {
+            key
+            for result in sets.values()
+            for scores in result.get("results", {}).values()
+            for key in ARM_KEYS
+            if key not in scores
+        }
+    )
+    if missing:
         return (
             f"<h2>{esc(name)}</h2><p>{esc(str(results))} was written by an older version of the stage (no"
-            f" {esc(str(missing))}): rerun it with force=true to see it here.</p>"
+            f" {esc(', '.join(missing))}): rerun it with force=true to see it here.</p>"
         )
+    return proxy_arms_html(sets, world, prefix=f"{name}/", level=2)
 
 
 __all__ = [

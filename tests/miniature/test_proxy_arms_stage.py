@@ -101,8 +101,11 @@ def test_the_stage_tunes_scores_and_reports_every_arm_of_every_subject_set(tmp_p
         assert sum(result["proxy_rows_per_subject"].values()) == kept
         assert all(0 <= n <= 6 for n in result["proxy_rows_per_subject"].values())
         # The gate's verdict on the student and on the noise control, with the weak-to-strong claim.
-        assert list(result["gate"]) == [s for s in ("c_proxy", "c_random_images") if s in expected]
+        # A set without a student is judged too, and fails: no proxy image kept is no weak-to-strong.
+        assert list(result["gate"]) == (["c_proxy", "c_random_images"] if kept else ["c_proxy"])
         assert all(isinstance(m, list) for m in result["gate"].values())
+        if not kept:
+            assert result["gate"]["c_proxy"] == ["c_proxy was not tuned (no training pairs)"]
         assert result["weak_to_strong"] in (True, False, None)
         assert summary["gate"][name] == result["gate"]
         grid = Image.open(out / f"{name}.png")
@@ -146,3 +149,4 @@ def test_the_run_report_names_results_an_older_stage_wrote_instead_of_failing(tm
     (stage / "results.json").write_text(json.dumps({"robot": {"results": {}, "prompts": []}}))
     report = write_report(tmp_path).read_text()
     assert "written by an older version of the stage" in report and "force=true" in report
+    assert "gate, proxy_kept_share" in report  # the keys it lacks are named
