@@ -13,7 +13,12 @@ codes per image) to procedural images until reconstructions are recognisable:
   from the mid attention): a quarter of the pixels per sample, the same textures and edges; the
   last ``full_image_steps`` train on whole images, since GroupNorm's per-image statistics and the
   mid attention differ between a crop and a whole image (a crop-only model reconstructs whole
-  images badly).
+  images badly);
+- optionally (``autoencoder_steps``) the first steps skip the codebook, a plain autoencoder, and the
+  codebook then starts as k-means of the encoder's latents over whole images. Quantizing from the first
+  step slows early learning (the loss after 200 steps: 0.69 against 0.41), and the warm start reaches a
+  higher PSNR in less CPU time: ``benchmarks/vqgan_warm_start.py`` on 2 cores, 1000 steps on 512 images,
+  19.6 dB in 166 s without it, 20.5 dB in 141 s with 300 warm-start steps and whole-image batches of 4.
 
 Everything is seeded: the same config gives the same weights on the same machine.
 """
@@ -50,6 +55,11 @@ class VQGANTrainingConfig:
     ema_decay: float = option(0.9, "decay of the codebook's moving averages")
     restart_after: int = option(50, "restart a code unused for this many steps")
     seed: int = option(0, "seed of initialisation and crop sampling")
+    autoencoder_steps: int = option(
+        0,
+        "the first steps skip the codebook (a plain autoencoder); then the codebook starts as k-means of the "
+        "encoder's latents",
+    )
 
 
 @dataclass
@@ -81,6 +91,13 @@ class _EmaCodebook:
         self.idle = torch.zeros(n, dtype=torch.long)
 
     @torch.no_grad()
+    def reset(self, centroids: torch.Tensor) -> None:
+        self.weight.copy_(centroids)
+        self.embed_sum.copy_(centroids)
+        self.cluster_size.fill_(1.0)
+        self.idle.zero_()
+
+    @torch.no_grad()
     def update(self, flat: torch.Tensor, codes: torch.Tensor, generator: torch.Generator) -> None:
         n = self.weight.shape[0]
         onehot = F.one_hot(codes, n).float()
@@ -100,6 +117,40 @@ class _EmaCodebook:
             self.embed_sum[dead] = fresh
             self.cluster_size[dead] = 1.0
             self.idle[dead] = 0
+
+
+@torch.no_grad()
+def _kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 20) -> torch.Tensor:
+    """``k`` centroids of ``points``: k-means++ seeding (each next seed drawn in proportion to its squared
+    distance from the seeds so far, so separated clusters each get one), then Lloyd's iterations; a
+    cluster left empty takes a random point."""
+    seeds = [int(torch.randint(0, points.shape[0], (1,), generator=generator))]
+    nearest = (points - points[seeds[0]]).pow(2).sum(1)
+    for _ in range(k - 1):
+        seeds.append(int(torch.multinomial(nearest.clamp_min(1e-12), 1, generator=generator)))
+        nearest = torch.minimum(nearest, (points - points[seeds[-1]]).pow(2).sum(1))
+    centroids = points[seeds].clone()
+    for _ in range(iterations):
+        assign = torch.cdist(points, centroids).argmin(1)
+        counts = torch.bincount(assign, minlength=k).float()
+        sums = torch.zeros_like(centroids).index_add_(0, assign, points)
+        empty = counts == 0
+        centroids = torch.where(empty[:, None], centroids, sums / counts.clamp_min(1)[:, None])
+        if empty.any():
+            centroids[empty] = points[
+                torch.randint(0, points.shape[0], (int(empty.sum()),), generator=generator)
+            ]
+    return centroids
+
+
+@torch.no_grad()
+def _latent_kmeans(
+    model: ChameleonVQGAN, images: torch.Tensor, k: int, generator: torch.Generator, count: int = 256
+) -> torch.Tensor:
+    """k-means centroids of the encoder's latents over ``count`` whole images."""
+    pick = torch.randperm(images.shape[0], generator=generator)[:count]
+    z = torch.cat([model.encode_latents(images[chunk]) for chunk in pick.split(64)])
+    return _kmeans(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), k, generator)
 
 
 def _aligned_crops(
@@ -168,7 +219,13 @@ def train_vqgan(
         flat = z.permute(0, 2, 3, 1).reshape(-1, c)
         with torch.no_grad():
             codes = torch.cdist(flat, codebook).argmin(1)
-        q = codebook[codes]
+        if step < config.autoencoder_steps:
+            q = flat.detach()
+        else:
+            if step == config.autoencoder_steps and step:
+                ema.reset(_latent_kmeans(model, images, codebook.shape[0], generator))
+                codes = torch.cdist(flat.detach(), codebook).argmin(1)
+            q = codebook[codes]
         commit = F.mse_loss(flat, q)
         q_st = flat + (q - flat).detach()
         recon = model.decode_latents(q_st.view(b, h, w, c).permute(0, 3, 1, 2))
@@ -177,7 +234,8 @@ def train_vqgan(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        ema.update(flat.detach(), codes, generator)
+        if step >= config.autoencoder_steps:
+            ema.update(flat.detach(), codes, generator)
         loss_value = float(loss.detach())
         if step == 0:
             first_loss = loss_value

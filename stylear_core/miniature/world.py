@@ -90,8 +90,11 @@ class WorldConfig:
     def digest(self) -> str:
         """A short hash of every field and the world's format: a changed config, or a world whose parts
         changed shape, gets its own cache entry. A world without subjects hashes as it did before the
-        subject fields existed, so its cached parts stay valid."""
+        subject fields existed, and one whose VQGAN has no autoencoder warm start as it did before that
+        option existed, so their cached parts stay valid."""
         fields = asdict(self)
+        if not self.vqgan.autoencoder_steps:
+            fields["vqgan"].pop("autoencoder_steps")
         if not self.subject_share:
             for name in ("subject_share", "subject_judge", "supervisor"):
                 fields.pop(name)

@@ -57,6 +57,7 @@ def test_sft_draws_the_palette_of_held_out_references(cut_down_world):
         f"held-out pairs: base {accuracy['base']:.2f}, SFT {accuracy['sft']:.2f} (chance {1 / PALETTES:.2f}); "
         f"pretrain {t_pretrain:.0f} s, SFT {t_sft:.0f} s, total {t_all:.0f} s"
     )
-    # Calibration: base 0.11-0.19, SFT 0.44-0.53 in five runs (decoded-image judge 0.78-0.82, raw 0.96).
+    # Calibration: base 0.11-0.19, SFT 0.44-0.53 in five runs (decoded-image judge 0.78-0.82, raw 0.96);
+    # with the VQGAN's warm start (20.5 dB instead of 19.6): base 0.06, SFT 0.50, decoded-image judge 0.76.
     assert accuracy["sft"] >= 2 / PALETTES, accuracy
     assert accuracy["sft"] >= accuracy["base"] + 0.2, accuracy

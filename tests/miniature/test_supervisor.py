@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -76,15 +76,18 @@ def test_a_world_with_subjects_trains_caches_and_measures_its_subject_parts(subj
 
 
 def test_a_world_without_subjects_keeps_its_cache_key():
-    # The subject fields joined the config later; a world without subjects must hash as before, or every
-    # cached style world would be trained again for nothing.
+    # The subject fields and the VQGAN's autoencoder warm start joined the config later; a world without
+    # them must hash as before, or every cached world would be trained again for nothing.
     config = WorldConfig()
     fields = asdict(config)
     for name in ("subject_share", "subject_judge", "supervisor"):
         fields.pop(name)
+    fields["vqgan"].pop("autoencoder_steps")
     before = hashlib.sha256(json.dumps([WORLD_FORMAT, fields], sort_keys=True).encode()).hexdigest()[:10]
     assert config.digest() == before
     assert WorldConfig(subject_share=0.2).digest() != before
+    warm = WorldConfig(vqgan=replace(config.vqgan, autoencoder_steps=300))
+    assert warm.digest() not in (before, WorldConfig(subject_share=0.2).digest())
 
 
 def _high_noise_loss(supervisor: WorldSupervisor, latents, prompts, seed: int) -> float:
