@@ -188,6 +188,11 @@ def train_vqgan(
     stacked = torch.cat([images, weights.to(images.dtype)], dim=1)
     if config.crop % model.downsample or config.crop > images.shape[-1]:
         raise ValueError(f"crop {config.crop} must be a multiple of {model.downsample} and fit the images")
+    if config.autoencoder_steps and config.autoencoder_steps >= config.steps:
+        raise ValueError(
+            f"autoencoder_steps {config.autoencoder_steps} must be fewer than steps {config.steps}: the codebook"
+            " is only seeded and trained after them"
+        )
     generator = torch.Generator().manual_seed(config.seed)
     codebook = model.quantize.embedding.weight
     codebook.requires_grad_(False)

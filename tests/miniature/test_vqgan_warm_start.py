@@ -4,6 +4,7 @@ starts as k-means of the encoder's latents. What it buys in PSNR per CPU-second 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from stylear_core.data.images import to_tensor
@@ -45,3 +46,10 @@ def test_after_the_warm_start_the_codebook_covers_the_latents():
     # of 512 codes; the codebook trained from random codes loses 0.47 with 7 codes in use.
     assert warm_error < 0.1 and warm_error < cold_error / 5, figures
     assert warm_used > 256 and warm_used > 4 * cold_used, figures
+
+
+def test_a_warm_start_as_long_as_training_is_refused():
+    images, _ = _random_images(0, 4, "test-warm-start")
+    config = VQGANTrainingConfig(steps=10, crop=16, batch_size=2, full_image_steps=0, autoencoder_steps=10)
+    with pytest.raises(ValueError, match="autoencoder_steps 10 must be fewer than steps 10"):
+        train_vqgan(random_vqgan(mini_vqgan_config(), seed=0), images, config)
