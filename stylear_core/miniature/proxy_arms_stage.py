@@ -239,7 +239,7 @@ def run_proxy_arms(cfg: ProxyArmsStageConfig) -> dict[str, Any]:
         images = result.pop("images")
         scores = result["results"]
         # The student is always judged: a set whose supervisor kept no proxy image has no student and fails.
-        judged = [s for s in STUDENTS if s == "c_proxy" or (s in scores and cfg.random_proxy_control)]
+        judged = [s for s in STUDENTS if s == "c_proxy" or s in scores]
         result["gate"] = {s: cfg.gate.failures(scores, s) for s in judged}
         result["weak_to_strong"] = weak_to_strong(scores)
         write_grid([images[arm] for arm in result["results"]], out / f"{name}.png")

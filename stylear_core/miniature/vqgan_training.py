@@ -222,15 +222,15 @@ def train_vqgan(
         z = model.encode_latents(x)
         b, c, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, c)
-        with torch.no_grad():
-            codes = torch.cdist(flat, codebook).argmin(1)
-        if step < config.autoencoder_steps:
-            q = flat.detach()
-        else:
-            if step == config.autoencoder_steps and step:
-                ema.reset(_latent_kmeans(model, images, codebook.shape[0], generator))
-                codes = torch.cdist(flat.detach(), codebook).argmin(1)
+        quantized = step >= config.autoencoder_steps
+        if config.autoencoder_steps and step == config.autoencoder_steps:
+            ema.reset(_latent_kmeans(model, images, codebook.shape[0], generator))
+        if quantized:
+            with torch.no_grad():
+                codes = torch.cdist(flat, codebook).argmin(1)
             q = codebook[codes]
+        else:  # the warm start: a plain autoencoder, no codebook yet
+            q = flat.detach()
         commit = F.mse_loss(flat, q)
         q_st = flat + (q - flat).detach()
         recon = model.decode_latents(q_st.view(b, h, w, c).permute(0, 3, 1, 2))
@@ -239,12 +239,12 @@ def train_vqgan(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step >= config.autoencoder_steps:
+        if quantized:
             ema.update(flat.detach(), codes, generator)
         loss_value = float(loss.detach())
         if step == 0:
             first_loss = loss_value
-        if step >= config.steps - 100:
+        if quantized and step >= config.steps - 100:
             used[codes] = True
         if progress is not None and (step + 1) % 100 == 0:
             progress(step + 1, loss_value)
