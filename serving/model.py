@@ -250,6 +250,16 @@ class StyleARModelDeployment:
 
     def __del__(self) -> None:
         # Serve drops the replica object at shutdown: stop the decode loop's thread with it.
+        self.close()
+
+    def close(self) -> None:
+        """Stop the decode loop, the preparation worker, the metrics thread and the waiters (idempotent).
+
+        A model built outside Serve (offline checks, tests) is closed by its owner. Its threads must not
+        outlive it: an idle thread that once ran torch keeps its OpenMP team, and with more OpenMP threads
+        than cores libgomp stops spinning between parallel regions, so every later multi-threaded torch op
+        in the process pays a wake-up (``benchmarks/idle_torch_thread.py``: a 2-thread VQGAN training took
+        1.8x the time on 2 cores)."""
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.stop(timeout=5.0)
@@ -259,6 +269,9 @@ class StyleARModelDeployment:
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.close()
+        waiters = getattr(self, "_waiters", None)
+        if waiters is not None:
+            waiters.shutdown(wait=False, cancel_futures=True)
 
     # --- adapters -----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 from cluster.local import apply_project_env
 from stylear_core.ray_connection import short_temp_dir
@@ -38,6 +39,22 @@ def ray_session():
     )
     yield ray
     ray.shutdown()
+
+
+# The project's threads that run torch: the serving model's decode loop and its preparation worker.
+TORCH_THREADS = ("continuous-batching", "stylear-prepare")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_torch_threads_outlive_their_module(request):
+    """A module that leaves a torch thread alive slows every later test in the process: the idle thread
+    keeps its OpenMP team, and with more OpenMP threads than cores libgomp stops spinning between
+    parallel regions (a 2-thread VQGAN training took 1.8x the time beside one such thread; the cut-down
+    world's fixture, which trains its VQGAN in the test process, is the largest victim).
+    A model built outside Serve is closed by its fixture (``StyleARModelDeployment.close``)."""
+    yield
+    left = [t.name for t in threading.enumerate() if t.name in TORCH_THREADS and t.is_alive()]
+    assert not left, f"{request.module.__name__} left torch threads running: {left} (close what started them)"
 
 
 @pytest.fixture(autouse=True)

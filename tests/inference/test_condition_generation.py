@@ -57,7 +57,9 @@ def serving_model():
     cfg = load_config(ServingConfig, "serving/configs/tiny.yaml")
     cfg.model = TINY
     cfg.sam_enabled = cfg.sam_default = False
-    return StyleARModelDeployment.func_or_class(to_dict(cfg))
+    model = StyleARModelDeployment.func_or_class(to_dict(cfg))
+    yield model
+    model.close()
 
 
 @pytest.fixture

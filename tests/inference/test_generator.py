@@ -94,7 +94,9 @@ def serving_model(adapters_root):
     cfg.adapters_root = str(adapters_root)
     cfg.adapter_slot_rank = SLOT_RANK
     cfg.sam_enabled = cfg.sam_default = False
-    return StyleARModelDeployment.func_or_class(to_dict(cfg))
+    model = StyleARModelDeployment.func_or_class(to_dict(cfg))
+    yield model
+    model.close()
 
 
 @dataclass

@@ -29,7 +29,9 @@ def model(tmp_path_factory):
     cfg.adapters_root = str(root)
     cfg.sam_enabled = cfg.sam_default = False
     cfg.max_adapters_per_replica = 1
-    return StyleARModelDeployment.func_or_class(to_dict(cfg))
+    model = StyleARModelDeployment.func_or_class(to_dict(cfg))
+    yield model
+    model.close()
 
 
 def subject_job(adapter: str, word: str, side: int, seed: int) -> GenerationJob:

@@ -40,7 +40,9 @@ def model():
     cfg.model = TINY
     cfg.sam_enabled = cfg.sam_default = False
     cfg.max_slots = 8
-    return StyleARModelDeployment.func_or_class(to_dict(cfg))
+    model = StyleARModelDeployment.func_or_class(to_dict(cfg))
+    yield model
+    model.close()
 
 
 def jobs() -> list[GenerationJob]:
