@@ -24,10 +24,22 @@ from stylear_core.ray_connection import short_temp_dir
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def interpreter_first_path() -> str:
+    """``PATH`` with this interpreter's ``bin`` directory first, so every process of the project finds the
+    tools its packages installed rather than the system's. Torch builds DeepSpeed's CPU op with whichever
+    ``ninja`` comes first on ``PATH``; the venv's (1.13) and the system's (1.11) record build commands
+    under different hashes, so each rebuilt the op the other had built (about 45 s of both cores, several
+    times per test run, as Ray workers of the tests' session and of submitted jobs took turns)."""
+    bin_dir = str(Path(sys.executable).parent)
+    rest = [part for part in os.environ.get("PATH", "").split(os.pathsep) if part and part != bin_dir]
+    return os.pathsep.join([bin_dir, *rest])
+
+
 def project_env() -> dict[str, str]:
     """Environment every local process of the project runs with: offline hubs, loopback Ray, no auth."""
     cache = REPO_ROOT / ".cache"
     return {
+        "PATH": interpreter_first_path(),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -42,9 +54,9 @@ def project_env() -> dict[str, str]:
 
 
 def apply_project_env() -> None:
-    """Set :func:`project_env` in this process (keeping values the user already set, except PYTHONPATH)."""
+    """Set :func:`project_env` in this process (keeping values the user already set, except the paths)."""
     for k, v in project_env().items():
-        if k == "PYTHONPATH" or k not in os.environ:
+        if k in ("PATH", "PYTHONPATH") or k not in os.environ:
             os.environ[k] = v
 
 
