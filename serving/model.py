@@ -73,6 +73,9 @@ from stylear_core.inference.style_request import PreparedReference, StyleRequest
 
 log = logging.getLogger("ray.serve")
 
+# The name of the replica's preparation and VQ-decode worker thread.
+PREPARE_THREAD_NAME = "stylear-prepare"
+
 
 def _replica_id() -> str | None:
     """This Serve replica's id (``None`` when the class is built outside Ray Serve)."""
@@ -209,7 +212,7 @@ class StyleARModelDeployment:
         self._worker = BatchingWorker(
             {"prepare": self._prepare_batch, "decode": self._decode_batch, "preview": self._preview_batch},
             max_batch=max(1, self.cfg.max_slots // 2),
-            name="stylear-prepare",
+            name=PREPARE_THREAD_NAME,
         )
         # Threads that block on a handle until its request ends (one per request in flight).
         self._waiters = ThreadPoolExecutor(max_workers=64, thread_name_prefix="stylear-wait")

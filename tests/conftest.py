@@ -41,10 +41,6 @@ def ray_session():
     ray.shutdown()
 
 
-# The project's threads that run torch: the serving model's decode loop and its preparation worker.
-TORCH_THREADS = ("continuous-batching", "stylear-prepare")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _no_torch_threads_outlive_their_module(request):
     """A module that leaves a torch thread alive slows every later test in the process: the idle thread
@@ -53,7 +49,11 @@ def _no_torch_threads_outlive_their_module(request):
     world's fixture, which trains its VQGAN in the test process, is the largest victim).
     A model built outside Serve is closed by its fixture (``StyleARModelDeployment.close``)."""
     yield
-    left = [t.name for t in threading.enumerate() if t.name in TORCH_THREADS and t.is_alive()]
+    from serving.model import PREPARE_THREAD_NAME
+    from stylear_core.inference.continuous import LOOP_THREAD_NAME
+
+    torch_threads = (LOOP_THREAD_NAME, PREPARE_THREAD_NAME)  # the project's threads that run torch
+    left = [t.name for t in threading.enumerate() if t.name in torch_threads and t.is_alive()]
     assert not left, f"{request.module.__name__} left torch threads running: {left} (close what started them)"
 
 

@@ -62,6 +62,9 @@ from stylear_core.inference.sampling import BatchSampling, guided_logits, sample
 
 POLICIES = ("continuous", "batch")
 
+# The name of the background loop thread (:meth:`ContinuousBatchingEngine.start`).
+LOOP_THREAD_NAME = "continuous-batching"
+
 
 class GenerationFailedError(RuntimeError):
     """A request's prefill or decode raised; the original exception is its ``__cause__``."""
@@ -391,7 +394,7 @@ class ContinuousBatchingEngine:
         if self._thread is not None:
             return
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="continuous-batching", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=LOOP_THREAD_NAME, daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
