@@ -4,7 +4,9 @@ Workers report through ``ray.train.report`` every few steps: the latest step's m
 ``history`` list with one row per step since the last report (rank 0's values are already reduced
 over all ranks). :class:`MetricsLogCallback` runs in the Ray Train controller, which
 Ray places on the driver's node: it appends each step to ``metrics.jsonl`` in the run directory and
-advances a Ray progress bar (``ray.experimental.tqdm_ray``, drawn by the driver).
+advances a Ray progress bar (``ray.experimental.tqdm_ray``, drawn by the driver). The bar is closed at
+the run's last step and when a worker fails: the driver redraws every open bar around each line it
+prints, so a bar left open would repeat itself in the logs of every later stage of a pipeline job.
 
 After a restart from a checkpoint at step ``s`` the steps after ``s`` run again; the log drops its
 lines for those steps first, so ``metrics.jsonl`` always reads as one run, each step once.
@@ -69,6 +71,17 @@ class MetricsLogCallback(ray.train.UserCallback):
             self._bar = tqdm(total=self.total_steps, desc=self.description)
         self._bar.update(max(0, self._last_step - self._bar.n))
         self._bar.set_description(f"{self.description} loss {rows[-1].get('loss', float('nan')):.4f}")
+        if self._last_step >= self.total_steps:
+            self._close_bar()
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        """Close the bar; a restarted attempt opens a new one at its first report."""
+        self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()  # flushes the final state, then the driver forgets the bar
+            self._bar = None
 
 
 class ThroughputMeter:

@@ -42,3 +42,40 @@ def test_throughput_meter_divides_tokens_by_elapsed_time():
     meter = ThroughputMeter()
     seconds, rate = meter.mark(1000)
     assert seconds > 0 and abs(rate * seconds - 1000) < 1e-6
+
+
+def _open_bars(description: str) -> list[dict]:
+    from ray.experimental import tqdm_ray
+
+    groups = tqdm_ray.instance().bar_groups.values()
+    return [
+        bar.state
+        for group in groups
+        for bar in group.bars_by_uuid.values()
+        if description in bar.state["desc"]
+    ]
+
+
+def test_the_progress_bar_closes_at_the_last_step_and_on_a_worker_failure(tmp_path, monkeypatch):
+    """The driver redraws every open bar around each line it prints: a finished run's bar left open
+    would repeat itself through the logs of every later stage of the job."""
+    from ray.experimental import tqdm_ray
+
+    seen: list[dict] = []
+    manager = tqdm_ray.instance()
+    update = manager.process_state_update
+    monkeypatch.setattr(
+        manager, "process_state_update", lambda state: (seen.append(dict(state)), update(state))
+    )
+    callback = MetricsLogCallback(tmp_path / "metrics.jsonl", total_steps=4, description="bar-test")
+    callback.after_report(None, [{"step": 2, "loss": 2.0}], None)
+    assert [bar["x"] for bar in _open_bars("bar-test")] == [2]  # open while the run goes on
+    # A worker fails: the bar closes, and the restarted attempt opens a new one at its next report.
+    callback.after_exception(None, {0: RuntimeError("worker died")})
+    assert _open_bars("bar-test") == []
+    callback.after_report(None, [{"step": 3, "loss": 1.5}], None)
+    assert [bar["x"] for bar in _open_bars("bar-test")] == [3]
+    callback.after_report(None, [{"step": 4, "loss": 1.0}], None)
+    assert _open_bars("bar-test") == []
+    # Its last state reached the driver although it came within the bar's flush interval.
+    assert seen[-1]["closed"] and seen[-1]["x"] == 4 and "loss 1.0000" in seen[-1]["desc"]
