@@ -424,6 +424,10 @@ def run_training(
     resources = cluster.resources_per_worker()
     if shortfall := data_cpu_shortfall(cluster):
         print(f"[{cluster.name}] warning: {shortfall}", flush=True)
+    for dataset in datasets.values():
+        # The training bar shows progress; Ray Data's bars for feeding it (drawn by the split coordinator,
+        # which runs with each dataset's own context) would add a line per block and epoch to the job log.
+        dataset.context.enable_progress_bars = False
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"objective": objective, "train": train, "use_gpu": cluster.use_gpu},

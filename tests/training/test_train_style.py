@@ -47,13 +47,13 @@ def check_trained_weights_and_export(out: Path, model_cfg, metrics: dict) -> Non
     assert verify_adapter(load_adapter(model, adapter), adapter) < 1e-5
 
 
-def train_worker_logs() -> list[str]:
-    """The stdout and stderr files of this Ray session's Train workers."""
+def actor_logs(actor_class: str) -> list[str]:
+    """The stdout and stderr files of this Ray session's actors of ``actor_class``."""
     import ray
 
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     texts = [p.read_text(errors="replace") for p in logs.glob("worker-*") if p.suffix in (".out", ".err")]
-    return [text for text in texts if ":actor_name:RayTrainWorker" in text]
+    return [text for text in texts if f":actor_name:{actor_class}" in text]
 
 
 def loss_fell(rows: list[dict]) -> bool:
@@ -107,10 +107,12 @@ def test_zero2_survives_an_injected_failure_and_resumes_at_the_checkpoint(
         "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards
         and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
     )
-    # The workers' logs hold the injected failure, not an echo of every report's rows.
-    workers = train_worker_logs()
+    # The workers' logs hold the injected failure, not an echo of every report's rows; the data feeding
+    # them draws no progress bars of its own (the training bar is the progress).
+    workers, feeders = actor_logs("RayTrainWorker"), actor_logs("SplitCoordinator")
     assert any("InjectedFailure" in text for text in workers), len(workers)
     assert not any("Reporting training result" in text for text in workers)
+    assert feeders and not any("row/s" in text or "Running Dataset" in text for text in feeders)
 
 
 def test_zero3_killed_after_a_checkpoint_resumes_when_started_again(
