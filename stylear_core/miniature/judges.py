@@ -295,17 +295,23 @@ def colour_histogram_features(pixels: torch.Tensor, bins: int = 6) -> torch.Tens
 
 
 class ColourPaletteJudge:
-    """Names an image's palette from its colours alone, with no training loop: the nearest class mean of
-    square-rooted colour histograms (``bins`` per channel), fitted on procedural images of every palette.
+    """Names an image's palette from its colours alone, with no training loop: the palette most of its ``k``
+    nearest neighbours have, among procedural images of every palette, by square-rooted colour histograms
+    (``bins`` per channel).
 
     Palettes differ mostly in their background colours, which cover most of an image and survive a
     weak VQGAN's round trip, so this judge stays reliable where a CNN trained for a few hundred steps is
     not (a cut-down world's judges). It reads the palette only, never texture, stroke or content.
+    On the quality gate's world (a 19.7 dB VQGAN), 300 held-out images: 7 neighbours over 1200 images
+    with 8 bins read drawn images at 1.00 and decoded ones at 0.91; the nearest class mean over 600
+    images with 6 bins, which this judge was before, at 0.97 and 0.77 (k from 3 to 15 gave 0.90-0.91).
     """
 
-    def __init__(self, centroids: torch.Tensor, bins: int) -> None:
-        self.centroids = centroids
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, bins: int, k: int) -> None:
+        self.reference_features = features  # (N, bins**3) of the fitted images
+        self.reference_labels = labels  # (N,) their palette indices (PALETTE_NAMES)
         self.bins = bins
+        self.k = k
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, bins**3)`` square roots of each image's colour histogram (pixels in [-1, 1])."""
@@ -314,24 +320,24 @@ class ColourPaletteJudge:
     @classmethod
     @torch.no_grad()
     def fit(
-        cls, vq: nn.Module | None = None, seed: int = 0, images: int = 600, bins: int = 6
+        cls, vq: nn.Module | None = None, seed: int = 0, images: int = 1200, bins: int = 8, k: int = 7
     ) -> ColourPaletteJudge:
-        """Class means over ``images`` procedural renders of every style; with ``vq``, every second one is
-        its VQ reconstruction (as generated images are decoded ones)."""
+        """Keeps ``images`` procedural renders of every style as the neighbours; with ``vq``, every second
+        one is its VQ reconstruction (as generated images are decoded ones)."""
         drawn, _, styles = procedural_images(seed + 7919, images, max_objects=1)
         pixels = to_tensor(drawn)
         if vq is not None:
             pixels[1::2] = vq_round_trip(vq, pixels[1::2])
-        judge = cls(torch.zeros(len(PALETTE_NAMES), bins**3), bins)
-        feats = judge.features(pixels)
         labels = torch.tensor([PALETTE_NAMES.index(s.palette) for s in styles])
-        judge.centroids = torch.stack([feats[labels == k].mean(dim=0) for k in range(len(PALETTE_NAMES))])
-        return judge
+        return cls(colour_histogram_features(pixels, bins), labels, bins, k)
 
     @torch.no_grad()
     def predict(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` palette indices (:data:`PALETTE_NAMES`)."""
-        return torch.cdist(self.features(pixels), self.centroids).argmin(dim=1)
+        """``(B,)`` palette indices (:data:`PALETTE_NAMES`): the most common among each image's neighbours
+        (a tie goes to the lower index)."""
+        distances = torch.cdist(self.features(pixels), self.reference_features)
+        nearest = distances.topk(self.k, dim=1, largest=False).indices
+        return torch.mode(self.reference_labels[nearest], dim=1).values
 
     def correct(self, pixels: torch.Tensor, styles: Sequence[StyleSpec]) -> torch.Tensor:
         """``(B,)`` bool: the named palette is each expected style's."""

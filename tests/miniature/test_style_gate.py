@@ -37,8 +37,8 @@ def test_sft_draws_the_palette_of_held_out_references(cut_down_world):
     on_raw = judge.correct(pixels, styles).float().mean().item()
     on_decoded = judge.correct(vq_round_trip(vq, pixels), styles).float().mean().item()
     # This world's VQGAN (about 20 dB) blurs the light palettes (vivid, pastel, mono) towards each other,
-    # so the judge is surer of drawn images than of decoded ones; both are far above chance (1/6).
-    assert on_raw >= 0.9 and on_decoded >= 0.7, (on_raw, on_decoded)
+    # so the judge is surer of drawn images than of decoded ones (measured: 1.00 and 0.92; chance 1/6).
+    assert on_raw >= 0.95 and on_decoded >= 0.85, (on_raw, on_decoded)
 
     # Every held-out style three times (36 pairs); each reference shows another object elsewhere.
     cfg = WorldEvalConfig(prompts_per_style=3)
@@ -59,5 +59,7 @@ def test_sft_draws_the_palette_of_held_out_references(cut_down_world):
     )
     # Calibration: base 0.11-0.19, SFT 0.44-0.53 in five runs (decoded-image judge 0.78-0.82, raw 0.96);
     # with the VQGAN's warm start (20.5 dB instead of 19.6): base 0.06, SFT 0.50, decoded-image judge 0.76.
+    # Those read palettes by the nearest class mean; the 7-neighbour judge, on one world and its images:
+    # base 0.11, SFT 0.42, decoded 0.92 (class means: 0.11, 0.47, 0.76; other k and bins: SFT 0.39-0.53).
     assert accuracy["sft"] >= 2 / PALETTES, accuracy
     assert accuracy["sft"] >= accuracy["base"] + 0.2, accuracy
